@@ -1,0 +1,31 @@
+# The README's two quick-start commands are `make run` and `make test`; .ci/run runs `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# First-party plugin packages installed alongside the core (each has its own pyproject.toml).
+PLUGINS := $(wildcard plugins/*/pyproject.toml)
+PLUGIN_DIRS := $(foreach p,$(PLUGINS),-e $(dir $(p)))
+
+.PHONY: setup run test bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed: $(BIN)/python pyproject.toml $(PLUGINS)
+	$(BIN)/python -m pip install --quiet -e ".[test]" $(PLUGIN_DIRS)
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup
+	$(BIN)/ev3 run
+
+test: setup
+	$(BIN)/python -m pytest
+
+bench: setup
+	$(BIN)/python benchmarks/smoke.py --json benchmarks/smoke.json
+
+clean:
+	rm -rf $(VENV)

@@ -1,0 +1,147 @@
+"""Stage interfaces: one abstract `eqx.Module` per stage of an EV3 step.
+
+Concrete components are final modules: wrap them, do not subclass them. Numbers a user may
+tune are array leaves (so changing them never recompiles); structure (sizes, names, choices)
+is `eqx.field(static=True)`.
+
+Conventions shared by every stage:
+
+* parameters are the *array leaves* of an Equinox model (`eqx.filter(model, eqx.is_array)`);
+  the non-array part (`static`) is passed alongside, and `eqx.combine(params, static)` gives
+  the model back;
+* a model is called on **one example** (Equinox convention); components `jax.vmap` over
+  examples themselves;
+* scores are **higher is better**.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import equinox as eqx
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
+
+from ._types import Decision, History, Outcome
+
+
+class AbstractLoss(eqx.Module):
+    """A differentiable training loss used by gradient proposers.
+
+    A loss may carry extra state as fields: array hyperparameters (a temperature), a teacher
+    model, precomputed teacher logits. Losses of the same class whose non-array fields are
+    equal are stacked and `vmap`ped together.
+    """
+
+    @abc.abstractmethod
+    def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
+        """The mean loss of `model` on `batch` (lower is better)."""
+
+    @property
+    def label(self) -> str:
+        """A short human-readable name used in candidate labels."""
+        return type(self).__name__
+
+
+class AbstractProposer(eqx.Module):
+    """The explore stage: maps the current parameters to `K` candidate parameters.
+
+    A proposer never needs the final objective to be differentiable: it returns full
+    candidate parameters (not deltas), stacked on a leading axis.
+    """
+
+    @property
+    @abc.abstractmethod
+    def num_candidates(self) -> int:
+        """`K`, the number of candidates returned by every call of `propose` (static)."""
+
+    @abc.abstractmethod
+    def labels(self) -> tuple[str, ...]:
+        """One provenance label per candidate, e.g. `"ce(T=0.5)|sgd"`."""
+
+    @abc.abstractmethod
+    def init(self, params: PyTree[Array], static: Any, key: PRNGKeyArray) -> PyTree[Any]:
+        """The proposer's initial state (optimizer states, ES state, ...)."""
+
+    @abc.abstractmethod
+    def propose(
+        self,
+        params: PyTree[Array],
+        static: Any,
+        state: PyTree[Any],
+        data: PyTree[Array],
+        key: PRNGKeyArray,
+    ) -> tuple[PyTree[Array], PyTree[Any]]:
+        """Produce candidates.
+
+        **Arguments:**
+
+        - `params`: the current parameters (array leaves of the model).
+        - `static`: the non-array part of the model.
+        - `state`: this proposer's state.
+        - `data`: the whole propose stream (leading example axis); sample from it with `key`.
+        - `key`: a PRNG key for this call.
+
+        **Returns:**
+
+        `(candidates, state)`: `candidates` has the structure of `params` with an extra
+        leading axis of size `num_candidates`.
+        """
+
+    def adapt(self, state: PyTree[Any], outcome: Outcome) -> PyTree[Any]:
+        """Update the state after the adapt stage decided (default: unchanged)."""
+        return state
+
+
+class AbstractAssessor(eqx.Module):
+    """The assess stage: scores one model on a batch, per example, higher is better.
+
+    The score need not be differentiable (accuracy uses an argmax).
+    """
+
+    @property
+    @abc.abstractmethod
+    def name(self) -> str:
+        """The objective's name, used in logs and by multi-objective schedulers."""
+
+    @abc.abstractmethod
+    def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
+        """Per-example scores of `model` on `batch`, higher is better."""
+
+
+class AbstractScheduler(eqx.Module):
+    """The adapt stage: picks the assess winner and decides accept / roll back / stable.
+
+    Both methods see the scores of every objective (`objective` axis first) and the history.
+    """
+
+    @abc.abstractmethod
+    def init(self, num_objectives: int) -> PyTree[Any]:
+        """The scheduler's initial state."""
+
+    @abc.abstractmethod
+    def select(
+        self,
+        scores: Float[Array, "objective model example"],
+        valid: Bool[Array, " candidate"],
+        state: PyTree[Any],
+        history: History,
+    ) -> Int[Array, ""]:
+        """Index of the assess winner among the candidates.
+
+        `scores` stacks the `K` candidates, then current, then stable (`model = K + 2`).
+        An invalid candidate must never be returned while a valid one exists.
+        """
+
+    @abc.abstractmethod
+    def decide(
+        self,
+        scores: Float[Array, "objective 3 example"],
+        winner_valid: Bool[Array, ""],
+        state: PyTree[Any],
+        history: History,
+    ) -> tuple[Decision, PyTree[Any]]:
+        """Decide on the decide set among `(winner, current, stable)`.
+
+        An invalid winner (`winner_valid` false) must never be chosen or made stable.
+        """

@@ -1,0 +1,289 @@
+"""Plugin manager: built-in and entry-point plugins, and the registry of named components.
+
+Environment variables (read when plugins are loaded):
+
+- `EV3_DISABLE_PLUGIN_AUTOLOAD=1`: do not load entry-point plugins (built-ins still load).
+- `EV3_LOAD_PLUGINS=a,b`: load only the entry-point plugins named `a` and `b`.
+- `EV3_RAISE_PLUGIN_ERRORS=1`: a plugin that fails to import or register raises instead of
+  being reported and skipped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.metadata
+import logging
+import os
+import traceback
+from collections.abc import Iterable
+from typing import Any
+
+import pluggy
+
+from . import hookspecs
+from ._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
+from .errors import DuplicateComponentError, PluginError, UnknownComponentError
+
+logger = logging.getLogger("ev3core")
+
+ENTRY_POINT_GROUP = "ev3"
+
+#: kind -> (registration hook name, base class)
+KINDS: dict[str, tuple[str, type]] = {
+    "proposer": ("ev3_register_proposers", AbstractProposer),
+    "assessor": ("ev3_register_assessors", AbstractAssessor),
+    "scheduler": ("ev3_register_schedulers", AbstractScheduler),
+    "loss": ("ev3_register_losses", AbstractLoss),
+}
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginFailure:
+    """A plugin that could not be imported or could not register its components."""
+
+    name: str
+    distribution: str | None
+    stage: str  # "import", "register" or "register:<kind>"
+    error: str
+    traceback: str
+
+    def __str__(self) -> str:
+        dist = f" (from {self.distribution})" if self.distribution else ""
+        return f"plugin {self.name!r}{dist} failed during {self.stage}: {self.error}"
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentInfo:
+    kind: str
+    name: str
+    cls: type
+    plugin: str
+
+
+@dataclasses.dataclass(frozen=True)
+class PluginInfo:
+    name: str
+    distribution: str | None
+    version: str | None
+    hooks: tuple[str, ...]
+
+
+class Plugins:
+    """A loaded set of plugins and the registry of the components they provide.
+
+    Use `ev3core.plugins()` for the default, cached instance, or `ev3core.load_plugins()` for a
+    fresh one (for instance with extra plugin objects in tests).
+    """
+
+    def __init__(self, raise_errors: bool = False):
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.raise_errors = raise_errors
+        self.failures: list[PluginFailure] = []
+        self._dists: dict[str, tuple[str | None, str | None]] = {}
+        self._registry: dict[str, dict[str, ComponentInfo]] = {}
+
+    # ------------------------------------------------------------ loading
+    def _fail(self, name: str, dist: str | None, stage: str, exc: BaseException) -> None:
+        failure = PluginFailure(
+            name=name,
+            distribution=dist,
+            stage=stage,
+            error=f"{type(exc).__name__}: {exc}",
+            traceback="".join(traceback.format_exception(exc)),
+        )
+        if self.raise_errors:
+            raise PluginError(str(failure)) from exc
+        self.failures.append(failure)
+        logger.warning("ev3core: %s (skipped; set EV3_RAISE_PLUGIN_ERRORS=1 to raise)", failure)
+
+    def register(
+        self, plugin: Any, name: str | None = None, distribution: tuple[str, str] | None = None
+    ) -> str | None:
+        """Register a plugin object (module or instance with hookimpls).
+
+        A plugin whose hook implementations do not match the specifications is reported
+        and skipped (or raises with `EV3_RAISE_PLUGIN_ERRORS=1`).
+        """
+        name = name or self.pm.get_canonical_name(plugin)
+        dist_name = distribution[0] if distribution else None
+        try:
+            unknown = [
+                attr
+                for attr in dir(plugin)
+                if attr.startswith("ev3_")
+                and self.pm.parse_hookimpl_opts(plugin, attr) is not None
+                and not hasattr(self.pm.hook, attr)
+            ]
+            if unknown:
+                raise PluginError(
+                    f"implements unknown hook(s) {unknown}; known hooks are "
+                    f"{hookspecs._all_hook_names()}"
+                )
+            registered = self.pm.register(plugin, name=name)
+        except Exception as exc:  # noqa: BLE001 - reported, never fatal by default
+            self._fail(name, dist_name, "register", exc)
+            return None
+        self._dists[name] = distribution or (None, None)
+        self._registry.clear()
+        return registered
+
+    def load_entry_points(self, only: Iterable[str] | None = None) -> None:
+        """Import and register every plugin of the `ev3` entry-point group."""
+        allow = set(only) if only is not None else None
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            if allow is not None and ep.name not in allow:
+                continue
+            if self.pm.has_plugin(ep.name) or self.pm.is_blocked(ep.name):
+                continue
+            dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else None
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # noqa: BLE001
+                self._fail(ep.name, dist[0] if dist else None, "import", exc)
+                continue
+            self.register(plugin, name=ep.name, distribution=dist)
+
+    # ------------------------------------------------------------ introspection
+    def plugin_infos(self) -> list[PluginInfo]:
+        """Every registered plugin with its distribution, version and implemented hooks."""
+        out = []
+        for name, plugin in self.pm.list_name_plugin():
+            if plugin is None:
+                continue
+            hooks = tuple(
+                sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            )
+            dist, version = self._dists.get(name, (None, None))
+            out.append(PluginInfo(name=name, distribution=dist, version=version, hooks=hooks))
+        return out
+
+    # ------------------------------------------------------------ registry
+    def _build(self, kind: str) -> dict[str, ComponentInfo]:
+        hook_name, base = KINDS[kind]
+        caller = getattr(self.pm.hook, hook_name)
+        found: dict[str, ComponentInfo] = {}
+        # get_hookimpls() is in call order reversed; register in registration order.
+        for impl in reversed(caller.get_hookimpls()):
+            try:
+                result = impl.function() or {}
+                if not isinstance(result, dict):
+                    raise PluginError(
+                        f"{hook_name} must return a dict of name -> class, got "
+                        f"{type(result).__name__}"
+                    )
+                for comp_name, cls in result.items():
+                    if not (isinstance(cls, type) and issubclass(cls, base)):
+                        raise PluginError(
+                            f"{hook_name} registered {comp_name!r} -> {cls!r}, which is not a "
+                            f"subclass of ev3core.{base.__name__}"
+                        )
+            except Exception as exc:  # noqa: BLE001
+                dist = self._dists.get(impl.plugin_name, (None, None))[0]
+                self._fail(impl.plugin_name, dist, f"register:{kind}", exc)
+                continue
+            for comp_name, cls in result.items():
+                if comp_name in found:
+                    prev = found[comp_name]
+                    raise DuplicateComponentError(
+                        f"The {kind} name {comp_name!r} is registered twice: by plugin "
+                        f"{prev.plugin!r} ({prev.cls.__module__}.{prev.cls.__qualname__}) and by "
+                        f"plugin {impl.plugin_name!r} ({cls.__module__}.{cls.__qualname__}). "
+                        "Uninstall or disable one of them (EV3_LOAD_PLUGINS=... loads only the "
+                        "plugins you name), or ask one author to rename the component."
+                    )
+                found[comp_name] = ComponentInfo(kind, comp_name, cls, impl.plugin_name)
+        return found
+
+    def components(self, kind: str) -> dict[str, ComponentInfo]:
+        """All registered components of `kind` (`"proposer"`, `"assessor"`, ...)."""
+        if kind not in KINDS:
+            raise UnknownComponentError(
+                f"Unknown component kind {kind!r}. Kinds are: {', '.join(KINDS)}."
+            )
+        if kind not in self._registry:
+            self._registry[kind] = self._build(kind)
+        return self._registry[kind]
+
+    def get(self, kind: str, name: str) -> type:
+        """The component class registered as `name`; an error with close matches otherwise."""
+        comps = self.components(kind)
+        if name in comps:
+            return comps[name].cls
+        close = difflib.get_close_matches(name, list(comps), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        available = ", ".join(sorted(comps)) or "(none)"
+        raise UnknownComponentError(
+            f"No {kind} named {name!r}.{hint} Registered {kind}s: {available}. Run "
+            "`ev3 plugins` to see installed plugins, or install the plugin that provides it."
+        )
+
+    def make(self, kind: str, name: str, /, **kwargs: Any) -> Any:
+        """Instantiate the component registered as `name` with `kwargs`."""
+        return self.get(kind, name)(**kwargs)
+
+
+def load_plugins(
+    *,
+    extra: Iterable[Any] = (),
+    autoload: bool | None = None,
+    only: Iterable[str] | None = None,
+    raise_errors: bool | None = None,
+) -> Plugins:
+    """Load the built-in plugin, entry-point plugins and `extra` plugin objects.
+
+    **Arguments:**
+
+    - `extra`: plugin objects (modules or instances) to register after the others.
+    - `autoload`: load entry points (default: unless `EV3_DISABLE_PLUGIN_AUTOLOAD=1`).
+    - `only`: entry-point names to load (default: `EV3_LOAD_PLUGINS` if set, else all).
+    - `raise_errors`: raise on a failing plugin (default: `EV3_RAISE_PLUGIN_ERRORS=1`).
+    """
+    from . import _builtins
+
+    if raise_errors is None:
+        raise_errors = _env_flag("EV3_RAISE_PLUGIN_ERRORS")
+    if autoload is None:
+        autoload = not _env_flag("EV3_DISABLE_PLUGIN_AUTOLOAD")
+    if only is None and os.environ.get("EV3_LOAD_PLUGINS", "").strip():
+        only = [s.strip() for s in os.environ["EV3_LOAD_PLUGINS"].split(",") if s.strip()]
+    plugins = Plugins(raise_errors=raise_errors)
+    plugins.register(_builtins, name="ev3core.builtins", distribution=_own_distribution())
+    if autoload:
+        plugins.load_entry_points(only=only)
+    for obj in extra:
+        plugins.register(obj)
+    return plugins
+
+
+def _own_distribution() -> tuple[str, str] | None:
+    try:
+        return ("ev3core", importlib.metadata.version("ev3core"))
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+_DEFAULT: Plugins | None = None
+
+
+def plugins() -> Plugins:
+    """The default plugin set, loaded once per process (see `load_plugins`)."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = load_plugins()
+    return _DEFAULT
+
+
+def make(kind: str, name: str, /, **kwargs: Any) -> Any:
+    """Instantiate a registered component by kind and name from the default plugins.
+
+    ```python
+    proposer = ev3core.make("proposer", "gradient", losses=[...], optimizers=[...])
+    ```
+    """
+    return plugins().make(kind, name, **kwargs)

@@ -1,0 +1,288 @@
+"""The built-in gradient proposer."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+from jaxtyping import Array, PRNGKeyArray, PyTree
+
+from ._interfaces import AbstractLoss, AbstractProposer
+from ._types import Outcome, tree_concat, tree_stack, tree_where
+from .errors import ConfigurationError
+
+RejectPolicy = Literal["keep", "reset", "copy"]
+_POLICIES = ("keep", "reset", "copy")
+
+
+def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
+    """Partition losses into groups that can be stacked and vmapped together."""
+    groups: list[list[int]] = []
+    for i, loss in enumerate(losses):
+        static_i = eqx.filter(loss, eqx.is_array, inverse=True)
+        struct_i = jax.tree.structure(loss)
+        for g in groups:
+            ref = losses[g[0]]
+            if (
+                type(ref) is type(loss)
+                and jax.tree.structure(ref) == struct_i
+                and eqx.tree_equal(eqx.filter(ref, eqx.is_array, inverse=True), static_i)
+                is True
+                and all(
+                    a.shape == b.shape and a.dtype == b.dtype
+                    for a, b in zip(
+                        jax.tree.leaves(eqx.filter(ref, eqx.is_array)),
+                        jax.tree.leaves(eqx.filter(loss, eqx.is_array)),
+                    )
+                )
+            ):
+                g.append(i)
+                break
+        else:
+            groups.append([i])
+    return tuple(tuple(g) for g in groups)
+
+
+def _broadcast(tree: PyTree[Array], n: int) -> PyTree[Array]:
+    return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def _num_examples(data: PyTree[Array]) -> int:
+    leaves = jax.tree.leaves(data)
+    if not leaves:
+        raise ConfigurationError(
+            "The propose stream is empty. Pass Data(propose=(x, y), ...) with at least one array."
+        )
+    return leaves[0].shape[0]
+
+
+class GradientProposerState(eqx.Module):
+    """Optimizer states, one stacked state per (optimizer, loss group) block."""
+
+    opt_states: tuple[tuple[Any, ...], ...]
+
+
+class GradientProposer(AbstractProposer):
+    """Candidates from short optax trajectories over a grid of losses x optimizers.
+
+    Candidate `j * len(losses) + i'` runs optimizer `j` with the `i'`-th loss in *group order*
+    (losses of the same class and equal non-array fields are grouped, keeping their relative
+    order; with a single loss class this is simply the order given). `labels()` gives the
+    exact order. Each candidate starts from the current parameters and takes `steps` optimizer
+    steps, each on its own batch of `batch_size` examples drawn from the propose stream.
+    The parameters that optax sees are the trajectory's current parameters, so weight decay
+    and other parameter-dependent transforms are right.
+
+    Optimizer states persist across EV3 steps, one per candidate. What happens to the state of
+    candidates that were *not* accepted is the `on_reject` policy:
+
+    - `"keep"` (default): every candidate keeps its own optimizer state.
+    - `"reset"`: every candidate except the accepted one gets a fresh `optimizer.init` of the
+      new current parameters (for `optax.inject_hyperparams` optimizers this also restores the
+      initial hyperparameters).
+    - `"copy"`: when a candidate is accepted, every candidate with the same optimizer takes a
+      copy of its state; candidates with other optimizers (other state structures) keep their
+      own. When nothing is accepted, states are kept.
+
+    **Arguments:**
+
+    - `losses`: the losses (each an `AbstractLoss`, array hyperparameters as leaves).
+    - `optimizers`: any `optax.GradientTransformation`s, including `inject_hyperparams` ones
+      (whose hyperparameters then live in the state and can be changed without recompiling).
+    - `steps`: trajectory length `L`.
+    - `batch_size`: examples per optimizer step.
+    - `on_reject`: the policy above.
+    - `optimizer_names`: labels for the optimizers (default `opt0`, `opt1`, ...).
+
+    ```python
+    proposer = GradientProposer(
+        losses=[CrossEntropy(t) for t in (0.5, 1.0, 1.5)],
+        optimizers=[optax.sgd(0.1), optax.sgd(0.01, momentum=0.95)],
+        steps=100, batch_size=32,
+    )
+    ```
+    """
+
+    losses: tuple[AbstractLoss, ...]
+    optimizers: tuple[optax.GradientTransformation, ...] = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    batch_size: int = eqx.field(static=True)
+    on_reject: str = eqx.field(static=True)
+    optimizer_names: tuple[str, ...] = eqx.field(static=True)
+    groups: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+
+    def __init__(
+        self,
+        losses: Sequence[AbstractLoss],
+        optimizers: Sequence[optax.GradientTransformation],
+        steps: int = 100,
+        batch_size: int = 32,
+        on_reject: RejectPolicy = "keep",
+        optimizer_names: Sequence[str] | None = None,
+    ):
+        losses = tuple(losses)
+        optimizers = tuple(optimizers)
+        if not losses:
+            raise ConfigurationError(
+                "GradientProposer got no losses. Pass at least one, e.g. losses=[CrossEntropy()]."
+            )
+        if not optimizers:
+            raise ConfigurationError(
+                "GradientProposer got no optimizers. Pass at least one, e.g. "
+                "optimizers=[optax.sgd(0.1)]."
+            )
+        for loss in losses:
+            if not isinstance(loss, AbstractLoss):
+                raise ConfigurationError(
+                    f"GradientProposer: loss {loss!r} is not an ev3core.AbstractLoss. Wrap a "
+                    "plain function in a subclass of AbstractLoss."
+                )
+        for opt in optimizers:
+            if not isinstance(opt, optax.GradientTransformation):
+                raise ConfigurationError(
+                    f"GradientProposer: optimizer {opt!r} is not an optax.GradientTransformation "
+                    "(for example optax.sgd(0.1) or optax.inject_hyperparams(optax.adam)(1e-3))."
+                )
+        if int(steps) < 1 or int(batch_size) < 1:
+            raise ConfigurationError(
+                f"GradientProposer: steps={steps} and batch_size={batch_size} must both be >= 1."
+            )
+        if on_reject not in _POLICIES:
+            raise ConfigurationError(
+                f"GradientProposer: on_reject={on_reject!r} is not one of {_POLICIES}."
+            )
+        if optimizer_names is None:
+            optimizer_names = tuple(f"opt{j}" for j in range(len(optimizers)))
+        optimizer_names = tuple(optimizer_names)
+        if len(optimizer_names) != len(optimizers):
+            raise ConfigurationError(
+                f"GradientProposer: {len(optimizer_names)} optimizer_names for "
+                f"{len(optimizers)} optimizers; give one name per optimizer."
+            )
+        self.losses = losses
+        self.optimizers = optimizers
+        self.steps = int(steps)
+        self.batch_size = int(batch_size)
+        self.on_reject = on_reject
+        self.optimizer_names = optimizer_names
+        self.groups = _loss_groups(losses)
+
+    @property
+    def num_candidates(self) -> int:
+        return len(self.losses) * len(self.optimizers)
+
+    def _order(self) -> tuple[int, ...]:
+        return tuple(i for g in self.groups for i in g)
+
+    def labels(self) -> tuple[str, ...]:
+        return tuple(
+            f"{self.losses[i].label}|{name}" for name in self.optimizer_names for i in self._order()
+        )
+
+    def init(self, params: PyTree[Array], static: Any, key: PRNGKeyArray) -> GradientProposerState:
+        del static, key
+        return GradientProposerState(
+            opt_states=tuple(
+                tuple(_broadcast(opt.init(params), len(g)) for g in self.groups)
+                for opt in self.optimizers
+            )
+        )
+
+    def _stacked_losses(self) -> list[tuple[PyTree[Array], Any]]:
+        out = []
+        for g in self.groups:
+            dyn = tree_stack([eqx.filter(self.losses[i], eqx.is_array) for i in g])
+            out.append((dyn, eqx.filter(self.losses[g[0]], eqx.is_array, inverse=True)))
+        return out
+
+    def propose(
+        self,
+        params: PyTree[Array],
+        static: Any,
+        state: GradientProposerState,
+        data: PyTree[Array],
+        key: PRNGKeyArray,
+    ) -> tuple[PyTree[Array], GradientProposerState]:
+        k_idx, k_loss = jax.random.split(key)
+        K, L, B = self.num_candidates, self.steps, self.batch_size
+        n = _num_examples(data)
+        idx = jax.random.randint(k_idx, (L, K, B), 0, n)
+        loss_keys = jax.random.split(k_loss, (L, K))
+        stacked_losses = self._stacked_losses()
+        sizes = [len(g) for g in self.groups]
+
+        blocks = []  # (optimizer, loss_dyn, loss_static, start, size)
+        start = 0
+        for opt in self.optimizers:
+            for (dyn, lstatic), size in zip(stacked_losses, sizes):
+                blocks.append((opt, dyn, lstatic, start, size))
+                start += size
+
+        def one(opt, lstatic, p, o, loss_dyn, batch, k):
+            loss = eqx.combine(loss_dyn, lstatic)
+
+            def f(p):
+                return loss(eqx.combine(p, static), batch, k)
+
+            grads = eqx.filter_grad(f)(p)
+            updates, o = opt.update(grads, o, p)
+            return optax.apply_updates(p, updates), o
+
+        def body(carry, xs):
+            idx_t, keys_t = xs
+            new_carry = []
+            for (opt, dyn, lstatic, s, size), (p, o) in zip(blocks, carry):
+                sl = slice(s, s + size)
+                batch = jax.tree.map(lambda a: a[idx_t[sl]], data)
+                p, o = jax.vmap(lambda *a: one(opt, lstatic, *a))(p, o, dyn, batch, keys_t[sl])
+                new_carry.append((p, o))
+            return tuple(new_carry), None
+
+        flat_states = [o for per_opt in state.opt_states for o in per_opt]
+        carry = tuple(
+            (_broadcast(params, size), o) for (_, _, _, _, size), o in zip(blocks, flat_states)
+        )
+        carry, _ = jax.lax.scan(body, carry, (idx, loss_keys))
+        candidates = tree_concat([p for p, _ in carry])
+        opt_states = []
+        it = iter(o for _, o in carry)
+        for _ in self.optimizers:
+            opt_states.append(tuple(next(it) for _ in self.groups))
+        return candidates, GradientProposerState(opt_states=tuple(opt_states))
+
+    def adapt(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
+        if self.on_reject == "keep":
+            return state
+        n_loss = len(self.losses)
+        sizes = [len(g) for g in self.groups]
+        new = []
+        for j, (opt, per_opt) in enumerate(zip(self.optimizers, state.opt_states)):
+            base = j * n_loss
+            if self.on_reject == "reset":
+                fresh = opt.init(outcome.params)
+                blocks = []
+                start = base
+                for o, size in zip(per_opt, sizes):
+                    keep = jnp.arange(start, start + size) == outcome.accepted_index
+
+                    def pick(old, f, keep=keep):
+                        mask = keep.reshape(keep.shape + (1,) * (old.ndim - 1))
+                        return jnp.where(mask, old, f)
+
+                    blocks.append(jax.tree.map(pick, o, fresh))
+                    start += size
+                new.append(tuple(blocks))
+            else:  # copy
+                whole = tree_concat(list(per_opt))
+                local = outcome.accepted_index - base
+                inside = (local >= 0) & (local < n_loss)
+                src = jax.tree.map(lambda x: x[jnp.clip(local, 0, n_loss - 1)], whole)
+                blocks = []
+                for o, size in zip(per_opt, sizes):
+                    blocks.append(tree_where(inside, _broadcast(src, size), o))
+                new.append(tuple(blocks))
+        return GradientProposerState(opt_states=tuple(new))

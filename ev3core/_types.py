@@ -1,0 +1,295 @@
+"""The pytrees that flow through one EV3 step.
+
+Index conventions used everywhere:
+
+* candidates are stacked on a leading axis of size `K` (all proposers concatenated, in the
+  order the proposers were given);
+* assessment stacks `K + 2` models: the `K` candidates, then the current model (index `K`),
+  then the stable model (index `K + 1`);
+* the decide stage stacks three models in the order `(winner, current, stable)`
+  (see `WINNER`, `CURRENT`, `STABLE`).
+
+Scores are always "higher is better": an assessor of a quantity to be minimised returns its
+negation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+
+#: Index of the assess winner in the decide stage's stacked models.
+WINNER = 0
+#: Index of the current model in the decide stage's stacked models.
+CURRENT = 1
+#: Index of the stable model in the decide stage's stacked models.
+STABLE = 2
+
+CHOICE_NAMES = ("winner", "current", "stable")
+
+
+class Data(eqx.Module):
+    """The three data streams of an EV3 run.
+
+    Each stream is any pytree of arrays sharing a leading *example* axis (for instance a
+    tuple `(x, y)`). The engine samples from them with its own key, so the whole data set can
+    live on the device; a host loop may instead pass small fresh streams at every step (keep
+    their shapes fixed to avoid recompiling).
+
+    **Arguments:**
+
+    - `propose`: examples the proposers train on.
+    - `assess`: examples on which every candidate, the current and the stable model are scored
+      to pick the winner.
+    - `decide`: examples on which the winner, the current and the stable model are scored to
+      make the accept / roll back decision.
+    """
+
+    propose: PyTree[Array]
+    assess: PyTree[Array]
+    decide: PyTree[Array]
+
+
+class Outcome(eqx.Module):
+    """What the adapt stage decided, as seen by a proposer after the step.
+
+    **Arguments:**
+
+    - `accepted_index`: index of the accepted candidate *within this proposer's candidates*,
+      or `-1` if none of them was accepted.
+    - `accepted`: whether any candidate was accepted this step.
+    - `significant`: whether the stable model was replaced this step.
+    - `params`: the new current parameters.
+    """
+
+    accepted_index: Int[Array, ""]
+    accepted: Bool[Array, ""]
+    significant: Bool[Array, ""]
+    params: PyTree[Array]
+
+
+class Decision(eqx.Module):
+    """The adapt stage's verdict for one step.
+
+    **Arguments:**
+
+    - `choice`: which of `(winner, current, stable)` becomes the new current model
+      (`WINNER`, `CURRENT` or `STABLE`).
+    - `update_stable`: whether the winner replaces the stable model.
+    - `significant`: whether the step counts as a significant improvement (recorded in the
+      history; schedulers and proposers react to runs of non-significant steps).
+    - `lower`, `upper`: the confidence bounds the decision used, one per decide model.
+    - `priorities`: the weight each objective had in this decision (sums to one).
+    """
+
+    choice: Int[Array, ""]
+    update_stable: Bool[Array, ""]
+    significant: Bool[Array, ""]
+    lower: Float[Array, "3"]
+    upper: Float[Array, "3"]
+    priorities: Float[Array, " objective"]
+
+
+class History(eqx.Module):
+    """A fixed-size ring buffer of past decisions, as arrays (never Python lists).
+
+    Row `i` holds the step `count - size + i` after `count >= size`; use `History.last(n)` or
+    `History.ordered()` rather than indexing directly. `count` is the number of decisions ever
+    recorded.
+    """
+
+    step: Int[Array, " size"]
+    winner: Int[Array, " size"]
+    choice: Int[Array, " size"]
+    accepted: Bool[Array, " size"]
+    significant: Bool[Array, " size"]
+    score: Float[Array, "size objective"]
+    count: Int[Array, ""]
+
+    @staticmethod
+    def empty(size: int, num_objectives: int) -> "History":
+        if size < 1:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"History size must be at least 1, got history_size={size}. "
+                "Pass a positive history_size to the pipeline."
+            )
+        return History(
+            step=jnp.full((size,), -1, jnp.int32),
+            winner=jnp.full((size,), -1, jnp.int32),
+            choice=jnp.full((size,), -1, jnp.int32),
+            accepted=jnp.zeros((size,), bool),
+            significant=jnp.zeros((size,), bool),
+            score=jnp.full((size, num_objectives), jnp.nan, jnp.float32),
+            count=jnp.zeros((), jnp.int32),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.step.shape[0]
+
+    def record(
+        self,
+        step: Int[Array, ""],
+        winner: Int[Array, ""],
+        choice: Int[Array, ""],
+        accepted: Bool[Array, ""],
+        significant: Bool[Array, ""],
+        score: Float[Array, " objective"],
+    ) -> "History":
+        """Append one decision, overwriting the oldest once the buffer is full."""
+        i = self.count % self.size
+        return History(
+            step=self.step.at[i].set(step),
+            winner=self.winner.at[i].set(winner),
+            choice=self.choice.at[i].set(choice),
+            accepted=self.accepted.at[i].set(accepted),
+            significant=self.significant.at[i].set(significant),
+            score=self.score.at[i].set(score),
+            count=self.count + 1,
+        )
+
+    def ordered(self) -> "History":
+        """The same history rolled so that row `-1` is the most recent decision."""
+        shift = -(self.count % self.size)
+        full = self.count >= self.size
+        shift = jnp.where(full, shift, 0)
+        roll = lambda x: jnp.roll(x, shift, axis=0)  # noqa: E731
+        return History(
+            step=roll(self.step),
+            winner=roll(self.winner),
+            choice=roll(self.choice),
+            accepted=roll(self.accepted),
+            significant=roll(self.significant),
+            score=roll(self.score),
+            count=self.count,
+        )
+
+    def non_significant_streak(self) -> Int[Array, ""]:
+        """Number of consecutive non-significant decisions up to the latest one."""
+        # Walk backwards from the newest entry; entries never written count as "unknown"
+        # and stop the streak.
+        size = self.size
+        idx = (self.count - 1 - jnp.arange(size)) % size
+        written = jnp.arange(size) < self.count
+        nonsig = (~self.significant[idx]) & written
+        return jnp.sum(jnp.cumprod(nonsig.astype(jnp.int32))).astype(jnp.int32)
+
+
+class StepInfo(eqx.Module):
+    """What one step reports, all arrays (no host synchronisation is needed to produce it).
+
+    **Arguments:**
+
+    - `step`: index of the step that produced this info (0 for the first).
+    - `winner`: index of the assess winner among the `K` candidates.
+    - `choice`: `WINNER`, `CURRENT` or `STABLE` (see `Decision`).
+    - `accepted`: the winner became the current model.
+    - `rolled_back`: the stable model became the current model.
+    - `significant`: the stable model was replaced.
+    - `num_invalid`: candidates masked this step because their parameters or scores were not
+      finite.
+    - `valid`: per-candidate validity mask.
+    - `assess_mean`: mean score of each objective for every candidate, current and stable.
+    - `decide_mean`: mean score of each objective for winner, current and stable on the
+      decide set.
+    - `decide_lower`, `decide_upper`: the confidence bounds of the decision.
+    - `priorities`: the objective priorities used by the decision.
+    """
+
+    step: Int[Array, ""]
+    winner: Int[Array, ""]
+    choice: Int[Array, ""]
+    accepted: Bool[Array, ""]
+    rolled_back: Bool[Array, ""]
+    significant: Bool[Array, ""]
+    num_invalid: Int[Array, ""]
+    valid: Bool[Array, " candidate"]
+    assess_mean: Float[Array, "objective model"]
+    decide_mean: Float[Array, "objective 3"]
+    decide_lower: Float[Array, "3"]
+    decide_upper: Float[Array, "3"]
+    priorities: Float[Array, " objective"]
+
+
+class State(eqx.Module):
+    """The whole engine state: a pure pytree, so it can be jitted, scanned and saved.
+
+    **Arguments:**
+
+    - `step`: number of steps taken.
+    - `key`: the PRNG key for the next step.
+    - `current`, `stable`: the array leaves of the current and of the stable model (the
+      non-array part of the model lives in `static`).
+    - `static`: the non-array part of the model (activation functions, layer sizes...). It is
+      part of the tree structure: growing the network changes it and re-traces the step once.
+    - `proposer_states`: one state per proposer, in pipeline order.
+    - `scheduler_state`: the adapt stage's state.
+    - `history`: the decision ring buffer.
+    """
+
+    step: Int[Array, ""]
+    key: PRNGKeyArray
+    current: PyTree[Array]
+    stable: PyTree[Array]
+    proposer_states: tuple[Any, ...]
+    scheduler_state: PyTree[Any]
+    history: History
+    static: Any = eqx.field(static=True)
+
+    @property
+    def model(self) -> Any:
+        """The current model, as a full Equinox module."""
+        return eqx.combine(self.current, self.static)
+
+    @property
+    def stable_model(self) -> Any:
+        """The stable model, as a full Equinox module."""
+        return eqx.combine(self.stable, self.static)
+
+
+def split_model(model: Any) -> tuple[PyTree[Array], Any]:
+    """Split a model into its array leaves and the rest (see `State.static`)."""
+    return eqx.partition(model, eqx.is_array)
+
+
+def tree_stack(trees: list[PyTree[Array]]) -> PyTree[Array]:
+    """Stack structurally identical pytrees of arrays on a new leading axis."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def tree_concat(trees: list[PyTree[Array]]) -> PyTree[Array]:
+    """Concatenate stacked pytrees of arrays along their leading axis."""
+    if len(trees) == 1:
+        return trees[0]
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs), *trees)
+
+
+def tree_index(tree: PyTree[Array], i: Int[Array, ""] | int) -> PyTree[Array]:
+    """Take element `i` of the leading axis of every leaf."""
+    return jax.tree.map(lambda x: x[i], tree)
+
+
+def tree_where(
+    pred: Bool[Array, ""], on_true: PyTree[Array], on_false: PyTree[Array]
+) -> PyTree[Array]:
+    """Leaf-wise `jnp.where` with a scalar predicate."""
+    return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
+
+
+def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, "..."]:
+    """Whether every inexact leaf is finite, reduced over all but `batch_dims` leading axes."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    if not leaves:
+        return jnp.ones((), bool)
+    out = None
+    for x in leaves:
+        axes = tuple(range(batch_dims, x.ndim))
+        fin = jnp.all(jnp.isfinite(x), axis=axes)
+        out = fin if out is None else out & fin
+    return out
