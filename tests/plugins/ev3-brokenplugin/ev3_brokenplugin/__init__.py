@@ -1,0 +1,1 @@
+raise RuntimeError("ev3-brokenplugin is broken on purpose")

@@ -1,0 +1,311 @@
+"""Engine behaviour on the smoke problem and its building blocks."""
+
+import logging
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ev3core
+from ev3core import CURRENT, STABLE, WINNER
+from ev3core._smoke import smoke_data, smoke_model, smoke_pipeline
+
+N = 20_000  # examples per split: plenty for 2048-example decide batches, quick to build
+
+
+@pytest.fixture(scope="module")
+def problem():
+    data, test = smoke_data(jax.random.key(0), n=N)
+    return data, test
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return smoke_pipeline(plugins=ev3core.load_plugins(autoload=False)).build()
+
+
+def _host(x):
+    if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+        x = jax.random.key_data(x)
+    return np.asarray(x)
+
+
+def _leaves_equal(a, b) -> bool:
+    """Bit-for-bit equality of every leaf (NaN equals NaN; keys compared by their data)."""
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        x, y = _host(x), _host(y)
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if x.tobytes() != y.tobytes():
+            return False
+    return True
+
+
+# ------------------------------------------------------------------ the smoke run
+def test_smoke_run_is_accurate_and_safe(problem, engine):
+    data, (x_test, y_test) = problem
+    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    start_acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
+    state, infos = ev3core.run(
+        engine, state, data, 25, plugins=ev3core.load_plugins(autoload=False)
+    )
+    acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
+    assert start_acc < 0.9 < 0.97 <= acc
+    assert infos.accepted.sum() >= 1 and infos.significant.sum() >= 1
+    # Never accept a candidate significantly worse than the current model on the decide set.
+    alpha = float(engine.scheduler.decide_alpha)
+    for i in np.flatnonzero(infos.accepted):
+        assert infos.decide_upper[i, WINNER] >= infos.decide_lower[i, CURRENT]
+        assert infos.decide_lower[i, WINNER] >= infos.decide_lower[i, CURRENT]
+    assert alpha == 4.0
+    # significant steps really beat the stable model
+    for i in np.flatnonzero(infos.significant):
+        assert infos.decide_lower[i, WINNER] > infos.decide_upper[i, STABLE]
+
+
+class _Saboteur(ev3core.AbstractProposer):
+    """Proposes badly damaged parameters: large noise on every weight."""
+
+    scale: jax.Array = eqx.field(converter=jnp.asarray, default=3.0)
+
+    @property
+    def num_candidates(self):
+        return 4
+
+    def labels(self):
+        return ("sabotage",) * 4
+
+    def init(self, params, static, key):
+        return None
+
+    def propose(self, params, static, state, data, key):
+        leaves, tdef = jax.tree.flatten(params)
+        keys = jax.random.split(key, len(leaves))
+        out = [x + self.scale * jax.random.normal(k, (4,) + x.shape) for x, k in zip(leaves, keys)]
+        return jax.tree.unflatten(tdef, out), state
+
+
+def test_bad_candidates_are_never_accepted_once_the_model_is_good(problem):
+    """With an assess set of 8 examples, noise candidates often win assessment; the decide
+    rule must still refuse every one that is significantly worse."""
+    data, (x_test, y_test) = problem
+    p = ev3core.load_plugins(autoload=False)
+    eng = smoke_pipeline(plugins=p, assess_size=8).build()
+    state = eng.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state, _ = ev3core.run(eng, state, data, 8, plugins=p)  # a good model first
+    good_acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
+    sab = ev3core.Engine(
+        [_Saboteur()], eng.assessors, eng.scheduler, assess_size=8, decide_size=2048
+    )
+    sstate = sab.init(state.model, jax.random.key(3))
+    sstate, infos = ev3core.run(sab, sstate, data, 20, plugins=p)
+    assert not infos.accepted.any()
+    assert _leaves_equal(sstate.current, state.current)
+    assert float(ev3core.Accuracy()(sstate.model, (x_test, y_test)).mean()) == good_acc
+    # AlwaysAccept, by contrast, takes them and loses accuracy: the safety control matters.
+    naive = ev3core.Engine(
+        [_Saboteur()], eng.assessors, ev3core.AlwaysAccept(), assess_size=8, decide_size=2048
+    )
+    nstate, ninfos = ev3core.run(naive, naive.init(state.model, jax.random.key(3)), data, 5,
+                                 plugins=p)
+    assert ninfos.accepted.all()
+    assert float(ev3core.Accuracy()(nstate.model, (x_test, y_test)).mean()) < good_acc - 0.05
+
+
+# ------------------------------------------------------------------ compilation and purity
+def test_hyperparameter_changes_never_retrace(problem, engine):
+    data, _ = problem
+    counted = eqx.filter_jit(
+        eqx.debug.assert_max_traces(lambda e, s, d: e.step_pure(s, d), max_traces=1)
+    )
+    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    e = engine
+    for t, a in [(0.5, 0.5), (2.0, 1.0), (3.0, 0.1)]:
+        e = eqx.tree_at(lambda e: e.proposers[0].losses[0].temperature, e, jnp.float32(t))
+        e = eqx.tree_at(lambda e: e.scheduler.assess_alpha, e, jnp.float32(a))
+        e = eqx.tree_at(lambda e: e.scheduler.decide_alpha, e, jnp.float32(a + 1))
+        state, _ = counted(e, state, data)
+    # ... and the library's own jitted step says when it traces: once.
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("ev3core")
+    logger.addHandler(handler)
+    old = logger.level
+    logger.setLevel(logging.INFO)
+    try:
+        fresh = smoke_pipeline(plugins=ev3core.load_plugins(autoload=False),
+                               history_size=17).build()  # a new static config: one trace
+        s = fresh.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+        for t in (0.7, 1.3, 2.1):
+            fresh = eqx.tree_at(lambda e: e.proposers[0].losses[1].temperature, fresh,
+                                jnp.float32(t))
+            s, _ = fresh.step(s, data)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old)
+    traces = [r for r in records if "tracing the EV3 step" in r.getMessage()]
+    assert len(traces) == 1
+
+
+def test_same_key_same_result_and_scan_matches_steps(problem, engine):
+    data, _ = problem
+    model = smoke_model(jax.random.key(1))
+    s1 = engine.init(model, jax.random.key(5))
+    s2 = engine.init(model, jax.random.key(5))
+    for _ in range(3):
+        s1, i1 = engine.step(s1, data)
+        s2, i2 = engine.step(s2, data)
+    assert _leaves_equal(s1, s2) and _leaves_equal(i1, i2)
+    s3 = engine.init(model, jax.random.key(6))
+    s3, _ = engine.step(s3, data)
+    assert not _leaves_equal(s1.current, s3.current)  # the key matters
+    # Many iterations in one lax.scan make the same decisions.
+    s4, infos = engine.scan(engine.init(model, jax.random.key(5)), data, 3)
+    assert int(infos.choice[-1]) == int(i1.choice) and int(s4.step) == 3
+    for a, b in zip(jax.tree.leaves(s4.current), jax.tree.leaves(s1.current)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ gradient proposer
+def _const_loss_problem():
+    x = jnp.ones((16, 2))
+    y = jnp.zeros((16,), jnp.int32)
+    return (x, y), eqx.nn.Linear(2, 2, key=jax.random.key(0))
+
+
+class _ZeroLoss(ev3core.AbstractLoss):
+    def __call__(self, model, batch, key):
+        return 0.0 * jnp.sum(jax.vmap(model)(batch[0]))
+
+
+def test_optax_sees_the_trajectory_params_so_weight_decay_compounds():
+    batch, model = _const_loss_problem()
+    params, static = eqx.partition(model, eqx.is_array)
+    lr, wd, steps = 0.1, 0.5, 10
+    opt = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
+    prop = ev3core.GradientProposer([_ZeroLoss()], [opt], steps=steps, batch_size=4)
+    cands, _ = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), batch,
+                            jax.random.key(0))
+    expected = jax.tree.map(lambda p: p * (1 - lr * wd) ** steps, params)
+    for c, e in zip(jax.tree.leaves(cands), jax.tree.leaves(expected)):
+        np.testing.assert_allclose(c[0], e, rtol=1e-5)
+
+
+def test_grid_order_labels_and_temperature_enter_the_loss():
+    data, _ = smoke_data(jax.random.key(0), n=512)
+    model = smoke_model(jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    prop = ev3core.GradientProposer(
+        [ev3core.CrossEntropy(t) for t in (0.5, 1.0)],
+        [optax.sgd(0.1), optax.sgd(0.0)], steps=5, batch_size=8,
+        optimizer_names=["fast", "frozen"],
+    )
+    assert prop.labels() == ("ce(T=0.5)|fast", "ce(T=1)|fast", "ce(T=0.5)|frozen",
+                             "ce(T=1)|frozen")
+    cands, _ = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), data.propose,
+                            jax.random.key(0))
+    moved = [not _leaves_equal(jax.tree.map(lambda c: c[i], cands), params) for i in range(4)]
+    assert moved == [True, True, False, False]  # lr 0 leaves params unchanged
+    # different temperatures give different trajectories
+    assert not _leaves_equal(jax.tree.map(lambda c: c[0], cands),
+                             jax.tree.map(lambda c: c[1], cands))
+
+
+def test_inject_hyperparams_learning_rate_lives_in_state_and_does_not_retrace():
+    data, _ = smoke_data(jax.random.key(0), n=512)
+    model = smoke_model(jax.random.key(1))
+    params, static = eqx.partition(model, eqx.is_array)
+    opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
+    prop = ev3core.GradientProposer([ev3core.CrossEntropy()], [opt], steps=3, batch_size=8)
+    propose = eqx.filter_jit(eqx.debug.assert_max_traces(prop.propose, max_traces=1))
+    st = prop.init(params, static, jax.random.key(9))
+    c1, _ = propose(params, static, st, data.propose, jax.random.key(0))
+    zero_lr = eqx.tree_at(
+        lambda s: s.opt_states[0][0].hyperparams["learning_rate"], st, jnp.zeros((1,))
+    )
+    c2, _ = propose(params, static, zero_lr, data.propose, jax.random.key(0))
+    assert not _leaves_equal(jax.tree.map(lambda c: c[0], c1), params)
+    assert _leaves_equal(jax.tree.map(lambda c: c[0], c2), params)
+
+
+@pytest.mark.parametrize("policy", ["keep", "reset", "copy"])
+def test_rejected_candidate_optimizer_state_policy(policy):
+    data, _ = smoke_data(jax.random.key(0), n=512)
+    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    prop = ev3core.GradientProposer(
+        [ev3core.CrossEntropy(t) for t in (0.5, 1.0, 2.0)], [optax.sgd(0.1, momentum=0.9)],
+        steps=4, batch_size=8, on_reject=policy,
+    )
+    _, st = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), data.propose,
+                         jax.random.key(0))
+    trace = st.opt_states[0][0][0].trace  # momentum buffers, stacked [3, ...]
+    new_params = jax.tree.map(lambda p: p + 1.0, params)
+    out = prop.adapt(st, ev3core.Outcome(accepted_index=jnp.int32(1), accepted=jnp.bool_(True),
+                                         significant=jnp.bool_(False), params=new_params))
+    after = out.opt_states[0][0][0].trace
+    for before_leaf, after_leaf in zip(jax.tree.leaves(trace), jax.tree.leaves(after)):
+        assert np.array_equal(after_leaf[1], before_leaf[1])  # the accepted one keeps its own
+        if policy == "keep":
+            assert np.array_equal(after_leaf, before_leaf)
+        elif policy == "reset":
+            assert not np.any(after_leaf[0]) and not np.any(after_leaf[2])  # fresh init = 0
+        else:
+            assert np.array_equal(after_leaf[0], before_leaf[1])
+            assert np.array_equal(after_leaf[2], before_leaf[1])
+    none = prop.adapt(st, ev3core.Outcome(accepted_index=jnp.int32(-1), accepted=jnp.bool_(False),
+                                          significant=jnp.bool_(False), params=params))
+    if policy != "reset":
+        assert _leaves_equal(none, st)
+
+
+# ------------------------------------------------------------------ history and validity
+def test_history_ring_buffer_keeps_the_latest_decisions():
+    h = ev3core.History.empty(4, 1)
+    for i in range(6):
+        h = h.record(jnp.int32(i), jnp.int32(0), jnp.int32(i % 3), jnp.bool_(True),
+                     jnp.bool_(i == 2), jnp.full((1,), float(i)))
+    o = h.ordered()
+    assert list(o.step) == [2, 3, 4, 5] and int(h.count) == 6
+    assert list(o.score[:, 0]) == [2.0, 3.0, 4.0, 5.0]
+    assert int(h.non_significant_streak()) == 3
+    assert int(ev3core.History.empty(4, 1).non_significant_streak()) == 0
+
+
+class _HalfNaN(ev3core.AbstractProposer):
+    inner: ev3core.GradientProposer
+
+    @property
+    def num_candidates(self):
+        return self.inner.num_candidates
+
+    def labels(self):
+        return self.inner.labels()
+
+    def init(self, params, static, key):
+        return self.inner.init(params, static, key)
+
+    def propose(self, params, static, state, data, key):
+        c, state = self.inner.propose(params, static, state, data, key)
+        k = self.num_candidates
+        bad = (jnp.arange(k) % 2 == 0)
+        c = jax.tree.map(lambda x: jnp.where(bad.reshape((k,) + (1,) * (x.ndim - 1)), jnp.nan, x), c)
+        return c, state
+
+
+def test_nan_candidates_are_masked_and_never_accepted(problem):
+    data, _ = problem
+    base = smoke_pipeline(plugins=ev3core.load_plugins(autoload=False)).build()
+    eng = ev3core.Engine([_HalfNaN(base.proposers[0])], base.assessors, base.scheduler,
+                         assess_size=128, decide_size=2048)
+    state = eng.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state, infos = ev3core.run(eng, state, data, 6, plugins=ev3core.load_plugins(autoload=False))
+    assert (infos.num_invalid == 3).all()
+    assert (infos.winner % 2 == 1).all() and infos.accepted.any()
+    assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(state.current))
