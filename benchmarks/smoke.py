@@ -1,0 +1,202 @@
+"""Smoke benchmark: ev3core vs. a hand-written single-`jit` JAX iteration of the same workload.
+
+Workload (issue #2): 2-D linearly separable data, MLP 2-8-2, 6 candidates (cross-entropy at
+temperatures {0.5, 1, 1.5} x {SGD 0.1, SGD 0.01 momentum 0.95}), trajectories of 100 steps of
+batch 32, assess on 128 examples (alpha 0.5), decide on 2048 examples (alpha 4).
+
+Both versions make the same computation: same sampling (with replacement), same decision
+rule. Run:
+
+    python benchmarks/smoke.py --json smoke.json [--iters 30] [--repeats 3]
+
+Prints the median seconds per iteration (after warm-up) of each, their ratio, compile times,
+and the final test accuracy of the ev3core run; writes the same to `--json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+import ev3core
+from ev3core._smoke import TEMPERATURES, smoke_data, smoke_model, smoke_optimizers, smoke_pipeline
+
+L, B, N_ASSESS, N_DECIDE, A_ASSESS, A_DECIDE = 100, 32, 128, 2048, 0.5, 4.0
+
+
+def handwritten(model, data):
+    """The same EV3 iteration written directly in JAX, one `jax.jit`, no ev3core."""
+    params, static = eqx.partition(model, eqx.is_array)
+    opts = smoke_optimizers()
+    temps = jnp.asarray(TEMPERATURES, jnp.float32)
+    nt = len(TEMPERATURES)
+    xp, yp = data.propose
+    xa, ya = data.assess
+    xd, yd = data.decide
+
+    def stack(tree, n):
+        return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + x.shape), tree)
+
+    def loss(p, x, y, t):
+        logits = jax.vmap(eqx.combine(p, static))(x) * t
+        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    def acc(p, x, y):
+        return (jnp.argmax(jax.vmap(eqx.combine(p, static))(x), -1) == y).astype(jnp.float32)
+
+    def lcb(s, alpha):
+        m = s.mean(-1)
+        se = s.std(-1, ddof=1) / jnp.sqrt(jnp.float32(s.shape[-1]))
+        return m - alpha * se, m + alpha * se
+
+    def init():
+        return (jax.random.key(2), params, params,
+                tuple(stack(o.init(params), nt) for o in opts))
+
+    @jax.jit
+    def iteration(carry):
+        key, cur, stab, ostates = carry
+        key, kp, ka, kd = jax.random.split(key, 4)
+        idx = jax.random.randint(kp, (L, len(opts) * nt, B), 0, xp.shape[0])
+
+        def body(c, idx_t):
+            out = []
+            for j, (opt, (p, o)) in enumerate(zip(opts, c)):
+                ix = idx_t[j * nt:(j + 1) * nt]
+                g = jax.vmap(jax.grad(loss))(p, xp[ix], yp[ix], temps)
+                u, o = jax.vmap(opt.update)(g, o, p)
+                out.append((optax.apply_updates(p, u), o))
+            return tuple(out), None
+
+        c0 = tuple((stack(cur, nt), o) for o in ostates)
+        c, _ = jax.lax.scan(body, c0, idx)
+        cands = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p for p, _ in c])
+        allp = jax.tree.map(lambda a, b, s: jnp.concatenate([a, b[None], s[None]]),
+                            cands, cur, stab)
+        ia = jax.random.randint(ka, (N_ASSESS,), 0, xa.shape[0])
+        sa = jax.vmap(acc, (0, None, None))(allp, xa[ia], ya[ia])
+        k = len(opts) * nt
+        lo, _ = lcb(sa[:k], A_ASSESS)
+        valid = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x.reshape(k, -1)), -1)
+                                   for x in jax.tree.leaves(cands)]), 0)
+        w = jnp.argmax(jnp.where(valid, lo, -jnp.inf))
+        win = jax.tree.map(lambda x: x[w], cands)
+        trio = jax.tree.map(lambda a, b, s: jnp.stack([a, b, s]), win, cur, stab)
+        idd = jax.random.randint(kd, (N_DECIDE,), 0, xd.shape[0])
+        sd = jax.vmap(acc, (0, None, None))(trio, xd[idd], yd[idd])
+        lo, hi = lcb(sd, A_DECIDE)
+        lo = lo.at[0].set(jnp.where(valid[w], lo[0], -jnp.inf))
+        order = jnp.array([1, 0, 2])
+        choice = order[jnp.argmax(lo[order])]
+        new_cur = jax.tree.map(lambda x: x[choice], trio)
+        new_stab = jax.tree.map(lambda a, s: jnp.where(lo[0] > hi[2], a, s), win, stab)
+        return key, new_cur, new_stab, tuple(o for _, o in c)
+
+    return init, iteration
+
+
+def timed(fn, iters):
+    t0 = time.perf_counter()
+    out = jax.block_until_ready(fn())
+    first = time.perf_counter() - t0
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(fn())
+        times.append(time.perf_counter() - t0)
+    return first, times, out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--iters", type=int, default=30)
+    ap.add_argument("--repeats", type=int, default=3,
+                    help="alternate the two versions this many times; medians over all")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+
+    data, (xt, yt) = smoke_data(jax.random.key(0))
+    model = smoke_model(jax.random.key(1))
+    plugins = ev3core.load_plugins(autoload=False)
+    engine = smoke_pipeline(plugins=plugins).build()
+    h_init, h_iter = handwritten(model, data)
+
+    ev3_times, hw_times, ev3_scan_times = [], [], []
+    compile_ev3 = compile_hw = compile_scan = None
+    state = engine.init(model, jax.random.key(2))
+    carry = h_init()
+    for r in range(args.repeats):
+        box = {"s": state}
+
+        def ev3_step():
+            box["s"], info = engine.step(box["s"], data)
+            return box["s"].current
+
+        first, times, _ = timed(ev3_step, args.iters)
+        compile_ev3 = compile_ev3 if r else first - statistics.median(times)
+        ev3_times += times
+
+        hbox = {"c": carry}
+
+        def hw_step():
+            hbox["c"] = h_iter(hbox["c"])
+            return hbox["c"][1]
+
+        first, times, _ = timed(hw_step, args.iters)
+        compile_hw = compile_hw if r else first - statistics.median(times)
+        hw_times += times
+
+        sbox = {"s": engine.init(model, jax.random.key(2))}
+
+        def ev3_scan():
+            sbox["s"], _ = engine.scan(sbox["s"], data, 10)
+            return sbox["s"].current
+
+        first, times, _ = timed(ev3_scan, max(1, args.iters // 10))
+        compile_scan = compile_scan if r else first - statistics.median(times)
+        ev3_scan_times += [t / 10 for t in times]
+        if r == 0:
+            final_acc = float(ev3core.Accuracy()(box["s"].model, (xt, yt)).mean())
+
+    med_ev3 = statistics.median(ev3_times)
+    med_hw = statistics.median(hw_times)
+    med_scan = statistics.median(ev3_scan_times)
+    result = {
+        "workload": "smoke (K=6, L=100, B=32, assess 128, decide 2048)",
+        "iterations_per_repeat": args.iters,
+        "repeats": args.repeats,
+        "ev3core_step_median_s": med_ev3,
+        "handwritten_jit_median_s": med_hw,
+        "ratio_ev3core_over_handwritten": med_ev3 / med_hw,
+        "ev3core_scan_per_iteration_median_s": med_scan,
+        "ratio_scan_over_handwritten": med_scan / med_hw,
+        "compile_s": {"ev3core_step": compile_ev3, "handwritten": compile_hw,
+                      "ev3core_scan10": compile_scan},
+        "ev3core_test_accuracy_after_first_repeat": final_acc,
+        "target_ratio": 1.25,
+        "machine": {"platform": platform.platform(), "python": platform.python_version(),
+                    "jax": jax.__version__, "devices": str(jax.devices())},
+    }
+    print(f"ev3core step        median {med_ev3 * 1e3:8.3f} ms/iter")
+    print(f"hand-written jit    median {med_hw * 1e3:8.3f} ms/iter")
+    print(f"ratio ev3core/hand-written   {med_ev3 / med_hw:6.3f}   (target <= 1.25)")
+    print(f"ev3core scan (10/call) median {med_scan * 1e3:6.3f} ms/iter  "
+          f"ratio {med_scan / med_hw:.3f}")
+    print(f"compile: ev3core {compile_ev3:.2f} s, hand-written {compile_hw:.2f} s, "
+          f"scan {compile_scan:.2f} s")
+    print(f"ev3core test accuracy after {args.iters} iterations: {final_acc:.4f}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
