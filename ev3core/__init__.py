@@ -4,6 +4,21 @@ The public API is re-exported here; implementation lives in private modules.
 """
 
 from . import errors as errors, hookspecs as hookspecs
+from ._bounds import (
+    AbstractBound as AbstractBound,
+    BootstrapBound as BootstrapBound,
+    Interval as Interval,
+    NormalBound as NormalBound,
+    PairedBound as PairedBound,
+    level_for_z as level_for_z,
+    z_for_level as z_for_level,
+)
+from ._checkpoint import (
+    Checkpointer as Checkpointer,
+    latest_checkpoint as latest_checkpoint,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
 from ._components import (
     Accuracy as Accuracy,
     CrossEntropy as CrossEntropy,
@@ -16,12 +31,30 @@ from ._interfaces import (
     AbstractProposer as AbstractProposer,
     AbstractScheduler as AbstractScheduler,
 )
+from ._metrics import (
+    AUC as AUC,
+    AbstractBatchAssessor as AbstractBatchAssessor,
+    F1Score as F1Score,
+    NegExpectedCalibrationError as NegExpectedCalibrationError,
+)
 from ._pipeline import Pipeline as Pipeline
 from ._plugins import (
     Plugins as Plugins,
     load_plugins as load_plugins,
     make as make,
     plugins as plugins,
+)
+from ._priorities import (
+    AbstractPriority as AbstractPriority,
+    Constraint as Constraint,
+    EXP3Priority as EXP3Priority,
+    Feedback as Feedback,
+    Lexicographic as Lexicographic,
+    Objective as Objective,
+    StallPriority as StallPriority,
+    UCBPriority as UCBPriority,
+    WeightedChebyshev as WeightedChebyshev,
+    WeightedSum as WeightedSum,
 )
 from ._proposers import (
     GradientProposer as GradientProposer,
@@ -31,6 +64,7 @@ from ._run import run as run
 from ._schedulers import (
     AlwaysAccept as AlwaysAccept,
     EV3Scheduler as EV3Scheduler,
+    EV3SchedulerState as EV3SchedulerState,
     mean_and_stderr as mean_and_stderr,
 )
 from ._types import (
@@ -49,35 +83,61 @@ from .hookspecs import hookimpl as hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
+    "AUC",
     "AbstractAssessor",
+    "AbstractBatchAssessor",
+    "AbstractBound",
     "AbstractLoss",
+    "AbstractPriority",
     "AbstractProposer",
     "AbstractScheduler",
     "Accuracy",
     "AlwaysAccept",
+    "BootstrapBound",
     "CURRENT",
+    "Checkpointer",
+    "Constraint",
     "CrossEntropy",
     "Data",
     "Decision",
     "EV3Scheduler",
+    "EV3SchedulerState",
+    "EXP3Priority",
     "Engine",
+    "F1Score",
+    "Feedback",
     "GradientProposer",
     "GradientProposerState",
     "History",
+    "Interval",
+    "Lexicographic",
     "NegCrossEntropy",
+    "NegExpectedCalibrationError",
+    "NormalBound",
+    "Objective",
     "Outcome",
+    "PairedBound",
     "Pipeline",
     "Plugins",
     "STABLE",
+    "StallPriority",
     "State",
     "StepInfo",
+    "UCBPriority",
     "WINNER",
+    "WeightedChebyshev",
+    "WeightedSum",
     "errors",
     "hookimpl",
     "hookspecs",
+    "latest_checkpoint",
+    "level_for_z",
+    "load_checkpoint",
     "load_plugins",
     "make",
     "mean_and_stderr",
     "plugins",
     "run",
+    "save_checkpoint",
+    "z_for_level",
 ]

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 from typing import Any
 
+from ._bounds import BootstrapBound, NormalBound, PairedBound
 from ._components import Accuracy, CrossEntropy, NegCrossEntropy
+from ._metrics import AUC, F1Score, NegExpectedCalibrationError
+from ._priorities import (
+    EXP3Priority,
+    Lexicographic,
+    StallPriority,
+    UCBPriority,
+    WeightedChebyshev,
+    WeightedSum,
+)
 from ._proposers import GradientProposer
 from ._schedulers import AlwaysAccept, EV3Scheduler
 from .hookspecs import hookimpl
@@ -17,7 +27,13 @@ def ev3_register_proposers() -> dict[str, type]:
 
 @hookimpl
 def ev3_register_assessors() -> dict[str, type]:
-    return {"accuracy": Accuracy, "neg_cross_entropy": NegCrossEntropy}
+    return {
+        "accuracy": Accuracy,
+        "neg_cross_entropy": NegCrossEntropy,
+        "f1": F1Score,
+        "auc": AUC,
+        "neg_ece": NegExpectedCalibrationError,
+    }
 
 
 @hookimpl
@@ -28,6 +44,23 @@ def ev3_register_schedulers() -> dict[str, type]:
 @hookimpl
 def ev3_register_losses() -> dict[str, type]:
     return {"cross_entropy": CrossEntropy}
+
+
+@hookimpl
+def ev3_register_bounds() -> dict[str, type]:
+    return {"normal": NormalBound, "paired": PairedBound, "bootstrap": BootstrapBound}
+
+
+@hookimpl
+def ev3_register_priorities() -> dict[str, type]:
+    return {
+        "lexicographic": Lexicographic,
+        "weighted_sum": WeightedSum,
+        "chebyshev": WeightedChebyshev,
+        "stall": StallPriority,
+        "ucb": UCBPriority,
+        "exp3": EXP3Priority,
+    }
 
 
 @hookimpl(trylast=True)

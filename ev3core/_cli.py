@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import EV3Error
+from .errors import CheckpointError, EV3Error
 from .hookspecs import hookimpl
 
 
@@ -19,7 +20,7 @@ class _Progress:
     def __init__(self, every: int, num_steps: int):
         self.every = max(1, every)
         self.num_steps = num_steps
-        self.counts = {"accepted": 0, "rolled_back": 0, "kept": 0, "significant": 0}
+        self.counts = {"accepted": 0, "rolled_back": 0, "kept": 0, "significant": 0, "masked": 0}
 
     @hookimpl
     def ev3_after_step(self, info: Any, step: int) -> None:
@@ -29,6 +30,7 @@ class _Progress:
         key = {0: "accepted", 1: "kept", 2: "rolled_back"}[choice]
         self.counts[key] += 1
         self.counts["significant"] += bool(info.significant)
+        self.counts["masked"] += int(info.num_invalid)  # non-finite candidates, never accepted
         if (step + 1) % self.every == 0 or step + 1 == self.num_steps:
             acc = float(np.asarray(info.decide_mean)[0, choice])
             print(
@@ -41,39 +43,65 @@ class _Progress:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    import jax
+    name = _pick_experiment(args)
+    if name is None:
+        return _run_smoke(args)
+    return _run_experiment(name, args)
 
-    from ._components import Accuracy
+
+def _pick_experiment(args: argparse.Namespace) -> str | None:
+    """The registered experiment `ev3 run` runs, or `None` for the built-in smoke one.
+
+    `--smoke` (and `--resume`, which only the smoke experiment supports) runs smoke;
+    `--experiment NAME` runs that one; otherwise the `distill` experiment if a plugin
+    registered it (the ev3-distill package), else smoke.
+    """
     from ._plugins import plugins as default_plugins
-    from ._run import run
-    from ._smoke import smoke_data, smoke_model, smoke_pipeline
+    from .errors import ConfigurationError
 
-    # Until a full experiment is installed, `ev3 run` runs the built-in smoke experiment.
-    t0 = time.perf_counter()
-    key = jax.random.key(args.seed)
-    k_data, k_model, k_run = jax.random.split(key, 3)
-    data, (x_test, y_test) = smoke_data(k_data)
-    engine = smoke_pipeline().build()
-    state = engine.init(smoke_model(k_model), k_run)
+    if args.smoke:
+        if args.experiment not in (None, "smoke") or args.pipeline:
+            raise ConfigurationError(
+                "--smoke runs the built-in smoke experiment, which takes no --experiment or "
+                "pipeline file; drop --smoke to run them."
+            )
+        return None
+    if args.experiment == "smoke" or (args.resume and args.experiment is None):
+        return None
     plugins = default_plugins()
-    progress = _Progress(args.print_every, args.steps)
-    name = plugins.register(progress, name="ev3core.cli-progress")
-    try:
-        state, infos = run(engine, state, data, args.steps, plugins=plugins, chunk=args.chunk)
-    finally:
-        if name is not None:
-            plugins.pm.unregister(name=name)
-    test_acc = float(Accuracy()(state.model, (x_test, y_test)).mean())
-    stable_acc = float(Accuracy()(state.stable_model, (x_test, y_test)).mean())
-    summary = {
-        "experiment": "smoke",
-        "steps": args.steps,
-        "seed": args.seed,
-        "test_accuracy": test_acc,
-        "stable_test_accuracy": stable_acc,
-        **progress.counts,
-        "wall_seconds": time.perf_counter() - t0,
-    }
+    if args.experiment is not None:
+        plugins.get("experiment", args.experiment)  # UnknownComponentError with close matches
+        return args.experiment
+    if "distill" in plugins.components("experiment"):
+        return "distill"
+    if args.pipeline:
+        raise ConfigurationError(
+            f"`ev3 run {args.pipeline}`: no installed experiment runs pipeline files. Install "
+            "the distillation plugin (pip install -e plugins/ev3-distill) or pass "
+            "--experiment NAME."
+        )
+    return None
+
+
+def _run_experiment(name: str, args: argparse.Namespace) -> int:
+    """Run an experiment registered through `ev3_register_experiments`."""
+    from ._plugins import plugins as default_plugins
+    from .errors import ConfigurationError
+
+    if args.resume:
+        raise ConfigurationError(
+            f"--resume is supported by the smoke experiment only, not by {name!r}; start a "
+            "new run with --out DIR."
+        )
+    experiment = default_plugins().get("experiment", name)
+    summary = experiment(
+        steps=args.steps,
+        seed=args.seed,
+        out=args.out,
+        dataset=args.dataset,
+        pipeline=args.pipeline,
+        progress=True,
+    )
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -81,8 +109,124 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _smoke_resume_options(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The options of the run being resumed (from its newest usable checkpoint's metadata)."""
+    from ._checkpoint import list_checkpoints
+
+    if not args.resume:
+        return None
+    manifests = list_checkpoints(args.resume)
+    if not manifests:
+        raise CheckpointError(
+            f"--resume {args.resume}: no checkpoint there. Pass the --out directory of an "
+            "earlier `ev3 run`."
+        )
+    for manifest in reversed(manifests):  # the newest readable one; load_checkpoint verifies
+        try:
+            cli = json.loads(manifest.read_text())["metadata"]["cli"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if cli.get("experiment") != "smoke":
+            raise CheckpointError(
+                f"--resume {args.resume}: the checkpoint is of the {cli.get('experiment')!r} "
+                "experiment; `ev3 run --resume` continues smoke runs only."
+            )
+        return cli
+    raise CheckpointError(f"--resume {args.resume}: no readable checkpoint manifest there.")
+
+
+def _run_smoke(args: argparse.Namespace) -> int:
+    """The built-in smoke experiment, with `--out` checkpoints and `--resume`."""
+    import jax
+
+    from ._checkpoint import Checkpointer, list_checkpoints, load_checkpoint
+    from ._components import Accuracy
+    from ._plugins import plugins as default_plugins
+    from ._run import run
+    from ._smoke import smoke_data, smoke_model, smoke_pipeline
+    from .errors import RunInterrupted
+
+    t0 = time.perf_counter()
+    resumed = _smoke_resume_options(args)
+    options = {
+        "experiment": "smoke",
+        "seed": args.seed,
+        "steps": 30 if args.steps is None else args.steps,
+        "chunk": args.chunk,
+        "examples": args.examples,
+    }
+    if resumed is not None:
+        options.update({k: resumed[k] for k in ("seed", "chunk", "examples") if k in resumed})
+        options["steps"] = resumed.get("steps", 30) if args.steps is None else args.steps
+    out = args.resume or args.out
+    if args.out and not args.resume and list_checkpoints(args.out):
+        raise CheckpointError(
+            f"--out {args.out} already holds checkpoints. Continue that run with "
+            f"`ev3 run --smoke --resume {args.out}`, or pass an empty directory."
+        )
+    key = jax.random.key(options["seed"])
+    k_data, k_model, k_run = jax.random.split(key, 3)
+    data, (x_test, y_test) = smoke_data(k_data, n=options["examples"])
+    engine = smoke_pipeline().build()
+    state = engine.init(smoke_model(k_model), k_run)
+    progress = _Progress(args.print_every, options["steps"])
+    if resumed is not None:
+        state, manifest = load_checkpoint(args.resume, like=state)
+        progress.counts.update(manifest["metadata"].get("counts", {}))
+        for skipped in manifest["skipped"]:
+            print(f"ev3: skipped unusable checkpoint {skipped['file']}: {skipped['reason']}",
+                  file=sys.stderr)
+        print(f"ev3: resuming from {manifest['leaves_file']} at step {int(state.step)} of "
+              f"{options['steps']}", file=sys.stderr)
+    remaining = max(0, options["steps"] - int(state.step))
+    plugins = default_plugins()
+    names = [plugins.register(progress, name="ev3core.cli-progress")]
+    if out:
+        checkpointer = Checkpointer(
+            out,
+            every=args.checkpoint_every,
+            keep=args.keep,
+            metadata=lambda: {"cli": options, "counts": dict(progress.counts)},
+        )
+        names.append(plugins.register(checkpointer, name="ev3core.cli-checkpointer"))
+    try:
+        state, infos = run(engine, state, data, remaining, plugins=plugins, chunk=options["chunk"])
+    except RunInterrupted as exc:
+        where = (
+            f"; checkpoint in {out}. Continue with: ev3 run --smoke --resume {out}" if out else
+            " (no checkpoint: pass --out DIR to be able to resume)"
+        )
+        print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
+        return 130
+    finally:
+        for name in names:
+            if name is not None:
+                plugins.pm.unregister(name=name)
+    test_acc = float(Accuracy()(state.model, (x_test, y_test)).mean())
+    stable_acc = float(Accuracy()(state.stable_model, (x_test, y_test)).mean())
+    summary = {
+        "experiment": "smoke",
+        "steps": int(state.step),
+        "seed": options["seed"],
+        "test_accuracy": test_acc,
+        "stable_test_accuracy": stable_acc,
+        **progress.counts,
+        "resumed_from": None if resumed is None else int(manifest["step"]),
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(summary, f, indent=2)
+    if out:
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
+    return 0
+
+
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from ._plugins import KINDS, plugins as default_plugins
+    from ._plugins import KINDS
+    from ._plugins import plugins as default_plugins
 
     plugins = default_plugins()
     comps = {kind: plugins.components(kind) for kind in KINDS}
@@ -123,13 +267,32 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="ev3", description="EV3 meta-optimizer for JAX.")
     sub = parser.add_subparsers(dest="command", required=True)
-    p_run = sub.add_parser("run", help="run an EV3 experiment (default: the smoke experiment)")
+    p_run = sub.add_parser(
+        "run",
+        help="run an EV3 experiment (default: distillation when ev3-distill is installed, "
+        "else the smoke experiment)",
+    )
+    p_run.add_argument("pipeline", nargs="?", default=None,
+                       help="a pipeline file (.py) for the experiment to run")
     p_run.add_argument("--smoke", action="store_true", help="run the built-in smoke experiment")
-    p_run.add_argument("--steps", type=int, default=30, help="EV3 iterations (default 30)")
+    p_run.add_argument("--experiment", default=None,
+                       help="name of a registered experiment (see `ev3 plugins`)")
+    p_run.add_argument("--dataset", default=None,
+                       help="data set of the experiment (distill: digits or mnist1d)")
+    p_run.add_argument("--steps", type=int, default=None,
+                       help="EV3 iterations (default: the experiment's; smoke 30, distill 60)")
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--chunk", type=int, default=1, help="steps per compiled call")
     p_run.add_argument("--print-every", type=int, default=5)
     p_run.add_argument("--json", help="also write the summary to this file")
+    p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")
+    p_run.add_argument("--resume", metavar="DIR",
+                       help="continue the run checkpointed in DIR (same options, same results)")
+    p_run.add_argument("--checkpoint-every", type=int, default=10,
+                       help="steps between checkpoints with --out/--resume (default 10)")
+    p_run.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
+    p_run.add_argument("--examples", type=int, default=100_000,
+                       help="examples per data split of the smoke experiment (default 100000)")
     p_run.set_defaults(func=_cmd_run)
     p_pl = sub.add_parser("plugins", help="list loaded plugins and their components")
     p_pl.add_argument("--json", action="store_true")

@@ -28,7 +28,7 @@ from ._types import (
     tree_stack,
     tree_where,
 )
-from .errors import ConfigurationError
+from .errors import ConfigurationError, EV3Error
 
 logger = logging.getLogger("ev3core")
 
@@ -37,6 +37,53 @@ def _sample(data: PyTree[Array], key: PRNGKeyArray, size: int) -> PyTree[Array]:
     n = jax.tree.leaves(data)[0].shape[0]
     idx = jax.random.randint(key, (size,), 0, n)
     return jax.tree.map(lambda a: a[idx], data)
+
+
+_STREAMS = ("propose", "assess", "decide")
+
+
+def _describe_stream(stream: PyTree[Any]) -> str:
+    leaves = jax.tree.leaves(stream)
+    return ", ".join(f"{jnp.result_type(x)}{list(jnp.shape(x))}" for x in leaves)
+
+
+def _check_objective_directions(
+    assessors: Sequence[AbstractAssessor], scheduler: AbstractScheduler
+) -> None:
+    """Objectives (`scheduler.objectives`, if any) must not pull one score both ways."""
+    objectives = getattr(scheduler, "objectives", None)
+    if not objectives:
+        return
+    owner = type(scheduler).__name__
+    names = [a.name for a in assessors]
+    seen: dict[str, tuple[int, str]] = {}
+    for i, o in enumerate(objectives):
+        name, direction = getattr(o, "name", None), getattr(o, "direction", None)
+        if name is None or direction is None:
+            continue
+        if name in seen and seen[name][1] != direction:
+            j, other = seen[name]
+            raise ConfigurationError(
+                f"{owner}: objective {name!r} is given conflicting directions: "
+                f"objectives[{j}] has direction={other!r} and objectives[{i}] has "
+                f"direction={direction!r}. An objective is either maximised or minimised: "
+                "keep one of them (or give them different names if they are different scores)."
+            )
+        seen.setdefault(name, (i, direction))
+        if i < len(names) and name in names and names[i] != name:
+            raise ConfigurationError(
+                f"{owner}: objectives[{i}] is named {name!r} but assessor #{i} is "
+                f"{names[i]!r} ({name!r} is assessor #{names.index(name)}). Objectives are "
+                f"matched to assessors by position: list them in assessor order {names}."
+            )
+        declared = getattr(assessors[i], "direction", None) if i < len(assessors) else None
+        if declared in ("max", "min") and declared != direction:
+            raise ConfigurationError(
+                f"{owner}: assessor #{i} {names[i]!r} declares direction={declared!r} (its "
+                f"scores are better when {'higher' if declared == 'max' else 'lower'}) but "
+                f"objectives[{i}] has direction={direction!r}, which would optimise it the "
+                f"wrong way. Use Objective({names[i]!r}, direction={declared!r})."
+            )
 
 
 def _check_stream(name: str, stream: PyTree[Any]) -> int:
@@ -132,6 +179,7 @@ class Engine(eqx.Module):
             )
         if not isinstance(scheduler, AbstractScheduler):
             raise ConfigurationError(f"{scheduler!r} is not an ev3core.AbstractScheduler.")
+        _check_objective_directions(assessors, scheduler)
         for label, size in (("assess_size", assess_size), ("decide_size", decide_size)):
             if int(size) < 2:
                 raise ConfigurationError(
@@ -191,15 +239,120 @@ class Engine(eqx.Module):
             static=static,
         )
 
-    def check_data(self, data: Data) -> None:
-        """Raise `ConfigurationError` if a data stream is malformed (host side, no compile)."""
+    def check_data(self, data: Data, state: State | None = None) -> None:
+        """Raise `ConfigurationError` if `data` cannot feed this engine (host side, no compile).
+
+        Checks that every stream has one leading example axis, and that the assess and
+        decide streams hold at least `assess_size` / `decide_size` examples (they are sampled
+        with replacement: fewer examples would repeat and make the confidence bounds claim
+        more confidence than the data supports). Given a `state`, also evaluates every
+        proposer and assessor abstractly (`eqx.filter_eval_shape`: traced, never compiled) on
+        the data's shapes and dtypes, so a model/data mismatch is reported naming the
+        component and the stream instead of failing deep inside JAX. `ev3core.run` calls it.
+        """
         if not isinstance(data, Data):
             raise ConfigurationError(
                 f"Expected ev3core.Data(propose=..., assess=..., decide=...), got "
                 f"{type(data).__name__}."
             )
-        for name in ("propose", "assess", "decide"):
-            _check_stream(name, getattr(data, name))
+        sizes = {name: _check_stream(name, getattr(data, name)) for name in _STREAMS}
+        for name, label, size in (
+            ("assess", "assess_size", self.assess_size),
+            ("decide", "decide_size", self.decide_size),
+        ):
+            if sizes[name] < size:
+                raise ConfigurationError(
+                    f"Data.{name} holds {sizes[name]} examples but {label}={size}. The engine "
+                    f"draws {size} {name} examples per step with replacement, so examples would "
+                    "repeat, the standard errors would shrink and the confidence bounds "
+                    "(alpha) would claim more confidence than the data supports. Pass at least "
+                    f"{size} {name} examples or use {label}<={sizes[name]}."
+                )
+        if state is not None:
+            self._check_against_state(data, state)
+
+    def _check_against_state(self, data: Data, state: State) -> None:
+        from ._faults import component_owner
+
+        if not isinstance(state, State):
+            raise ConfigurationError(
+                f"Expected an ev3core.State from engine.init(model, key), got "
+                f"{type(state).__name__}."
+            )
+        if len(state.proposer_states) != len(self.proposers):
+            raise ConfigurationError(
+                f"The state has {len(state.proposer_states)} proposer state(s) but the engine "
+                f"has {len(self.proposers)} proposer(s): it was made by another pipeline. Build "
+                "it with this engine's init(model, key)."
+            )
+        if state.history.score.shape[-1] != len(self.assessors):
+            raise ConfigurationError(
+                f"The state records {state.history.score.shape[-1]} objective(s) but the engine "
+                f"has {len(self.assessors)} assessor(s) {list(self.objective_names)}: it was made "
+                "by another pipeline. Build it with this engine's init(model, key)."
+            )
+
+        def attempt(what: str, stream: str, fn: Any, *args: Any) -> Any:
+            try:
+                return eqx.filter_eval_shape(fn, *args)
+            except EV3Error:
+                raise
+            except Exception as exc:
+                if component_owner(self, exc, innermost=True) is not None:
+                    raise  # the component's own code raised: `run` names it (ComponentError)
+                msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+                raise ConfigurationError(
+                    f"{what} cannot run on Data.{stream} "
+                    f"({_describe_stream(getattr(data, stream))}) with the model "
+                    f"{type(state.model).__name__}: {type(exc).__name__}: {msg}. The data's "
+                    "shapes or dtypes do not match what the model and the component expect "
+                    "(models are called on one example; axis 0 of every array is the example "
+                    "axis). Fix the data or the model."
+                ) from exc
+
+        model = state.model
+        for name, size in (("assess", self.assess_size), ("decide", self.decide_size)):
+            batch = jax.tree.map(
+                lambda a, n=size: jax.ShapeDtypeStruct(
+                    (n,) + tuple(jnp.shape(a))[1:], jnp.result_type(a)
+                ),
+                getattr(data, name),
+            )
+            for i, a in enumerate(self.assessors):
+                what = f"assessor #{i} {a.name!r} ({type(a).__qualname__})"
+                out = attempt(what, name, a, model, batch)
+                shape = getattr(out, "shape", None)
+                if shape != (size,):
+                    raise ConfigurationError(
+                        f"{what} returned shape {shape} for a batch of {size} {name} examples. "
+                        f"An assessor returns one score per example: shape ({size},)."
+                    )
+        for i, (p, ps) in enumerate(zip(self.proposers, state.proposer_states)):
+            what = f"proposer #{i} ({type(p).__qualname__})"
+            cands, new_ps = attempt(
+                what, "propose", p.propose, state.current, state.static, ps, data.propose,
+                state.key,
+            )
+            want = jax.tree.map(
+                lambda x, k=p.num_candidates: ((k,) + tuple(x.shape), x.dtype), state.current
+            )
+            got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), cands)
+            if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(
+                want, is_leaf=lambda x: isinstance(x, tuple)
+            ) != jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, tuple)):
+                raise ConfigurationError(
+                    f"{what} returned candidates that are not the parameters stacked "
+                    f"{p.num_candidates} times: expected (shape, dtype) {want}, got {got}. A "
+                    "proposer returns full parameters with a leading candidate axis of size "
+                    "num_candidates."
+                )
+            sig = lambda t: [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(t)]
+            if jax.tree.structure(new_ps) != jax.tree.structure(ps) or sig(new_ps) != sig(ps):
+                raise ConfigurationError(
+                    f"{what} returned a state whose structure, shapes or dtypes differ from the "
+                    "state it was given, so the step could not be scanned or would re-compile "
+                    "every step. Return a state of the same structure from propose()."
+                )
 
     def _assess(
         self, params: PyTree[Array], static: Any, batch: PyTree[Array]
@@ -235,7 +388,8 @@ class Engine(eqx.Module):
         everything = tree_concat(
             [candidates, tree_stack([state.current]), tree_stack([state.stable])]
         )
-        scores_a = self._assess(everything, static, _sample(data.assess, k_assess, self.assess_size))
+        assess_batch = _sample(data.assess, k_assess, self.assess_size)
+        scores_a = self._assess(everything, static, assess_batch)
         valid = valid & jnp.all(jnp.isfinite(scores_a[:, :K]), axis=(0, 2))
         winner = self.scheduler.select(scores_a, valid, state.scheduler_state, state.history)
         winner_valid = valid[winner]

@@ -6,7 +6,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from ._engine import Engine
-from ._plugins import Plugins, plugins as default_plugins
+from ._plugins import Plugins
+from ._plugins import plugins as default_plugins
 from .errors import ConfigurationError
 
 ComponentSpec = Any  # an instance, a registered name, or a class to instantiate with no arguments

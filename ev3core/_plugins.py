@@ -16,25 +16,31 @@ import importlib.metadata
 import logging
 import os
 import traceback
+import types
 from collections.abc import Iterable
 from typing import Any
 
 import pluggy
 
 from . import hookspecs
+from ._bounds import AbstractBound
 from ._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
+from ._priorities import AbstractPriority
 from .errors import DuplicateComponentError, PluginError, UnknownComponentError
 
 logger = logging.getLogger("ev3core")
 
 ENTRY_POINT_GROUP = "ev3"
 
-#: kind -> (registration hook name, base class)
-KINDS: dict[str, tuple[str, type]] = {
+#: kind -> (registration hook name, base class; `None`: any callable, e.g. an experiment)
+KINDS: dict[str, tuple[str, type | None]] = {
     "proposer": ("ev3_register_proposers", AbstractProposer),
     "assessor": ("ev3_register_assessors", AbstractAssessor),
     "scheduler": ("ev3_register_schedulers", AbstractScheduler),
     "loss": ("ev3_register_losses", AbstractLoss),
+    "bound": ("ev3_register_bounds", AbstractBound),
+    "priority": ("ev3_register_priorities", AbstractPriority),
+    "experiment": ("ev3_register_experiments", None),
 }
 
 
@@ -61,7 +67,7 @@ class PluginFailure:
 class ComponentInfo:
     kind: str
     name: str
-    cls: type
+    cls: Any  # a class; for experiments, any callable
     plugin: str
 
 
@@ -110,7 +116,13 @@ class Plugins:
         A plugin whose hook implementations do not match the specifications is reported
         and skipped (or raises with `EV3_RAISE_PLUGIN_ERRORS=1`).
         """
-        name = name or self.pm.get_canonical_name(plugin)
+        if name is None:
+            if isinstance(plugin, types.ModuleType):
+                name = plugin.__name__
+            else:  # an instance: name it after its class, unique per instance
+                name = f"{type(plugin).__module__}.{type(plugin).__qualname__}"
+                if self.pm.has_plugin(name):
+                    name = f"{name}-{id(plugin):x}"
         dist_name = distribution[0] if distribution else None
         try:
             unknown = [
@@ -168,8 +180,8 @@ class Plugins:
         hook_name, base = KINDS[kind]
         caller = getattr(self.pm.hook, hook_name)
         found: dict[str, ComponentInfo] = {}
-        # get_hookimpls() is in call order reversed; register in registration order.
-        for impl in reversed(caller.get_hookimpls()):
+        # get_hookimpls() lists implementations in registration order.
+        for impl in caller.get_hookimpls():
             try:
                 result = impl.function() or {}
                 if not isinstance(result, dict):
@@ -178,7 +190,13 @@ class Plugins:
                         f"{type(result).__name__}"
                     )
                 for comp_name, cls in result.items():
-                    if not (isinstance(cls, type) and issubclass(cls, base)):
+                    if base is None:
+                        if not callable(cls):
+                            raise PluginError(
+                                f"{hook_name} registered {comp_name!r} -> {cls!r}, which is "
+                                "not callable"
+                            )
+                    elif not (isinstance(cls, type) and issubclass(cls, base)):
                         raise PluginError(
                             f"{hook_name} registered {comp_name!r} -> {cls!r}, which is not a "
                             f"subclass of ev3core.{base.__name__}"
@@ -210,7 +228,7 @@ class Plugins:
             self._registry[kind] = self._build(kind)
         return self._registry[kind]
 
-    def get(self, kind: str, name: str) -> type:
+    def get(self, kind: str, name: str) -> Any:
         """The component class registered as `name`; an error with close matches otherwise."""
         comps = self.components(kind)
         if name in comps:

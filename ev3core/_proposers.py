@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -9,10 +10,10 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray, PyTree
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._interfaces import AbstractLoss, AbstractProposer
-from ._types import Outcome, tree_concat, tree_stack, tree_where
+from ._types import Outcome, tree_concat, tree_index, tree_stack, tree_where
 from .errors import ConfigurationError
 
 RejectPolicy = Literal["keep", "reset", "copy"]
@@ -30,8 +31,7 @@ def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
             if (
                 type(ref) is type(loss)
                 and jax.tree.structure(ref) == struct_i
-                and eqx.tree_equal(eqx.filter(ref, eqx.is_array, inverse=True), static_i)
-                is True
+                and eqx.tree_equal(eqx.filter(ref, eqx.is_array, inverse=True), static_i) is True
                 and all(
                     a.shape == b.shape and a.dtype == b.dtype
                     for a, b in zip(
@@ -61,9 +61,16 @@ def _num_examples(data: PyTree[Array]) -> int:
 
 
 class GradientProposerState(eqx.Module):
-    """Optimizer states, one stacked state per (optimizer, loss group) block."""
+    """Optimizer states, one stacked state per (optimizer, loss group) block.
+
+    With trajectory growth (`GradientProposer(max_steps=...)`), also the effective trajectory
+    length `length` and the number of consecutive non-significant outcomes `streak`
+    (both `None` without growth).
+    """
 
     opt_states: tuple[tuple[Any, ...], ...]
+    length: Int[Array, ""] | None = None
+    streak: Int[Array, ""] | None = None
 
 
 class GradientProposer(AbstractProposer):
@@ -76,6 +83,14 @@ class GradientProposer(AbstractProposer):
     steps, each on its own batch of `batch_size` examples drawn from the propose stream.
     The parameters that optax sees are the trajectory's current parameters, so weight decay
     and other parameter-dependent transforms are right.
+
+    *History-driven exploration* (the reference implementation's `traj_mul_factor`): with
+    `max_steps > steps`, the effective trajectory length starts at `steps`, is multiplied by
+    `growth_factor` (rounded up, capped at `max_steps`) after `patience` consecutive
+    non-significant EV3 steps, and goes back to `steps` after a significant one. The length is
+    an array in the proposer state: the trajectory scan always has `max_steps` iterations and
+    skips (`lax.cond`) those beyond the effective length, so growing never recompiles. Each
+    step's batch is the same whatever the length, so a longer trajectory extends a shorter one.
 
     Optimizer states persist across EV3 steps, one per candidate. What happens to the state of
     candidates that were *not* accepted is the `on_reject` policy:
@@ -97,6 +112,10 @@ class GradientProposer(AbstractProposer):
     - `batch_size`: examples per optimizer step.
     - `on_reject`: the policy above.
     - `optimizer_names`: labels for the optimizers (default `opt0`, `opt1`, ...).
+    - `max_steps`: the longest trajectory; `None` (default) or `steps` disables growth.
+    - `growth_factor`: the length's multiplier after `patience` non-significant steps (an
+      array leaf, `>= 1`).
+    - `patience`: consecutive non-significant steps before growing (an array leaf, `>= 1`).
 
     ```python
     proposer = GradientProposer(
@@ -114,6 +133,9 @@ class GradientProposer(AbstractProposer):
     on_reject: str = eqx.field(static=True)
     optimizer_names: tuple[str, ...] = eqx.field(static=True)
     groups: tuple[tuple[int, ...], ...] = eqx.field(static=True)
+    max_steps: int = eqx.field(static=True)
+    growth_factor: Float[Array, ""]
+    patience: Int[Array, ""]
 
     def __init__(
         self,
@@ -123,6 +145,9 @@ class GradientProposer(AbstractProposer):
         batch_size: int = 32,
         on_reject: RejectPolicy = "keep",
         optimizer_names: Sequence[str] | None = None,
+        max_steps: int | None = None,
+        growth_factor: float | Array = 2.0,
+        patience: int | Array = 3,
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
@@ -170,6 +195,26 @@ class GradientProposer(AbstractProposer):
         self.on_reject = on_reject
         self.optimizer_names = optimizer_names
         self.groups = _loss_groups(losses)
+        self.max_steps = self.steps if max_steps is None else int(max_steps)
+        if self.max_steps < self.steps:
+            raise ConfigurationError(
+                f"GradientProposer: max_steps={max_steps} is below steps={steps}. max_steps is "
+                "the longest trajectory that growth may reach: use max_steps >= steps."
+            )
+        self.growth_factor = jnp.asarray(growth_factor, jnp.float32)
+        self.patience = jnp.asarray(patience, jnp.int32)
+        if not isinstance(self.growth_factor, jax.core.Tracer) and not (
+            float(self.growth_factor) >= 1.0 and int(self.patience) >= 1
+        ):
+            raise ConfigurationError(
+                f"GradientProposer: growth_factor={float(self.growth_factor)} must be >= 1 and "
+                f"patience={int(self.patience)} >= 1."
+            )
+
+    @property
+    def grows(self) -> bool:
+        """Whether the trajectory length adapts (`max_steps > steps`)."""
+        return self.max_steps > self.steps
 
     @property
     def num_candidates(self) -> int:
@@ -189,7 +234,9 @@ class GradientProposer(AbstractProposer):
             opt_states=tuple(
                 tuple(_broadcast(opt.init(params), len(g)) for g in self.groups)
                 for opt in self.optimizers
-            )
+            ),
+            length=jnp.asarray(self.steps, jnp.int32) if self.grows else None,
+            streak=jnp.zeros((), jnp.int32) if self.grows else None,
         )
 
     def _stacked_losses(self) -> list[tuple[PyTree[Array], Any]]:
@@ -208,7 +255,7 @@ class GradientProposer(AbstractProposer):
         key: PRNGKeyArray,
     ) -> tuple[PyTree[Array], GradientProposerState]:
         k_idx, k_loss = jax.random.split(key)
-        K, L, B = self.num_candidates, self.steps, self.batch_size
+        K, L, B = self.num_candidates, self.max_steps, self.batch_size
         n = _num_examples(data)
         idx = jax.random.randint(k_idx, (L, K, B), 0, n)
         loss_keys = jax.random.split(k_loss, (L, K))
@@ -232,29 +279,56 @@ class GradientProposer(AbstractProposer):
             updates, o = opt.update(grads, o, p)
             return optax.apply_updates(p, updates), o
 
-        def body(carry, xs):
-            idx_t, keys_t = xs
+        def advance(carry, idx_t, keys_t):
             new_carry = []
             for (opt, dyn, lstatic, s, size), (p, o) in zip(blocks, carry):
                 sl = slice(s, s + size)
-                batch = jax.tree.map(lambda a: a[idx_t[sl]], data)
-                p, o = jax.vmap(lambda *a: one(opt, lstatic, *a))(p, o, dyn, batch, keys_t[sl])
+                batch = jax.tree.map(lambda a, sl=sl: a[idx_t[sl]], data)
+                step = functools.partial(one, opt, lstatic)
+                p, o = jax.vmap(step)(p, o, dyn, batch, keys_t[sl])
                 new_carry.append((p, o))
-            return tuple(new_carry), None
+            return tuple(new_carry)
+
+        def body(carry, xs):
+            t, idx_t, keys_t = xs
+            if not self.grows:
+                return advance(carry, idx_t, keys_t), None
+            # Steps beyond the effective length are skipped, so its growth never recompiles.
+            carry = jax.lax.cond(
+                t < state.length, lambda c: advance(c, idx_t, keys_t), lambda c: c, carry
+            )
+            return carry, None
 
         flat_states = [o for per_opt in state.opt_states for o in per_opt]
         carry = tuple(
             (_broadcast(params, size), o) for (_, _, _, _, size), o in zip(blocks, flat_states)
         )
-        carry, _ = jax.lax.scan(body, carry, (idx, loss_keys))
+        carry, _ = jax.lax.scan(body, carry, (jnp.arange(L), idx, loss_keys))
         candidates = tree_concat([p for p, _ in carry])
         opt_states = []
         it = iter(o for _, o in carry)
         for _ in self.optimizers:
             opt_states.append(tuple(next(it) for _ in self.groups))
-        return candidates, GradientProposerState(opt_states=tuple(opt_states))
+        return candidates, GradientProposerState(
+            opt_states=tuple(opt_states), length=state.length, streak=state.streak
+        )
+
+    def _grow(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
+        if not self.grows:
+            return state
+        streak = jnp.where(outcome.significant, 0, state.streak + 1)
+        grow = streak >= self.patience
+        longer = jnp.ceil(state.length.astype(jnp.float32) * self.growth_factor)
+        longer = jnp.minimum(longer, self.max_steps).astype(jnp.int32)
+        length = jnp.where(outcome.significant, self.steps, jnp.where(grow, longer, state.length))
+        return GradientProposerState(
+            opt_states=state.opt_states,
+            length=length.astype(jnp.int32),
+            streak=jnp.where(grow, 0, streak).astype(jnp.int32),
+        )
 
     def adapt(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
+        state = self._grow(state, outcome)
         if self.on_reject == "keep":
             return state
         n_loss = len(self.losses)
@@ -280,9 +354,11 @@ class GradientProposer(AbstractProposer):
                 whole = tree_concat(list(per_opt))
                 local = outcome.accepted_index - base
                 inside = (local >= 0) & (local < n_loss)
-                src = jax.tree.map(lambda x: x[jnp.clip(local, 0, n_loss - 1)], whole)
+                src = tree_index(whole, jnp.clip(local, 0, n_loss - 1))
                 blocks = []
                 for o, size in zip(per_opt, sizes):
                     blocks.append(tree_where(inside, _broadcast(src, size), o))
                 new.append(tuple(blocks))
-        return GradientProposerState(opt_states=tuple(new))
+        return GradientProposerState(
+            opt_states=tuple(new), length=state.length, streak=state.streak
+        )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import signal
+import threading
 import traceback
 from typing import Any
 
@@ -9,9 +12,47 @@ import jax
 import numpy as np
 
 from ._engine import Engine
-from ._plugins import Plugins, plugins as default_plugins
+from ._faults import component_owner, describe_component
+from ._plugins import Plugins
+from ._plugins import plugins as default_plugins
 from ._types import Data, State, StepInfo
-from .errors import ConfigurationError, PluginError
+from .errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
+
+logger = logging.getLogger("ev3core")
+
+
+class _StopOnInterrupt:
+    """Turn the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+
+    A second Ctrl-C raises `KeyboardInterrupt` at once. Only installed from the main thread
+    and only over Python's default handler (a handler the user installed is left alone).
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._installed = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _StopOnInterrupt:
+        if threading.current_thread() is threading.main_thread():
+            current = signal.getsignal(signal.SIGINT)
+            if current is signal.default_int_handler:
+                self._previous = signal.signal(signal.SIGINT, self._handle)
+                self._installed = True
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        logger.warning(
+            "ev3core: interrupted; stopping after the current step (Ctrl-C again to stop now)"
+        )
+
+    def __exit__(self, *exc: object) -> None:
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous)
+            self._installed = False
 
 
 def _culprit(hook_caller: Any, exc: BaseException) -> str:
@@ -21,6 +62,24 @@ def _culprit(hook_caller: Any, exc: BaseException) -> str:
         if frame.f_code in codes:
             return codes[frame.f_code]
     return "<unknown plugin>"
+
+
+def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
+    """Call a compiled engine method; a component's exception becomes `ComponentError`."""
+    try:
+        return fn(*args)
+    except EV3Error:
+        raise
+    except Exception as exc:
+        owner = component_owner(engine, exc)
+        if owner is None:
+            raise
+        who = describe_component(*owner, plugins=plugins)
+        raise ComponentError(
+            f"{who} raised {type(exc).__name__}: {exc}. The run was stopped before this step "
+            "changed the state (checkpoints already written are intact). Fix the component "
+            "or remove it from the pipeline."
+        ) from exc
 
 
 def call_lifecycle(plugins: Plugins, name: str, **kwargs: Any) -> None:
@@ -43,7 +102,7 @@ def run(
     *,
     plugins: Plugins | None = None,
     chunk: int = 1,
-) -> tuple[State, StepInfo]:
+) -> tuple[State, StepInfo | None]:
     """Run `num_steps` EV3 steps on the host, calling the lifecycle hooks.
 
     **Arguments:**
@@ -56,37 +115,62 @@ def run(
       after the chunk.
 
     **Returns:** `(final_state, infos)`, where `infos` is a `StepInfo` of NumPy arrays with a
-    leading axis of size `num_steps`.
+    leading axis of size `num_steps` (`None` when `num_steps` is 0).
+
+    **Raises:** `ev3core.errors.RunInterrupted` (a `KeyboardInterrupt`) after Ctrl-C: the run
+    stops at the next step boundary, calls `ev3_run_end` (so a `Checkpointer` writes a final
+    checkpoint) and raises with the state reached. `ComponentError` when a component's own
+    code raises (naming it and its plugin); `PluginError` when a lifecycle hook raises.
     """
     if int(num_steps) < 0 or int(chunk) < 1:
         raise ConfigurationError(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
-    engine.check_data(data)
     plugins = plugins if plugins is not None else default_plugins()
+    # Abstract evaluation (no compilation) of every component on the data's shapes.
+    _guarded(engine, plugins, engine.check_data, data, state)
     call_lifecycle(plugins, "ev3_run_start", engine=engine, state=state, num_steps=num_steps)
     infos: list[StepInfo] = []
-    try:
-        done = 0
-        while done < num_steps:
-            n = min(chunk, num_steps - done)
-            if n == 1:
-                state, info = engine.step(state, data)
-                batch = [info]
-            else:
-                state, stacked = engine.scan(state, data, n)
-                batch = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
-            for info in batch:
-                call_lifecycle(
-                    plugins, "ev3_after_step", engine=engine, state=state, info=info, step=done
-                )
-                infos.append(info)
-                done += 1
-    finally:
-        call_lifecycle(plugins, "ev3_run_end", engine=engine, state=state, infos=infos)
+    done = 0
+    # Ctrl-C stops at the next step boundary, so `ev3_run_end` (checkpointers) sees a
+    # consistent state; a second Ctrl-C stops at once.
+    with _StopOnInterrupt() as stop:
+        try:
+            while done < num_steps and not stop.requested:
+                n = min(chunk, num_steps - done)
+                if n == 1:
+                    state, info = _guarded(engine, plugins, engine.step, state, data)
+                    batch = [info]
+                else:
+                    state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
+                    batch = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+                for info in batch:
+                    call_lifecycle(
+                        plugins, "ev3_after_step", engine=engine, state=state, info=info, step=done
+                    )
+                    infos.append(info)
+                    done += 1
+        finally:
+            call_lifecycle(plugins, "ev3_run_end", engine=engine, state=state, infos=infos)
     if infos:
         host = jax.device_get(infos)
         stacked_infos = jax.tree.map(lambda *xs: np.stack(xs), *host)
+        masked = int(np.sum(stacked_infos.num_invalid))
+        if masked:
+            logger.warning(
+                "ev3core: %d candidate(s) had non-finite parameters or scores in %d step(s) and "
+                "were masked (never accepted).",
+                masked,
+                int(np.sum(stacked_infos.num_invalid > 0)),
+            )
     else:
         stacked_infos = None
+    if stop.requested and done < num_steps:
+        raise RunInterrupted(
+            f"ev3core.run was interrupted after {done} of {num_steps} step(s) (engine step "
+            f"{int(state.step)}); the lifecycle hooks, checkpointers included, have run.",
+            state=state,
+            infos=stacked_infos,
+            steps_done=done,
+        )
     return state, stacked_infos

@@ -2,14 +2,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ._bounds import (
+    AbstractBound,
+    PairedBound,
+    Utility,
+    advantage,
+    bonferroni_z,
+    weighted_mean,
+)
 from ._interfaces import AbstractScheduler
+from ._priorities import (
+    AbstractPriority,
+    Constraint,
+    Feedback,
+    Lexicographic,
+    Objective,
+    lexicographic_rank,
+)
 from ._types import CURRENT, STABLE, WINNER, Decision, History
 from .errors import ConfigurationError
 
@@ -37,77 +54,355 @@ def mean_and_stderr(
     return mean, sd / jnp.sqrt(jnp.float32(n))
 
 
+#: Tie-break order of the decide stage: a tie never moves the model.
+_ORDER = (CURRENT, WINNER, STABLE)
+
+
+def _resolve(kind: str, spec: Any, base: type, owner: str) -> Any:
+    if isinstance(spec, str):
+        from ._plugins import plugins
+
+        try:
+            spec = plugins().make(kind, spec)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"{owner}: the {kind} {spec!r} needs arguments ({exc}). Build it with "
+                f"ev3core.make({kind!r}, {spec!r}, ...) or its class and pass the instance."
+            ) from exc
+    elif isinstance(spec, type):
+        spec = spec()
+    if not isinstance(spec, base):
+        raise ConfigurationError(
+            f"{owner}: {kind}={spec!r} is not an ev3core.{base.__name__} (or a registered "
+            f"{kind} name; `ev3 plugins` lists them)."
+        )
+    return spec
+
+
+class EV3SchedulerState(eqx.Module):
+    """`EV3Scheduler`'s state: the key its resamples and bandits draw from (each step uses
+    `fold_in(key, history.count)`), and its priority component's state."""
+
+    key: PRNGKeyArray
+    priority: PyTree[Any]
+
+
+class _Keys(NamedTuple):
+    select: PRNGKeyArray
+    decide: PRNGKeyArray
+    priority: PRNGKeyArray
+
+
 class EV3Scheduler(AbstractScheduler):
-    """The EV3 decision rule on one objective, with normal confidence bounds.
+    """The EV3 decision rule with a pluggable confidence bound and objective priorities.
 
-    *Assess*: the winner is the valid candidate with the highest lower confidence bound
-    `mean - assess_alpha * stderr` on the assess set.
+    One utility `U` is tested per step: the `objective`-th objective alone, or, with a
+    `priority` component, the objectives combined with the priorities it gives for this step.
+    The `bound` gives confidence intervals of `U`; with a paired bound (the default) they are
+    intervals of the advantage `U(model) - U(reference)`.
 
-    *Decide*: on the decide set, among the winner, the current and the stable model, the one
-    with the highest lower bound `mean - decide_alpha * stderr` becomes the current model
-    (ties go to the current model, then the winner). When the winner's lower bound beats the
-    stable model's upper bound `mean + decide_alpha * stderr`, the winner replaces the stable
-    model and the step is recorded as *significant*.
+    *Assess*: the winner is the valid candidate with the highest lower bound (at
+    `assess_alpha`) relative to the current model.
+
+    *Decide*: on the decide set, with intervals relative to the current model (whose own is
+    `[0, 0]` for a paired bound), the highest lower bound among the winner, the current and
+    the stable model becomes the current model (ties keep the current model, then prefer the
+    winner). So the winner is accepted when `lower(U(winner) - U(current)) > 0` and it beats
+    the roll-back candidate; the model rolls back when `lower(U(stable) - U(current)) > 0`
+    is the highest. The winner replaces the stable model, and the step is *significant*, when
+    its lower bound relative to the stable model beats the stable model's upper bound, i.e.
+    `lower(U(winner) - U(stable)) > 0`. Constraints must hold for every move. With
+    `bound=NormalBound()` (marginal intervals) this is exactly the reference EV3 rule.
+    `docs/statistics.md` says what each bound guarantees.
 
     **Arguments:**
 
-    - `assess_alpha`, `decide_alpha`: numbers of standard errors (array leaves, in (0, inf)).
-    - `objective`: index of the assessor that decides (the others are reported only).
+    - `assess_alpha`, `decide_alpha`: numbers of standard errors (array leaves, in
+      `(0, inf)`); the one-sided level of a bound is `Phi(-alpha)` (`z_for_level(0.95)` is
+      1.645).
+    - `objective`: without `priority`, the index of the objective that decides.
+    - `bound`: an `AbstractBound` or a registered name (`"paired"`, `"normal"`,
+      `"bootstrap"`). Default `PairedBound()`.
+    - `priority`: an `AbstractPriority` or a registered name, for several objectives.
+    - `objectives`: one `Objective` (or name) per assessor, in assessor order: names,
+      directions and batch-level metrics. Default: every assessor's mean, maximised.
+    - `constraints`: `Constraint`s that every move must satisfy.
+    - `seed`: seeds the scheduler's own key (bootstrap resamples, EXP3 draws).
+
+    ```python
+    EV3Scheduler(
+        assess_alpha=0.5, decide_alpha=z_for_level(0.95),
+        priority=UCBPriority(),
+        objectives=[Objective("accuracy"), Objective("neg_cross_entropy")],
+        constraints=[Constraint("accuracy", max_drop=0.005)],
+    )
+    ```
     """
 
-    assess_alpha: Float[Array, ""] = eqx.field(converter=_positive_alpha, default=0.5)
-    decide_alpha: Float[Array, ""] = eqx.field(converter=_positive_alpha, default=4.0)
-    objective: int = eqx.field(static=True, default=0)
+    assess_alpha: Float[Array, ""]
+    decide_alpha: Float[Array, ""]
+    bound: AbstractBound
+    priority: AbstractPriority | None
+    objectives: tuple[Objective, ...] | None
+    constraints: tuple[Constraint, ...]
+    objective: int = eqx.field(static=True)
+    seed: int = eqx.field(static=True)
 
-    def init(self, num_objectives: int) -> None:
+    def __init__(
+        self,
+        assess_alpha: Any = 0.5,
+        decide_alpha: Any = 4.0,
+        objective: int = 0,
+        *,
+        bound: AbstractBound | str | None = None,
+        priority: AbstractPriority | str | None = None,
+        objectives: Sequence[Objective | str] | None = None,
+        constraints: Sequence[Constraint] = (),
+        seed: int = 0,
+    ):
+        self.assess_alpha = _positive_alpha(assess_alpha)
+        self.decide_alpha = _positive_alpha(decide_alpha)
+        self.objective = int(objective)
+        self.bound = (
+            PairedBound()
+            if bound is None
+            else _resolve("bound", bound, AbstractBound, "EV3Scheduler")
+        )
+        self.priority = (
+            None
+            if priority is None
+            else _resolve("priority", priority, AbstractPriority, "EV3Scheduler")
+        )
+        if objectives is not None:
+            objectives = tuple(Objective(o) if isinstance(o, str) else o for o in objectives)
+            for o in objectives:
+                if not isinstance(o, Objective):
+                    raise ConfigurationError(
+                        f"EV3Scheduler: objectives entry {o!r} is not an ev3core.Objective or a "
+                        "name."
+                    )
+        self.objectives = objectives
+        constraints = tuple(constraints)
+        for c in constraints:
+            if not isinstance(c, Constraint):
+                raise ConfigurationError(
+                    f"EV3Scheduler: constraint {c!r} is not an ev3core.Constraint, e.g. "
+                    "Constraint('accuracy', max_drop=0.005)."
+                )
+        self.constraints = constraints
+        self.seed = int(seed)
+
+    # ------------------------------------------------------------ configuration
+    @property
+    def _lexicographic(self) -> bool:
+        return isinstance(self.priority, Lexicographic)
+
+    def _constraint_index(self, constraint: Constraint, num_objectives: int) -> int:
+        target = constraint.objective
+        if isinstance(target, str):
+            names = [o.name for o in self.objectives] if self.objectives is not None else []
+            if target not in names:
+                raise ConfigurationError(
+                    f"EV3Scheduler: a constraint refers to the objective {target!r}, but the "
+                    f"objectives are named {names or '(unnamed)'}. Name them with "
+                    "objectives=[Objective('accuracy'), ...] in assessor order, or give the "
+                    "constraint the objective's index."
+                )
+            return names.index(target)
+        if not 0 <= target < num_objectives:
+            raise ConfigurationError(
+                f"EV3Scheduler: a constraint refers to objective {target}, but the pipeline "
+                f"has {num_objectives}. Use an index in [0, {num_objectives})."
+            )
+        return target
+
+    def init(self, num_objectives: int) -> EV3SchedulerState:
         if not 0 <= self.objective < num_objectives:
             raise ConfigurationError(
                 f"EV3Scheduler: objective={self.objective} but the pipeline has "
                 f"{num_objectives} assessor(s). Use an index in [0, {num_objectives})."
             )
-        return None
+        if self.objectives is not None and len(self.objectives) != num_objectives:
+            raise ConfigurationError(
+                f"EV3Scheduler: {len(self.objectives)} objectives for {num_objectives} "
+                "assessor(s). Give one Objective per assessor, in assessor order."
+            )
+        for c in self.constraints:
+            self._constraint_index(c, num_objectives)
+        pstate = None if self.priority is None else self.priority.init(num_objectives)
+        return EV3SchedulerState(key=jax.random.key(self.seed), priority=pstate)
 
+    # ------------------------------------------------------------ building blocks
+    def _keys(self, state: EV3SchedulerState, history: History) -> _Keys:
+        return _Keys(*jax.random.split(jax.random.fold_in(state.key, history.count), 3))
+
+    def _value(self, o: int) -> Utility:
+        """Objective `o` (higher is better) of one model's scores under example weights."""
+        spec = None if self.objectives is None else self.objectives[o]
+        if spec is None:
+            return lambda v, w: weighted_mean(v[o], w)
+        return lambda v, w: spec.value(v[o], w)
+
+    def _utility(
+        self, state: EV3SchedulerState, history: History, key: PRNGKeyArray, num: int
+    ) -> tuple[Float[Array, " objective"], Utility]:
+        if self.priority is None:
+            return jax.nn.one_hot(self.objective, num, dtype=jnp.float32), self._value(
+                self.objective
+            )
+        weights = self.priority.priorities(state.priority, history, key)
+        values = [self._value(o) for o in range(num)]
+
+        def utility(v, w):
+            return self.priority.utility(jnp.stack([f(v, w) for f in values]), weights)
+
+        return weights, utility
+
+    def _advantages(
+        self,
+        scores: Float[Array, "objective model example"],
+        objectives: Sequence[int],
+        reference: int,
+        z: Float[Array, ""],
+        key: PRNGKeyArray,
+        mask: Bool[Array, " model"],
+    ) -> tuple[Float[Array, "row model"], Float[Array, "row model"], Float[Array, "row model"]]:
+        """Per-objective `(point, lower, upper)` of each model's advantage over `reference`."""
+        rows = [
+            advantage(
+                self.bound.interval(self._value(o), scores, reference, z, key, mask),
+                reference,
+                self.bound.paired,
+            )
+            for o in objectives
+        ]
+        point, lower, upper = (jnp.stack(x) for x in zip(*rows))
+        return point, lower, upper
+
+    def _constraints_hold(
+        self,
+        scores: Float[Array, "objective model example"],
+        reference: int,
+        key: PRNGKeyArray,
+        mask: Bool[Array, " model"],
+    ) -> Bool[Array, " model"]:
+        """Whether replacing `reference` by each model keeps every constraint."""
+        num_models = scores.shape[1]
+        if not self.constraints:
+            return jnp.ones((num_models,), bool)
+        index = [self._constraint_index(c, scores.shape[0]) for c in self.constraints]
+        _, lower, _ = self._advantages(scores, index, reference, self.decide_alpha, key, mask)
+        drop = jnp.stack([c.max_drop for c in self.constraints])[:, None]
+        return jnp.all(lower >= -drop, axis=0) | (jnp.arange(num_models) == reference)
+
+    def _lex_order(self, num: int) -> tuple[tuple[int, ...], Float[Array, " order"]]:
+        assert isinstance(self.priority, Lexicographic)
+        return self.priority.resolved(num)
+
+    # ------------------------------------------------------------ the two stages
     def select(
         self,
         scores: Float[Array, "objective model example"],
         valid: Bool[Array, " candidate"],
-        state: PyTree[Any],
+        state: EV3SchedulerState,
         history: History,
     ) -> Int[Array, ""]:
         k = valid.shape[0]
-        mean, se = mean_and_stderr(scores[self.objective, :k])
-        lcb = mean - self.assess_alpha * se
-        lcb = jnp.where(valid & jnp.isfinite(lcb), lcb, -jnp.inf)
-        return jnp.argmax(lcb).astype(jnp.int32)
+        keys = self._keys(state, history)
+        mask = jnp.concatenate([valid, jnp.zeros((2,), bool)])
+        if self._lexicographic:
+            order, tol = self._lex_order(scores.shape[0])
+            z = bonferroni_z(self.assess_alpha, len(order))
+            _, lower, _ = self._advantages(scores, order, k, z, keys.select, mask)
+            rank, at = lexicographic_rank(lower[:, :k], tol)
+            ok = valid & jnp.isfinite(at)
+            best = jnp.min(jnp.where(ok, rank, len(order) + 1))
+            score = jnp.where(ok & (rank == best), at, -jnp.inf)
+        else:
+            _, utility = self._utility(state, history, keys.priority, scores.shape[0])
+            iv = self.bound.interval(utility, scores, k, self.assess_alpha, keys.select, mask)
+            lcb = iv.lower[:k]
+            score = jnp.where(valid & jnp.isfinite(lcb), lcb, -jnp.inf)
+        return jnp.argmax(score).astype(jnp.int32)
 
     def decide(
         self,
         scores: Float[Array, "objective 3 example"],
         winner_valid: Bool[Array, ""],
-        state: PyTree[Any],
+        state: EV3SchedulerState,
         history: History,
-    ) -> tuple[Decision, PyTree[Any]]:
-        mean, se = mean_and_stderr(scores[self.objective])
-        lower = mean - self.decide_alpha * se
-        upper = mean + self.decide_alpha * se
-        ok = jnp.stack([winner_valid, jnp.array(True), jnp.array(True)]) & jnp.isfinite(lower)
-        masked = jnp.where(ok, lower, -jnp.inf)
-        # Tie-break order: current, winner, stable (a tie never moves the model).
-        order = jnp.array([CURRENT, WINNER, STABLE], jnp.int32)
-        choice = order[jnp.argmax(masked[order])]
-        significant = ok[WINNER] & (lower[WINNER] > upper[STABLE])
-        priorities = jax.nn.one_hot(self.objective, scores.shape[0], dtype=jnp.float32)
-        return (
-            Decision(
-                choice=choice,
-                update_stable=significant,
+    ) -> tuple[Decision, EV3SchedulerState]:
+        num = scores.shape[0]
+        keys = self._keys(state, history)
+        z = self.decide_alpha
+        yes, no = jnp.array(True), jnp.array(False)
+        movable = jnp.stack([winner_valid, yes, yes])
+        moves = jnp.stack([winner_valid, no, yes])  # comparisons with the current model
+        versus_stable = jnp.stack([winner_valid, no, no])
+        holds = self._constraints_hold(scores, CURRENT, keys.decide, moves)
+        holds_stable = self._constraints_hold(scores, STABLE, keys.decide, versus_stable)
+        order_ = jnp.array(_ORDER, jnp.int32)
+
+        if self._lexicographic:
+            order, tol = self._lex_order(num)
+            zl = bonferroni_z(z, len(order))
+            _, lo, up = self._advantages(scores, order, CURRENT, zl, keys.decide, moves)
+            rank, at = lexicographic_rank(lo, tol)
+            passes = movable & (rank < len(order)) & jnp.isfinite(at) & holds
+            passes = passes.at[CURRENT].set(False)
+            winner_first = (rank[WINNER] < rank[STABLE]) | (
+                (rank[WINNER] == rank[STABLE]) & (at[WINNER] >= at[STABLE])
+            )
+            choice = jnp.where(
+                passes[WINNER] & (~passes[STABLE] | winner_first),
+                WINNER,
+                jnp.where(passes[STABLE], STABLE, CURRENT),
+            ).astype(jnp.int32)
+            row = jnp.where(choice == CURRENT, 0, jnp.minimum(rank[choice], len(order) - 1))
+            priorities = jax.nn.one_hot(jnp.asarray(order)[row], num, dtype=jnp.float32)
+            lower, upper = lo[row], up[row]
+            _, lo_s, _ = self._advantages(scores, order, STABLE, zl, keys.decide, versus_stable)
+            rank_s, at_s = lexicographic_rank(lo_s, tol)
+            beats_stable = (rank_s[WINNER] < len(order)) & jnp.isfinite(at_s[WINNER])
+        else:
+            priorities, utility = self._utility(state, history, keys.priority, num)
+            iv = self.bound.interval(utility, scores, CURRENT, z, keys.decide, moves)
+            lower, upper = iv.lower, iv.upper
+            ok = movable & jnp.isfinite(lower) & holds
+            masked = jnp.where(ok, lower, -jnp.inf)
+            choice = order_[jnp.argmax(masked[order_])]
+            if self.bound.paired:
+                iv_s = self.bound.interval(utility, scores, STABLE, z, keys.decide, versus_stable)
+            else:  # marginal intervals do not depend on the reference
+                iv_s = iv
+            beats_stable = jnp.isfinite(iv_s.lower[WINNER]) & (
+                iv_s.lower[WINNER] > iv_s.upper[STABLE]
+            )
+        significant = winner_valid & beats_stable & holds_stable[WINNER]
+
+        pstate = state.priority
+        if self.priority is not None:
+            point, lo_o, up_o = self._advantages(scores, range(num), CURRENT, z, keys.decide, moves)
+            moved = choice != CURRENT
+            gain = lambda x: jnp.where(moved, x[:, choice], 0.0)  # noqa: E731
+            feedback = Feedback(
+                accepted=choice == WINNER,
                 significant=significant,
-                lower=lower,
-                upper=upper,
+                gain=gain(point),
+                gain_lower=gain(lo_o),
+                gain_upper=gain(up_o),
                 priorities=priorities,
-            ),
-            state,
+            )
+            pstate = self.priority.update(state.priority, feedback, history)
+        decision = Decision(
+            choice=choice.astype(jnp.int32),
+            update_stable=significant,
+            significant=significant,
+            lower=lower,
+            upper=upper,
+            priorities=priorities,
         )
+        return decision, EV3SchedulerState(key=state.key, priority=pstate)
 
 
 class AlwaysAccept(AbstractScheduler):

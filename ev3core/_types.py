@@ -89,8 +89,8 @@ class Decision(eqx.Module):
     choice: Int[Array, ""]
     update_stable: Bool[Array, ""]
     significant: Bool[Array, ""]
-    lower: Float[Array, "3"]
-    upper: Float[Array, "3"]
+    lower: Float[Array, 3]
+    upper: Float[Array, 3]
     priorities: Float[Array, " objective"]
 
 
@@ -111,7 +111,7 @@ class History(eqx.Module):
     count: Int[Array, ""]
 
     @staticmethod
-    def empty(size: int, num_objectives: int) -> "History":
+    def empty(size: int, num_objectives: int) -> History:
         if size < 1:
             from .errors import ConfigurationError
 
@@ -141,7 +141,7 @@ class History(eqx.Module):
         accepted: Bool[Array, ""],
         significant: Bool[Array, ""],
         score: Float[Array, " objective"],
-    ) -> "History":
+    ) -> History:
         """Append one decision, overwriting the oldest once the buffer is full."""
         i = self.count % self.size
         return History(
@@ -154,7 +154,7 @@ class History(eqx.Module):
             count=self.count + 1,
         )
 
-    def ordered(self) -> "History":
+    def ordered(self) -> History:
         """The same history rolled so that row `-1` is the most recent decision."""
         shift = -(self.count % self.size)
         full = self.count >= self.size
@@ -212,8 +212,8 @@ class StepInfo(eqx.Module):
     valid: Bool[Array, " candidate"]
     assess_mean: Float[Array, "objective model"]
     decide_mean: Float[Array, "objective 3"]
-    decide_lower: Float[Array, "3"]
-    decide_upper: Float[Array, "3"]
+    decide_lower: Float[Array, 3]
+    decide_upper: Float[Array, 3]
     priorities: Float[Array, " objective"]
 
 
@@ -282,7 +282,7 @@ def tree_where(
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
-def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, "..."]:
+def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, ...]:
     """Whether every inexact leaf is finite, reduced over all but `batch_dims` leading axes."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:

@@ -12,6 +12,10 @@ __all__ = [
     "PluginError",
     "DuplicateComponentError",
     "UnknownComponentError",
+    "ComponentError",
+    "CheckpointError",
+    "CheckpointWarning",
+    "RunInterrupted",
 ]
 
 
@@ -27,6 +31,13 @@ class PluginError(EV3Error):
     """A plugin failed to import or to register its components."""
 
 
+class ComponentError(PluginError):
+    """A component (proposer, assessor, scheduler) raised while the EV3 step was traced or run.
+
+    The message names the component, its class and the plugin that registered it.
+    """
+
+
 class DuplicateComponentError(PluginError):
     """Two plugins registered a component of the same kind under the same name."""
 
@@ -36,3 +47,29 @@ class UnknownComponentError(EV3Error, KeyError):
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""
+
+
+class CheckpointError(EV3Error):
+    """No usable checkpoint, or a checkpoint that does not fit the state it is loaded into."""
+
+
+class CheckpointWarning(UserWarning):
+    """A corrupt or incompatible checkpoint was skipped and an older one was used."""
+
+
+class RunInterrupted(KeyboardInterrupt):
+    """`ev3core.run` stopped cleanly at a step boundary after Ctrl-C (SIGINT).
+
+    The lifecycle hooks (`ev3_run_end`, so checkpointers too) ran before it was raised.
+    It is a `KeyboardInterrupt`, so scripts that do not catch it still stop.
+
+    **Attributes:** `state` (the last consistent state), `infos` (the `StepInfo`s of the
+    steps taken, stacked as by `run`, or `None`) and `steps_done`.
+    """
+
+    def __init__(self, message: str, state: object = None, infos: object = None,
+                 steps_done: int = 0):
+        super().__init__(message)
+        self.state = state
+        self.infos = infos
+        self.steps_done = steps_done

@@ -25,14 +25,18 @@ new arguments can be added to a hook without breaking existing plugins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import pluggy
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from ._bounds import AbstractBound
     from ._engine import Engine
     from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
     from ._pipeline import Pipeline
+    from ._priorities import AbstractPriority
     from ._types import State, StepInfo
 
 PROJECT_NAME = "ev3"
@@ -89,6 +93,86 @@ def ev3_register_losses() -> dict[str, type] | None:
 
     **When / returns / calling rule:** as `ev3_register_proposers`, with subclasses of
     `AbstractLoss`.
+    """
+
+
+@hookspec
+def ev3_register_bounds() -> dict[str, type[AbstractBound]] | None:
+    """Register named confidence bounds (how the adapt stage decides "reliably better").
+
+    **When:** once per plugin manager, the first time a bound is looked up by name
+    (`EV3Scheduler(bound="name")`, `ev3core.make("bound", "name", ...)`, `ev3 plugins`).
+
+    **Returns:** a mapping from name to a concrete subclass of `AbstractBound` (or `None`).
+    A bound's `interval(utility, scores, reference, z, key, mask)` must be jittable and give,
+    for every model of the stack, an interval whose one-sided level is `Phi(-z)` per side
+    (after its correction over the models in `mask`); `paired` says whether intervals are of
+    the advantage over `reference` or marginal. The built-in plugin registers `"normal"`
+    (unpaired, the reference EV3 rule), `"paired"` (the default) and `"bootstrap"`.
+
+    **Calling rule:** collect-all, like the other registration hooks; two plugins
+    registering the same name is a `DuplicateComponentError` naming both.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_register_bounds():
+        return {"my_bound": MyBound}
+    ```
+    """
+
+
+@hookspec
+def ev3_register_priorities() -> dict[str, type[AbstractPriority]] | None:
+    """Register named priority schedulers ("which objective matters now").
+
+    **When:** once per plugin manager, the first time a priority scheduler is looked up by
+    name (`EV3Scheduler(priority="name")`, `ev3core.make("priority", "name", ...)`,
+    `ev3 plugins`).
+
+    **Returns:** a mapping from name to a concrete subclass of `AbstractPriority` (or
+    `None`). Its `priorities(state, history, key)` must not look at the step's data (it is
+    called before the data is seen), and its state lives in the scheduler state (so it is
+    jitted, scanned and checkpointed with the engine). The built-in plugin registers
+    `"lexicographic"`, `"weighted_sum"`, `"chebyshev"`, `"stall"`, `"ucb"` and `"exp3"`.
+
+    **Calling rule:** collect-all, like the other registration hooks; two plugins
+    registering the same name is a `DuplicateComponentError` naming both.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_register_priorities():
+        return {"my_priority": MyPriority}
+    ```
+    """
+
+
+@hookspec
+def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
+    """Register named experiments: whole jobs that `ev3 run` can run.
+
+    **When:** once per plugin manager, the first time an experiment is looked up (every
+    `ev3 run`, and `ev3 plugins`).
+
+    **Returns:** a mapping from name to a callable (or `None`). `ev3 run` calls it with keyword
+    arguments only: `steps` (EV3 iterations, or `None` for the experiment's default),
+    `seed`, `out` (output directory or `None`), `dataset` (or `None`), `pipeline` (path of a
+    user's pipeline file, or `None`) and `progress` (show a progress bar). It returns a
+    JSON-serialisable summary `dict`, which `ev3 run` prints (and writes with `--json`).
+    An experiment should ignore `None` options and raise `ev3core.errors.ConfigurationError`
+    for bad ones.
+
+    `ev3 run` with no `--experiment` runs the experiment registered as `"distill"` when one is
+    installed (the `ev3-distill` plugin package), and the built-in smoke experiment otherwise;
+    `ev3 run --smoke` always runs the smoke experiment.
+
+    **Calling rule:** collect-all, like the other registration hooks; two plugins
+    registering the same name is a `DuplicateComponentError` naming both.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_register_experiments():
+        return {"my_job": my_job}  # def my_job(*, steps, seed, out, **options) -> dict
+    ```
     """
 
 
@@ -187,6 +271,9 @@ __all__ = [
     "ev3_register_assessors",
     "ev3_register_schedulers",
     "ev3_register_losses",
+    "ev3_register_bounds",
+    "ev3_register_priorities",
+    "ev3_register_experiments",
     "ev3_explore",
     "ev3_assess",
     "ev3_adapt",
@@ -199,5 +286,3 @@ __all__ = [
 def _all_hook_names() -> list[str]:
     return [n for n in __all__ if n.startswith("ev3_")]
 
-
-_ = Any  # keep typing import for annotations under TYPE_CHECKING

@@ -12,6 +12,7 @@ import pytest
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER
 from ev3core._smoke import smoke_data, smoke_model, smoke_pipeline
+from ev3core._types import tree_index
 
 N = 20_000  # examples per split: plenty for 2048-example decide batches, quick to build
 
@@ -209,9 +210,9 @@ def test_grid_order_labels_and_temperature_enter_the_loss():
     )
     assert prop.labels() == ("ce(T=0.5)|fast", "ce(T=1)|fast", "ce(T=0.5)|frozen",
                              "ce(T=1)|frozen")
-    cands, _ = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), data.propose,
-                            jax.random.key(0))
-    moved = [not _leaves_equal(jax.tree.map(lambda c: c[i], cands), params) for i in range(4)]
+    st = prop.init(params, static, jax.random.key(9))
+    cands, _ = prop.propose(params, static, st, data.propose, jax.random.key(0))
+    moved = [not _leaves_equal(tree_index(cands, i), params) for i in range(4)]
     assert moved == [True, True, False, False]  # lr 0 leaves params unchanged
     # different temperatures give different trajectories
     assert not _leaves_equal(jax.tree.map(lambda c: c[0], cands),
@@ -294,8 +295,12 @@ class _HalfNaN(ev3core.AbstractProposer):
     def propose(self, params, static, state, data, key):
         c, state = self.inner.propose(params, static, state, data, key)
         k = self.num_candidates
-        bad = (jnp.arange(k) % 2 == 0)
-        c = jax.tree.map(lambda x: jnp.where(bad.reshape((k,) + (1,) * (x.ndim - 1)), jnp.nan, x), c)
+        bad = jnp.arange(k) % 2 == 0
+
+        def poison(x):
+            return jnp.where(bad.reshape((k,) + (1,) * (x.ndim - 1)), jnp.nan, x)
+
+        c = jax.tree.map(poison, c)
         return c, state
 
 

@@ -1,0 +1,554 @@
+"""Checkpoints of the whole engine state: leaf-wise, atomic, checksummed, versioned.
+
+A checkpoint directory holds, per saved step `k`:
+
+- `ckpt-<k>-<digest>.leaves`: the array leaves of the `State`, written with
+  `equinox.tree_serialise_leaves` (NumPy `.npy` records, never pickle: loading a checkpoint
+  cannot run code). Typed PRNG keys are stored as their raw key data.
+- `ckpt-<k>.json`: the manifest, written last. It records the format version, the step, the
+  leaves file's name, size and SHA-256, a signature of every leaf (path, shape, dtype), the
+  library versions, the device count, user metadata (for instance the pipeline description)
+  and a SHA-256 of the manifest itself. A checkpoint exists once its manifest exists.
+
+Both files are written to a temporary file, flushed, `fsync`ed and renamed into place, so a
+crash leaves either the previous checkpoint or the new one, never a torn file. Loading checks
+the manifest, the leaves file's size and checksum and the leaf signature; a corrupt or
+incompatible newest checkpoint is skipped with a `CheckpointWarning` and the previous good
+one is used.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import hashlib
+import importlib.metadata
+import io
+import json
+import logging
+import os
+import platform
+import re
+import tempfile
+import warnings
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._types import State
+from .errors import CheckpointError, CheckpointWarning
+from .hookspecs import hookimpl
+
+logger = logging.getLogger("ev3core")
+
+#: Identifies ev3core checkpoint manifests.
+FORMAT = "ev3core-checkpoint"
+#: Bumped whenever the on-disk layout changes incompatibly.
+FORMAT_VERSION = 1
+
+_MANIFEST_RE = re.compile(r"^ckpt-(\d+)\.json$")
+_LIBRARIES = ("ev3core", "jax", "jaxlib", "equinox", "optax", "numpy")
+
+__all__ = [
+    "FORMAT_VERSION",
+    "Checkpointer",
+    "describe_engine",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "save_checkpoint",
+]
+
+
+# ---------------------------------------------------------------------------- helpers
+def _is_key(x: Any) -> bool:
+    return isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
+
+
+def _to_storable(state: State) -> State:
+    """`state` with every typed PRNG key replaced by its raw key data."""
+    return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _dtype_name(x: Any) -> str:
+    if _is_key(x):
+        return f"key<{jax.random.key_impl(x)}>"
+    return str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype)
+
+
+def _signature(state: State) -> list[list[Any]]:
+    """`[path, shape, dtype]` of every leaf, in serialisation order."""
+    out = []
+    for path, x in jax.tree_util.tree_flatten_with_path(state)[0]:
+        shape = list(jnp.shape(x))
+        if _is_key(x):  # the stored array is the key data
+            shape = list(jax.random.key_data(x).shape)
+        out.append([jax.tree_util.keystr(path), shape, _dtype_name(x)])
+    return out
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for lib in _LIBRARIES:
+        try:
+            out[lib] = importlib.metadata.version(lib)
+        except importlib.metadata.PackageNotFoundError:
+            out[lib] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _manifest_digest(body: Mapping[str, Any]) -> str:
+    blob = json.dumps({k: v for k, v in body.items() if k != "manifest_sha256"}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _fsync_dir(directory: Path) -> None:
+    with contextlib.suppress(OSError):  # not every platform can open a directory
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
+    """Write through `write(file)` into a temporary file, fsync it, rename it to `path`."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
+    try:
+        return json.loads(json.dumps(dict(metadata)))
+    except (TypeError, ValueError) as exc:
+        raise CheckpointError(
+            f"save_checkpoint: metadata is not JSON-serialisable ({exc}). Pass plain "
+            "dicts, lists, strings and numbers as metadata."
+        ) from exc
+
+
+def describe_engine(engine: Any) -> dict[str, Any]:
+    """A JSON description of an engine's pipeline (components, sizes), stored in checkpoints."""
+    return {
+        "proposers": [
+            {
+                "type": f"{type(p).__module__}.{type(p).__qualname__}",
+                "num_candidates": int(p.num_candidates),
+                "labels": list(p.labels()),
+            }
+            for p in engine.proposers
+        ],
+        "assessors": [
+            {"type": f"{type(a).__module__}.{type(a).__qualname__}", "name": a.name}
+            for a in engine.assessors
+        ],
+        "scheduler": f"{type(engine.scheduler).__module__}.{type(engine.scheduler).__qualname__}",
+        "assess_size": int(engine.assess_size),
+        "decide_size": int(engine.decide_size),
+        "history_size": int(engine.history_size),
+    }
+
+
+# ---------------------------------------------------------------------------- listing
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Manifests of the checkpoints in `directory`, oldest first (none if it does not exist)."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    found = []
+    for p in directory.iterdir():
+        m = _MANIFEST_RE.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
+    """The newest checkpoint manifest in `directory` (not verified), or `None`."""
+    found = list_checkpoints(directory)
+    return found[-1] if found else None
+
+
+# ---------------------------------------------------------------------------- save
+def save_checkpoint(
+    directory: str | os.PathLike[str],
+    state: State,
+    *,
+    metadata: Mapping[str, Any] | None = None,
+    keep: int = 3,
+) -> Path:
+    """Save the whole engine state to `directory`, atomically, keeping the newest `keep`.
+
+    **Arguments:**
+
+    - `directory`: created if needed.
+    - `state`: the engine `State` (current and stable parameters, proposer and scheduler
+      states, PRNG key, step, history).
+    - `metadata`: JSON-serialisable extra information (pipeline description, run options,
+      counters...), returned by `load_checkpoint`.
+    - `keep`: how many checkpoints to keep (older ones are deleted after the new one is
+      safely on disk); at least 1.
+
+    **Returns:** the path of the new checkpoint's manifest.
+
+    ```python
+    path = ev3core.save_checkpoint("ckpt", state, metadata={"pipeline": "smoke"})
+    state, manifest = ev3core.load_checkpoint("ckpt", like=engine.init(model, key))
+    ```
+    """
+    if int(keep) < 1:
+        raise CheckpointError(
+            f"save_checkpoint: keep={keep} would delete the checkpoint just written. Use "
+            "keep >= 1."
+        )
+    if not isinstance(state, State):
+        raise CheckpointError(
+            f"save_checkpoint: expected an ev3core.State, got {type(state).__name__}. Pass the "
+            "state returned by Engine.init / Engine.step / ev3core.run."
+        )
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    step = int(state.step)
+    storable = _to_storable(state)
+    meta = _jsonable(metadata or {})
+
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, storable)
+    blob = buf.getvalue()
+    digest = hashlib.sha256(blob).hexdigest()
+    leaves_path = directory / f"ckpt-{step:010d}-{digest[:12]}.leaves"
+    _atomic_write(leaves_path, lambda f: f.write(blob))
+
+    body: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "step": step,
+        "leaves_file": leaves_path.name,
+        "leaves_bytes": len(blob),
+        "leaves_sha256": digest,
+        "signature": _signature(state),
+        "versions": _versions(),
+        "device_count": jax.device_count(),
+        "backend": jax.default_backend(),
+        "created_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "metadata": meta,
+    }
+    body["manifest_sha256"] = _manifest_digest(body)
+    manifest = directory / f"ckpt-{step:010d}.json"
+    text = json.dumps(body, indent=1, sort_keys=True).encode()
+    _atomic_write(manifest, lambda f: f.write(text))
+    _prune(directory, int(keep))
+    logger.info("ev3core: checkpoint of step %d written to %s", step, manifest)
+    return manifest
+
+
+def _prune(directory: Path, keep: int) -> None:
+    manifests = list_checkpoints(directory)
+    referenced = set()
+    for old in manifests[:-keep]:
+        with contextlib.suppress(OSError):
+            old.unlink()
+    for m in manifests[-keep:]:
+        try:
+            referenced.add(json.loads(m.read_text())["leaves_file"])
+        except (OSError, ValueError, KeyError, TypeError):
+            # A corrupt manifest keeps every leaves file with its step prefix.
+            referenced.add(m.stem)
+    for p in directory.glob("ckpt-*.leaves"):
+        prefix = p.name.rsplit("-", 1)[0]
+        if p.name not in referenced and prefix not in referenced:
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+# ---------------------------------------------------------------------------- load
+class _Unusable(Exception):
+    """A checkpoint that is corrupt or incompatible (fall back to an older one)."""
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    try:
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError) as exc:
+        raise _Unusable(f"the manifest cannot be read as JSON ({exc})") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise _Unusable("the manifest is not an ev3core checkpoint manifest")
+    version = body.get("format_version")
+    if version != FORMAT_VERSION:
+        raise _Unusable(
+            f"it has format version {version!r} but this ev3core reads version "
+            f"{FORMAT_VERSION}; load it with the ev3core version that wrote it "
+            f"({(body.get('versions') or {}).get('ev3core')!r})"
+        )
+    if body.get("manifest_sha256") != _manifest_digest(body):
+        raise _Unusable("the manifest's checksum does not match its content (edited on disk?)")
+    return body
+
+
+def _signature_mismatch(stored: list[list[Any]], wanted: list[list[Any]]) -> str | None:
+    stored_t = [(p, tuple(s), d) for p, s, d in stored]
+    wanted_t = [(p, tuple(s), d) for p, s, d in wanted]
+    if stored_t == wanted_t:
+        return None
+    by_path = {p: (s, d) for p, s, d in stored_t}
+    for p, s, d in wanted_t:
+        if p not in by_path:
+            return f"the checkpoint has no leaf {p} (shape {s}, {d}) that `like` has"
+        if by_path[p] != (s, d):
+            ss, sd = by_path[p]
+            return f"leaf {p} is {ss} {sd} in the checkpoint but {s} {d} in `like`"
+    wanted_paths = {p for p, _, _ in wanted_t}
+    extra = [p for p, _, _ in stored_t if p not in wanted_paths]
+    if extra:
+        return f"the checkpoint has leaves that `like` lacks: {', '.join(extra[:5])}"
+    return "the leaves are stored in a different order than `like` has them"
+
+
+def _weak_like(new: jax.Array, old: Any) -> jax.Array:
+    if getattr(old, "weak_type", False):
+        try:  # keep Python-scalar ("weak") typing so the jitted step sees the same types
+            from jax._src.lax.lax import _convert_element_type
+
+            return _convert_element_type(new, None, weak_type=True)
+        except (ImportError, TypeError):
+            return new
+    return new
+
+
+def _load_leaves(path: Path, like: State) -> State:
+    storable_like = _to_storable(like)
+
+    def load(f: Any, x: Any) -> Any:
+        if isinstance(x, (jax.Array, np.ndarray)) or eqx.is_array_like(x):
+            arr = np.load(f, allow_pickle=False)
+            if isinstance(x, np.ndarray):
+                return arr
+            if not isinstance(x, jax.Array):  # Python scalar leaves
+                return type(x)(arr.item())
+            out = jnp.asarray(arr)
+            with contextlib.suppress(AttributeError, ValueError, TypeError):
+                out = jax.device_put(out, x.sharding)
+            return _weak_like(out, x)
+        return x
+
+    with open(path, "rb") as f:
+        loaded = eqx.tree_deserialise_leaves(f, storable_like, filter_spec=load)
+        if f.read(1):
+            raise _Unusable("the leaves file has trailing bytes")
+
+    def rewrap(new: Any, old: Any) -> Any:
+        if _is_key(old):
+            return jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+        return new
+
+    return jax.tree.map(rewrap, loaded, like)
+
+
+def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
+    body = _read_manifest(manifest_path)
+    leaves = manifest_path.parent / str(body.get("leaves_file"))
+    if not leaves.is_file():
+        raise _Unusable(f"its leaves file {leaves.name} is missing")
+    size = leaves.stat().st_size
+    if size != body.get("leaves_bytes"):
+        raise _Unusable(
+            f"its leaves file {leaves.name} has {size} bytes, the manifest says "
+            f"{body.get('leaves_bytes')} (truncated or overwritten)"
+        )
+    if _sha256_file(leaves) != body.get("leaves_sha256"):
+        raise _Unusable(f"the SHA-256 of {leaves.name} does not match the manifest (edited?)")
+    mismatch = _signature_mismatch(body["signature"], _signature(like))
+    if mismatch is not None:
+        raise CheckpointError(
+            f"checkpoint {manifest_path} (step {body['step']}) does not fit the state passed as "
+            f"`like`: {mismatch}. Build `like` with engine.init(model, key) using the same "
+            "pipeline and the same model architecture as the run that wrote it (after network "
+            "growth, the grown architecture)."
+        )
+    try:
+        state = _load_leaves(leaves, like)
+    except _Unusable:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt file
+        raise _Unusable(f"its leaves file cannot be decoded ({type(exc).__name__}: {exc})") from exc
+    if int(state.step) != body["step"]:
+        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
+    return state, body
+
+
+def load_checkpoint(
+    directory_or_file: str | os.PathLike[str], like: State
+) -> tuple[State, dict[str, Any]]:
+    """Load the newest usable checkpoint.
+
+    **Arguments:**
+
+    - `directory_or_file`: a checkpoint directory (the newest usable checkpoint is loaded;
+      corrupt or incompatible newer ones are skipped with a `CheckpointWarning`), or one
+      manifest file `ckpt-<step>.json` (loaded or an error, no fallback).
+    - `like`: a state with the right structure, e.g. `engine.init(model, key)` with the same
+      pipeline and model architecture. Only its structure, shapes, dtypes, key
+      implementation and shardings are used.
+
+    **Returns:** `(state, manifest)`; `manifest["metadata"]` is what was passed to
+    `save_checkpoint`, `manifest["skipped"]` lists the newer checkpoints that were unusable
+    and why.
+
+    **Raises:** `CheckpointError` when no checkpoint is usable, or when the newest intact
+    checkpoint does not fit `like` (then no older one is tried: the structure is wrong, not
+    the file).
+    """
+    path = Path(directory_or_file)
+    if not isinstance(like, State):
+        raise CheckpointError(
+            f"load_checkpoint: like must be an ev3core.State (from engine.init(model, key)), "
+            f"got {type(like).__name__}."
+        )
+    if path.is_file():
+        try:
+            state, body = _load_one(path, like)
+        except _Unusable as exc:
+            raise CheckpointError(f"checkpoint {path} is unusable: {exc}.") from exc
+        body["skipped"] = []
+        return state, body
+    candidates = list_checkpoints(path)
+    if not candidates:
+        where = "does not exist" if not path.exists() else "holds no ckpt-<step>.json manifest"
+        raise CheckpointError(
+            f"no checkpoint to load: {path} {where}. Pass the directory given to "
+            "save_checkpoint / Checkpointer / `ev3 run --out`."
+        )
+    skipped: list[dict[str, str]] = []
+    for manifest in reversed(candidates):
+        try:
+            state, body = _load_one(manifest, like)
+        except _Unusable as exc:
+            skipped.append({"file": str(manifest), "reason": str(exc)})
+            continue
+        if skipped:
+            detail = "; ".join(f"{Path(s['file']).name}: {s['reason']}" for s in skipped)
+            warnings.warn(
+                f"ev3core: skipped {len(skipped)} unusable checkpoint(s) in {path} ({detail}); "
+                f"resuming from {manifest.name} (step {body['step']}).",
+                CheckpointWarning,
+                stacklevel=2,
+            )
+        body["skipped"] = skipped
+        return state, body
+    detail = "; ".join(f"{Path(s['file']).name}: {s['reason']}" for s in skipped)
+    raise CheckpointError(
+        f"no usable checkpoint in {path}: {detail}. Restore the files from a backup or start "
+        "a new run."
+    )
+
+
+# ---------------------------------------------------------------------------- plugin
+class Checkpointer:
+    """A lifecycle-hook plugin that checkpoints the run every `every` steps and at its end.
+
+    Register it with the plugins passed to `ev3core.run`. It saves when the engine's step
+    counter crosses a multiple of `every`, and once more when the run ends (normally, by
+    Ctrl-C, or by an error) if the final state is consistent (every step it contains was
+    seen by every `ev3_after_step` hook) and not saved yet. Its hooks run after the other
+    plugins' (`trylast`), so metadata callables see counters that include the step.
+
+    **Arguments:**
+
+    - `directory`: where checkpoints go (see `save_checkpoint`).
+    - `every`: steps between checkpoints (>= 1).
+    - `keep`: checkpoints kept on disk.
+    - `metadata`: a dict, or a callable returning one at save time, stored in every
+      checkpoint next to the pipeline description (`metadata["pipeline"]`).
+
+    ```python
+    plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", every=10)])
+    state, infos = ev3core.run(engine, state, data, 100, plugins=plugins)
+    ```
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        every: int = 100,
+        keep: int = 3,
+        metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+    ):
+        if int(every) < 1 or int(keep) < 1:
+            raise CheckpointError(
+                f"Checkpointer: every={every} and keep={keep} must both be >= 1."
+            )
+        self.directory = Path(directory)
+        self.every = int(every)
+        self.keep = int(keep)
+        self.metadata = metadata
+        self.last_saved: int | None = None
+        self.last_path: Path | None = None
+        self._start: int | None = None
+        self._pipeline: dict[str, Any] | None = None
+
+    def _meta(self) -> dict[str, Any]:
+        extra = self.metadata() if callable(self.metadata) else (self.metadata or {})
+        out = {"pipeline": self._pipeline}
+        out.update(extra)
+        return out
+
+    def save(self, state: State) -> Path:
+        """Write a checkpoint of `state` now."""
+        self.last_path = save_checkpoint(
+            self.directory, state, metadata=self._meta(), keep=self.keep
+        )
+        self.last_saved = int(state.step)
+        return self.last_path
+
+    @hookimpl
+    def ev3_run_start(self, engine: Any, state: State) -> None:
+        self._start = int(state.step)
+        self._pipeline = describe_engine(engine)
+        if self.last_saved is None:
+            self.last_saved = self._start
+
+    @hookimpl(trylast=True)
+    def ev3_after_step(self, state: State) -> None:
+        step = int(state.step)
+        last = self.last_saved if self.last_saved is not None else step
+        if step != last and step // self.every > last // self.every:
+            self.save(state)
+
+    @hookimpl(trylast=True)
+    def ev3_run_end(self, state: State, infos: list[Any]) -> None:
+        step = int(state.step)
+        consistent = self._start is None or step == self._start + len(infos)
+        if not consistent:
+            logger.warning(
+                "ev3core: Checkpointer did not save the final state of step %d: the run "
+                "stopped inside a step's hooks; the last checkpoint (step %s) is kept.",
+                step,
+                self.last_saved,
+            )
+            return
+        if step != self.last_saved or not list_checkpoints(self.directory):
+            self.save(state)

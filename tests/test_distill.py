@@ -1,0 +1,385 @@
+"""The ev3-distill plugin: growth operators, the KD loss, growth inside an EV3 run, data splits,
+the `ev3 run` main job end to end, and discovery through the entry point after a real install."""
+
+import functools
+import json
+import logging
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ev3core
+from ev3_distill import (
+    CNN,
+    MLP,
+    DistillLoss,
+    GrowthPolicy,
+    LabelLoss,
+    StudentArchive,
+    count_params,
+    deepen,
+    grow_state,
+    kd_loss,
+    load_dataset,
+    max_abs_output_difference,
+    widen,
+)
+from ev3core.errors import ConfigurationError
+
+ROOT = Path(__file__).resolve().parents[1]
+PLUGIN_DIR = ROOT / "plugins" / "ev3-distill"
+
+
+# ---------------------------------------------------------------------------- growth
+@functools.cache
+def _models():
+    k = jax.random.key(0)
+    return {
+        "mlp1": (MLP(64, 10, (4,), key=k), (64,)),
+        "mlp2": (MLP(64, 10, (5, 3), key=k), (64,)),
+        "cnn2d": (CNN((8, 8), 10, (2, 3), key=k), (64,)),
+        "cnn2d_hidden": (CNN((8, 8), 10, (3,), hidden=6, key=k), (64,)),
+        "cnn1d": (CNN((40,), 10, (2, 2), kernel_size=5, key=k), (40,)),
+    }
+
+
+def _ops():
+    out = []
+    for name, (model, _) in _models().items():
+        for i in range(len(model.widths)):
+            out.append((name, "widen", i))
+            out.append((name, "deepen", i))
+    return out
+
+
+def _grow(model, op, i, mode, key):
+    if op == "widen":
+        return widen(model, i, model.widths[i] + 3, mode=mode, key=key)
+    return deepen(model, i, mode=mode, key=key)
+
+
+@pytest.mark.parametrize("name,op,layer", _ops())
+def test_growth_preserves_the_function(name, op, layer):
+    model, shape = _models()[name]
+    x = jax.random.normal(jax.random.key(1), (64, *shape))
+    grown = _grow(model, op, layer, "preserve", jax.random.key(2))
+    assert count_params(grown) > count_params(model)
+    assert max_abs_output_difference(model, grown, x) < 1e-5
+    # fresh mode changes the function (so the check above is not vacuous)
+    fresh = _grow(model, op, layer, "fresh", jax.random.key(2))
+    assert jax.tree.structure(fresh) == jax.tree.structure(grown)
+    assert max_abs_output_difference(model, fresh, x) > 1e-3
+
+
+def test_repeated_growth_preserves_and_new_units_learn():
+    model = MLP(64, 10, (2,), key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    y = jnp.arange(32) % 10
+    grown = model
+    for i in range(3):
+        grown = widen(grown, 0, grown.widths[0] * 2, key=jax.random.key(10 + i))
+    grown = deepen(grown, key=jax.random.key(20))
+    grown = widen(grown, 1, 20, key=jax.random.key(21))
+    assert grown.widths == (16, 20)
+    assert max_abs_output_difference(model, grown, x) < 1e-5
+    # zero outgoing weights of new units still get gradients: they are not dead
+    grads = eqx.filter_grad(lambda m: LabelLoss()(m, (x, y), jax.random.key(0)))(grown)
+    assert float(jnp.abs(grads.layers[-1].weight[:, 16:]).sum()) > 0
+
+
+def test_growth_rejects_bad_requests():
+    model = MLP(64, 10, (4,), key=jax.random.key(0))
+    with pytest.raises(ConfigurationError, match="must exceed"):
+        widen(model, 0, 4, key=jax.random.key(0))
+    with pytest.raises(ConfigurationError, match="layer=3"):
+        widen(model, 3, 8, key=jax.random.key(0))
+    with pytest.raises(ConfigurationError, match="mode"):
+        deepen(model, mode="copy", key=jax.random.key(0))
+
+
+def test_growth_policy_widens_then_deepens_then_stops():
+    policy = GrowthPolicy(patience=2, max_width=16, max_depth=2)
+    model = MLP(64, 10, (4,), key=jax.random.key(0))
+    seen = []
+    while (nxt := policy.next_model(model, jax.random.key(len(seen)))) is not None:
+        model, op = nxt
+        seen.append(model.widths)
+    assert seen == [(8,), (16,), (16, 16)]
+    assert policy.cap_widths() == (16, 16)
+    capped = GrowthPolicy(max_width=16, max_params=700)
+    assert capped.next_model(MLP(64, 10, (8,), key=jax.random.key(0)), jax.random.key(1)) is None
+
+
+# ---------------------------------------------------------------------------- KD loss
+def test_kd_loss_matches_a_hand_computed_value():
+    s = [1.0, 2.0, 0.0]
+    t = [0.5, 1.5, -1.0]
+    label, T, w = 1, 2.0, 0.7
+
+    def softmax(v):
+        e = [math.exp(a) for a in v]
+        return [a / sum(e) for a in e]
+
+    p_t = softmax([a / T for a in t])
+    p_s = softmax([a / T for a in s])
+    kl = sum(pt * math.log(pt / ps) for pt, ps in zip(p_t, p_s))
+    ce = -math.log(softmax(s)[label])
+    expected = w * T * T * kl + (1 - w) * ce
+    # worked out by hand: p_t = softmax(0.25, 0.75, -0.5) = (0.320401, 0.528252, 0.151347),
+    # p_s = softmax(0.5, 1, 0) = (0.307196, 0.506480, 0.186324), KL = 0.0042514,
+    # CE = -log softmax(1, 2, 0)[1] = 0.4076060; 0.7 * 4 * KL + 0.3 * CE = 0.1341857
+    assert expected == pytest.approx(0.1341857, abs=1e-6)
+    got = kd_loss(jnp.array([s]), jnp.array([t]), jnp.array([label]), T, w)
+    assert float(got) == pytest.approx(expected, rel=1e-5)
+    # weight 0 is the label loss; identical teacher and student give no KL
+    assert float(kd_loss(jnp.array([s]), jnp.array([t]), jnp.array([label]), T, 0.0)) == (
+        pytest.approx(ce, rel=1e-5)
+    )
+    assert float(kd_loss(jnp.array([s]), jnp.array([s]), jnp.array([label]), T, 1.0)) == (
+        pytest.approx(0.0, abs=1e-6)
+    )
+
+
+def test_distill_loss_teacher_forms_agree():
+    k1, k2, k3 = jax.random.split(jax.random.key(0), 3)
+    teacher = MLP(64, 10, (16,), key=k1)
+    student = MLP(64, 10, (4,), key=k2)
+    x = jax.random.normal(k3, (20, 64))
+    y = jnp.arange(20) % 10
+    other = jnp.zeros((20, 10))
+    logits = jnp.stack([other, jax.vmap(teacher)(x)], axis=1)  # teacher in column 1
+    key = jax.random.key(0)
+    by_fn = DistillLoss(3.0, 0.8, teacher_fn=teacher)(student, (x, y), key)
+    by_logits = DistillLoss(3.0, 0.8, teacher=1)(student, (x, y, logits), key)
+    assert float(by_fn) == pytest.approx(float(by_logits), rel=1e-5)
+    assert float(DistillLoss(3.0, 0.8, teacher=0)(student, (x, y, logits), key)) != (
+        pytest.approx(float(by_logits), rel=1e-3)
+    )
+    # no gradient reaches a teacher given as a module
+    g = eqx.filter_grad(lambda t: DistillLoss(3.0, 0.8, teacher_fn=t)(student, (x, y), key))(
+        teacher
+    )
+    assert all(float(jnp.abs(a).max()) == 0 for a in jax.tree.leaves(g))
+    assert DistillLoss(4.0, 0.9, teacher_name="teacher").label == "kd[teacher](T=4,w=0.9)"
+    with pytest.raises(ConfigurationError, match="weight"):
+        DistillLoss(2.0, 1.5)
+    with pytest.raises(ConfigurationError, match="temperature"):
+        DistillLoss(0.0, 0.5)
+
+
+# ---------------------------------------------------------------------------- growth in EV3
+def _tiny_engine(num_teachers=1):
+    losses = [LabelLoss()] + [DistillLoss(t, 0.9, teacher=j) for j in range(num_teachers)
+                              for t in (1.0, 3.0)]
+    return ev3core.Pipeline(
+        proposers=[ev3core.GradientProposer(losses, [optax.sgd(0.1)], steps=3, batch_size=8)],
+        assessors=[ev3core.Accuracy()],
+        scheduler=ev3core.EV3Scheduler(decide_alpha=1.0),
+        assess_size=16,
+        decide_size=32,
+        history_size=8,
+    ).build()
+
+
+def _tiny_data(teacher, n=64, num_teachers=1):
+    k = jax.random.key(5)
+    x = jax.random.normal(k, (n, 64))
+    y = jnp.argmax(jax.vmap(teacher)(x), -1)
+    tl = jnp.stack([jax.vmap(teacher)(x)] * num_teachers, axis=1)
+    return ev3core.Data(propose=(x, y, tl), assess=(x, y), decide=(x, y))
+
+
+def test_grow_state_keeps_the_run_and_retraces_once(caplog):
+    teacher = MLP(64, 10, (16,), key=jax.random.key(1))
+    engine = _tiny_engine()
+    data = _tiny_data(teacher)
+    state = engine.init(MLP(64, 10, (4,), key=jax.random.key(2)), jax.random.key(3))
+    caplog.set_level(logging.INFO, logger="ev3core")
+    for _ in range(2):
+        state, _ = engine.step(state, data)
+    x = data.decide[0]
+    before, before_stable = state.model, state.stable_model
+    policy = GrowthPolicy(patience=1, max_width=8, max_depth=1)
+    grown_model, _ = policy.next_model(before, jax.random.key(9))
+    grown_stable, _ = policy.next_model(before_stable, jax.random.key(9))
+    new = grow_state(engine, state, grown_model, grown_stable)
+    assert int(new.step) == int(state.step) == 2
+    assert int(new.history.count) == 2
+    assert max_abs_output_difference(before, new.model, x) < 1e-5
+    assert max_abs_output_difference(before_stable, new.stable_model, x) < 1e-5
+    assert new.model.widths == (8,)
+    for _ in range(3):
+        new, info = engine.step(new, data)
+    assert int(new.step) == 5
+    traces = [r for r in caplog.records if "tracing the EV3 step" in r.getMessage()]
+    assert len(traces) == 2  # once for the first architecture, once after growth
+
+
+def test_growth_trigger_counts_non_significant_decisions():
+    engine = _tiny_engine()
+    state = engine.init(MLP(64, 10, (4,), key=jax.random.key(2)), jax.random.key(3))
+    policy = GrowthPolicy(patience=3, max_width=8, max_depth=1)
+    hist = state.history
+    for i, sig in enumerate([True, False, False]):
+        hist = hist.record(jnp.int32(i), jnp.int32(0), jnp.int32(1), jnp.array(False),
+                           jnp.array(sig), jnp.zeros((1,), jnp.float32))
+    state = eqx.tree_at(lambda s: (s.history, s.step), state, (hist, jnp.int32(3)))
+    assert not policy.should_grow(state)  # streak of 2 < 3
+    hist = hist.record(jnp.int32(3), jnp.int32(0), jnp.int32(1), jnp.array(False),
+                       jnp.array(False), jnp.zeros((1,), jnp.float32))
+    state = eqx.tree_at(lambda s: (s.history, s.step), state, (hist, jnp.int32(4)))
+    assert policy.should_grow(state)
+    grown, op = policy.maybe_grow(engine, state, jax.random.key(0))
+    assert op == "widen [4] -> [8]" and grown.model.widths == (8,)
+    assert not policy.should_grow(grown)  # not again right after growing
+    again, op = policy.maybe_grow(engine, eqx.tree_at(lambda s: s.step, grown, jnp.int32(9)),
+                                  jax.random.key(0))
+    assert op is None  # at the cap (width 8, depth 1)
+
+
+def test_archive_keeps_the_best_student_of_each_size():
+    archive = StudentArchive()
+    a = MLP(64, 10, (4,), key=jax.random.key(0))
+    b = MLP(64, 10, (4,), key=jax.random.key(1))
+    c = MLP(64, 10, (8,), key=jax.random.key(2))
+    assert archive.offer(a, 0.5)
+    assert archive.offer(b, 0.6)
+    assert not archive.offer(a, 0.55)
+    assert archive.offer(c, 0.58)
+    best = archive.best(2)
+    assert [(p, acc) for p, acc, _ in best] == [(count_params(b), 0.6), (count_params(c), 0.58)]
+    assert best[0][2] is b
+
+
+# ---------------------------------------------------------------------------- data
+@pytest.mark.parametrize("name,sizes", [
+    ("digits", {"train": 987, "assess": 180, "decide": 270, "test": 360}),
+    ("mnist1d", {"train": 3000, "assess": 400, "decide": 600, "test": 1000}),
+])
+def test_datasets_split_without_overlap_and_offline(name, sizes, monkeypatch):
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("the data set must not be downloaded")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    np.random.seed(123)
+    marker = np.random.get_state()[1].copy()
+    splits = load_dataset(name, seed=1)
+    assert np.array_equal(np.random.get_state()[1], marker)  # global RNG left alone
+    assert splits.sizes() == sizes
+    splits.check_disjoint()
+    assert splits.train.x.dtype == np.float32 and splits.train.y.dtype == np.int32
+    assert set(np.unique(splits.test.y)) == set(range(10))
+    # the inputs themselves do not repeat across splits either
+    rows = {s: {r.tobytes() for r in getattr(splits, s).x} for s in sizes}
+    assert not rows["test"] & (rows["train"] | rows["assess"] | rows["decide"])
+    with pytest.raises(ConfigurationError, match="mnist"):
+        load_dataset("mnist")
+
+
+# ---------------------------------------------------------------------------- ev3 run
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EV3_")}
+    env.update(extra)
+    return env
+
+
+def test_ev3_run_end_to_end(tmp_path):
+    out = tmp_path / "run"
+    res = subprocess.run(
+        [str(Path(sys.executable).parent / "ev3"), "run", "--steps", "4", "--seed", "3",
+         "--out", str(out)],
+        env=_env(), capture_output=True, text=True, timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "EV3 distill" in res.stderr  # the progress bar
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
+    assert [r["gradient_steps"] for r in rows] == [50, 100, 150, 200]
+    for r in rows:
+        assert r["choice"] in ("accepted", "kept", "rolled_back")
+        assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["decide_accuracy"] <= 1.0
+        assert r["student_params"] >= 310
+        assert r["baseline_test_accuracy"] is not None
+    assert rows[-1]["pass"] == 2  # the second pass (archived student as extra teacher) ran
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["experiment"] == "distill" and summary["dataset"] == "digits"
+    assert summary["gradient_steps"] == 200
+    assert summary["teacher"]["test_accuracy"] >= 0.97
+    assert summary["teacher"]["params"] > summary["baseline_student"]["params"]
+    ev3s = summary["ev3_student"]
+    assert ev3s["start_params"] == 310
+    assert ev3s["params"] == rows[-1].get("student_params_after", rows[-1]["student_params"])
+    assert 0.3 < ev3s["test_accuracy"] <= 1.0  # 200 steps from a 4-unit student: it learned
+    assert 0.5 < summary["baseline_student"]["test_accuracy"] <= 1.0
+    assert summary["baseline_student"]["params"] == 3466  # the size cap, 64-32-32-10
+    assert sum(ev3s["counts"][k] for k in ("accepted", "kept", "rolled_back")) == 4
+    assert summary["wall_seconds"] > 0
+    png = (out / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    # the final checkpoint is the whole engine state; the student reloads from its leaves
+    assert list((out / "checkpoint").glob("ckpt-*.json"))
+    arch = ev3s["architecture"]
+    like = MLP(arch["in_features"], arch["num_classes"], arch["widths"], key=jax.random.key(0))
+    student = eqx.tree_deserialise_leaves(out / "student.eqx", like)
+    splits = load_dataset("digits", seed=3)
+    from ev3_distill._train import accuracy
+
+    assert accuracy(student, splits.test.x, splits.test.y) == pytest.approx(
+        ev3s["test_accuracy"], abs=1e-6
+    )
+
+
+def test_ev3_run_unknown_experiment_suggests_the_right_one():
+    ev3 = str(Path(sys.executable).parent / "ev3")
+    res = subprocess.run([ev3, "run", "--experiment", "distil"], env=_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert "No experiment named 'distil'" in res.stderr and "'distill'" in res.stderr
+
+
+# ---------------------------------------------------------------------------- entry point
+def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path):
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+         "--target", str(target), str(PLUGIN_DIR)],
+        check=True, capture_output=True, timeout=300,
+    )
+    assert (target / "ev3_distill" / "plugin.py").is_file()
+    code = textwrap.dedent("""
+        import json, ev3core, ev3_distill
+        p = ev3core.load_plugins()
+        print(json.dumps({
+            "file": ev3_distill.__file__,
+            "experiments": {k: v.plugin for k, v in p.components("experiment").items()},
+            "losses": {k: v.cls.__module__ for k, v in p.components("loss").items()},
+            "plugins": {i.name: [i.distribution, i.version] for i in p.plugin_infos()},
+            "failures": [str(f) for f in p.failures],
+        }))
+    """)
+    res = subprocess.run([sys.executable, "-c", code], env=_env(PYTHONPATH=str(target)),
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert out["file"].startswith(str(target))  # the installed copy, not the source tree
+    assert out["experiments"] == {"distill": "distill"}
+    assert out["losses"]["distill"] == "ev3_distill._losses"
+    assert out["plugins"]["distill"] == ["ev3-distill", "0.1.0"]
+    assert out["failures"] == []
+    # and with entry points disabled, nothing of it is loaded
+    res = subprocess.run([sys.executable, "-c", code],
+                         env=_env(PYTHONPATH=str(target), EV3_DISABLE_PLUGIN_AUTOLOAD="1"),
+                         capture_output=True, text=True, timeout=120)
+    assert json.loads(res.stdout)["experiments"] == {}
