@@ -18,6 +18,12 @@ accuracy above both baselines; EV3 never below its own starting student).
 .venv/bin/python benchmarks/distill.py --json benchmarks/distill.json
 .venv/bin/python benchmarks/distill.py --seeds 2 --datasets digits --json /tmp/quick.json
 ```
+
+Last measured (the first command, 2 shared CPU cores, 656 s; test accuracy, mean +- sd over
+seeds 0-4): digits: teacher 0.980 +- 0.005, EV3 0.963 +- 0.010, plain KD 0.965 +- 0.010,
+labels only 0.962 +- 0.002 (all students 3,466 parameters); MNIST-1D: teacher 0.817 +- 0.030,
+EV3 0.475 +- 0.049, plain KD 0.479 +- 0.031, labels only 0.496 +- 0.019 (2,698 parameters).
+EV3 is not above both baselines at this budget (see docs/distillation.md).
 """
 
 from __future__ import annotations
@@ -31,7 +37,6 @@ import sys
 import time
 
 import jax
-
 from ev3_distill import (
     DistillConfig,
     count_params,
@@ -110,8 +115,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--datasets", default="digits,mnist1d")
-    parser.add_argument("--steps", type=int, default=DistillConfig.steps,
-                        help="EV3 iterations (x trajectory = gradient steps)")
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=DistillConfig.steps,
+        help="EV3 iterations (x trajectory = gradient steps)",
+    )
     args = parser.parse_args(argv)
 
     def log(msg: str) -> None:
@@ -142,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in out["datasets"].items():
         for m, d in res["methods"].items():
             acc = d["test_accuracy"]
-            log(f"{name:8s} {m:12s} test accuracy {acc['mean']:.4f} +- {acc['sd']:.4f}  "
-                f"params {d['params']['mean']:.0f}  wall {d['wall_seconds']['mean']:.1f} s")
+            log(
+                f"{name:8s} {m:12s} test accuracy {acc['mean']:.4f} +- {acc['sd']:.4f}  "
+                f"params {d['params']['mean']:.0f}  wall {d['wall_seconds']['mean']:.1f} s"
+            )
         log(f"{name:8s} targets {res['targets']}")
     if args.json:
         with open(args.json, "w") as f:

@@ -64,103 +64,119 @@ KS = (1, 4, 16, 64)
 
 
 # --------------------------------------------------------------------------- simulation
+KMAX = max(KS)
+SCENARIOS = ("null", "worse", "better")
+_LATTICE = 1 << 16  # scores are drawn on a 16-bit lattice, so "no better" is exact
+
+
+def _threshold(p):
+    return jnp.round(jnp.clip(p, 0.0, 1.0) * _LATTICE).astype(jnp.uint32)
+
+
+def lattice_scores(words, u, accuracy, q):
+    """0/1 scores of a model of the given accuracy, paired with the current model.
+
+    `u` (16-bit) decides the current model's scores (`u < P0`); the model re-draws an example
+    when the high half of its word is below `q` (then its low half is the fresh draw), and
+    otherwise shares `u`. Each score is exactly Bernoulli(accuracy) on the lattice.
+    """
+    redraw = (words >> 16) < _threshold(q)
+    v = jnp.where(redraw, words & 0xFFFF, u)
+    return (v < _threshold(accuracy)).astype(jnp.float32)
+
+
 def paired_scores(key, accuracy, q, u):
-    """0/1 scores of a model of the given accuracy, sharing the uniforms `u` except on a
-    fraction `q` of the examples (re-drawn): exactly Bernoulli(accuracy) per example."""
-    k_fresh, k_flip = jax.random.split(key)
-    fresh = jax.random.uniform(k_fresh, u.shape)
-    v = jnp.where(jax.random.bernoulli(k_flip, q, u.shape), fresh, u)
-    return (v < accuracy).astype(jnp.float32)
-
-
-def candidates(key, deltas, q, u):
-    keys = jax.random.split(key, deltas.shape[0])
-    return jax.vmap(paired_scores, in_axes=(0, 0, 0, None))(keys, P0 + deltas, q, u)
+    """`lattice_scores` with fresh words (used by the multi-objective emulation)."""
+    return lattice_scores(jax.random.bits(key, u.shape, jnp.uint32), u, accuracy, q)
 
 
 def mean_utility(v, w):
     return weighted_mean(v[0], w)
 
 
-KMAX = max(KS)
+def draw(key):
+    """One trial's random words, shared by every scenario, K and bound (common random
+    numbers: the bounds are compared on the same data)."""
+    kq, ka, kua, kd, kud, ks = jax.random.split(key, 6)
+    return {
+        "q": jax.random.uniform(kq, (KMAX,), minval=Q_RANGE[0], maxval=Q_RANGE[1]),
+        "assess": jax.random.bits(ka, (KMAX, N_ASSESS), jnp.uint32),
+        "u_assess": jax.random.bits(kua, (N_ASSESS,), jnp.uint32) & 0xFFFF,
+        "decide": jax.random.bits(kd, (KMAX, N_DECIDE), jnp.uint32),
+        "u_decide": jax.random.bits(kud, (N_DECIDE,), jnp.uint32) & 0xFFFF,
+        "key": ks,
+    }
 
 
-def split_trial(scheduler, deltas, k, key):
-    """One engine decision: select on assess data, decide on independent decide data.
+def split_decision(scheduler, data, cand_a, cur_a, cand_d, cur_d, deltas, k):
+    """The engine's decision: select on assess data, decide on independent decide data.
 
-    Candidates beyond `k` (padding up to `KMAX`, so that every K shares one compiled
-    program) are marked invalid, as the engine marks non-finite candidates.
+    Candidates beyond `k` (padding up to `KMAX`) are marked invalid, as the engine marks
+    non-finite candidates, so every K shares one compiled program.
     """
-    kq, ku_a, kc_a, ku_d, kw_d, ks = jax.random.split(key, 6)
     valid = jnp.arange(KMAX) < k
-    q = jax.random.uniform(kq, (KMAX,), minval=Q_RANGE[0], maxval=Q_RANGE[1])
-    u_a = jax.random.uniform(ku_a, (N_ASSESS,))
-    cur_a = (u_a < P0).astype(jnp.float32)
-    scores_a = jnp.concatenate([candidates(kc_a, deltas, q, u_a), cur_a[None], cur_a[None]])[None]
+    scores_a = jnp.concatenate([cand_a, cur_a[None], cur_a[None]])[None]
     history = History.empty(4, 1)
-    state = EV3SchedulerState(key=ks, priority=None)
+    state = EV3SchedulerState(key=data["key"], priority=None)
     winner = scheduler.select(scores_a, valid, state, history)
-    u_d = jax.random.uniform(ku_d, (N_DECIDE,))
-    cur_d = (u_d < P0).astype(jnp.float32)
-    win_d = paired_scores(kw_d, P0 + deltas[winner], q[winner], u_d)
-    scores_d = jnp.stack([win_d, cur_d, cur_d])[None]
+    scores_d = jnp.stack([cand_d[winner], cur_d, cur_d])[None]
     decision, _ = scheduler.decide(scores_d, jnp.array(True), state, history)
     lower, upper = decision.lower, decision.upper
+    # For the unpaired bound: Welch's test of the difference, from the marginal intervals.
+    centre, half = (upper + lower) / 2, (upper - lower) / 2
+    welch = centre[WINNER] - centre[CURRENT] - jnp.hypot(half[WINNER], half[CURRENT])
     return {
         "accepted": decision.choice == WINNER,
         "significant": decision.significant,
         "winner_delta": deltas[winner],
         "margin": lower[WINNER] - jnp.maximum(lower[CURRENT], lower[STABLE]),
         "significance_margin": lower[WINNER] - upper[STABLE],
+        "welch_margin": welch,
+        "welch_accepted": welch > 0,
     }
 
 
-def same_data_trial(bound, deltas, k, key):
+def same_data_decision(bound, data, cand_d, cur_d, deltas, k):
     """Select and accept on the same examples: the best lower bound over `k` comparisons."""
-    kq, ku, kc, kb = jax.random.split(key, 4)
-    q = jax.random.uniform(kq, (KMAX,), minval=Q_RANGE[0], maxval=Q_RANGE[1])
-    u = jax.random.uniform(ku, (N_DECIDE,))
-    cur = (u < P0).astype(jnp.float32)
-    scores = jnp.concatenate([candidates(kc, deltas, q, u), cur[None]])[None]
+    scores = jnp.concatenate([cand_d, cur_d[None]])[None]
     mask = jnp.arange(KMAX + 1) < k
-    iv = bound.interval(mean_utility, scores, KMAX, jnp.float32(Z), kb, mask)
+    iv = bound.interval(mean_utility, scores, KMAX, jnp.float32(Z), data["key"], mask)
     _, lower, _ = advantage(iv, KMAX, bound.paired)
     lower = jnp.where(mask[:KMAX], lower[:KMAX], -jnp.inf)
     winner = jnp.argmax(lower)
-    return {
-        "accepted": lower[winner] > 0,
-        "winner_delta": deltas[winner],
-        "margin": lower[winner],
-    }
+    return {"accepted": lower[winner] > 0, "winner_delta": deltas[winner], "margin": lower[winner]}
 
 
-SCENARIOS = ("null", "worse", "better")
+def trial(schedulers, bounds, deltas, ks, key):
+    """Every (scenario, K) config and every scheduler / bound on one trial's data."""
+    data = draw(key)
+    cur_a = (data["u_assess"] < _threshold(P0)).astype(jnp.float32)
+    cur_d = (data["u_decide"] < _threshold(P0)).astype(jnp.float32)
+    scores = jax.vmap(lattice_scores, in_axes=(0, None, 0, 0))
 
+    def per_config(d, k):
+        cand_a = scores(data["assess"], data["u_assess"], P0 + d, data["q"])
+        cand_d = scores(data["decide"], data["u_decide"], P0 + d, data["q"])
+        out = [split_decision(s, data, cand_a, cur_a, cand_d, cur_d, d, k) for s in schedulers]
+        out += [same_data_decision(b, data, cand_d, cur_d, d, k) for b in bounds]
+        return out
 
-def scenario_deltas(name: str) -> jax.Array:
-    if name == "null":
-        return jnp.zeros((KMAX,), jnp.float32)
-    if name == "worse":
-        return jnp.full((KMAX,), WORSE, jnp.float32)
-    return jnp.zeros((KMAX,), jnp.float32).at[0].set(DELTA)
+    return jax.vmap(per_config)(deltas, ks)
 
 
 @eqx.filter_jit
-def run_configs(trial, component, deltas, ks, keys, batch):
-    """`trial(component, deltas[c], ks[c], key)` for every config `c` and every key."""
-
-    def per_config(xs):
-        d, k, kk = xs
-        return jax.lax.map(lambda key: trial(component, d, k, key), kk, batch_size=batch)
-
-    return jax.lax.map(per_config, (deltas, ks, keys))
+def run_trials(schedulers, bounds, deltas, ks, keys, batch):
+    return jax.lax.map(lambda kk: trial(schedulers, bounds, deltas, ks, kk), keys,
+                       batch_size=batch)
 
 
 def summarise(null, worse, better, margin="margin", accepted="accepted") -> dict[str, float]:
     tau = float(np.quantile(null[margin], NOMINAL))
     good = better["winner_delta"] > 0
+    fa = float(null[accepted].mean())
     return {
-        "false_acceptance_null": float(null[accepted].mean()),
+        "false_acceptance_null": fa,
+        "false_acceptance_null_se": float(np.sqrt(fa * (1 - fa) / null[accepted].size)),
         "false_acceptance_worse": float(worse[accepted].mean()),
         "power": float((better[accepted] & good).mean()),
         "power_at_nominal_fa": float(((better[margin] > tau) & good).mean()),
@@ -169,85 +185,92 @@ def summarise(null, worse, better, margin="margin", accepted="accepted") -> dict
 
 
 def safety(key, trials: int, boot_trials: int, resamples: int) -> list[dict[str, Any]]:
-    split_rows = [
-        ("normal", "none", ev3core.NormalBound()),
-        ("paired", "none", ev3core.PairedBound()),
-        ("paired", "bonferroni", ev3core.PairedBound(correction="bonferroni")),
-        ("bootstrap", "none", ev3core.BootstrapBound(num_resamples=resamples)),
-    ]
-    same_rows = [
-        ("paired", "none", ev3core.PairedBound()),
-        ("paired", "bonferroni", ev3core.PairedBound(correction="bonferroni")),
-        ("paired", "holm", ev3core.PairedBound(correction="holm")),
-        ("paired", "max", ev3core.PairedBound(correction="max", num_resamples=resamples)),
-        ("bootstrap", "none", ev3core.BootstrapBound(num_resamples=resamples)),
-        ("bootstrap", "max", ev3core.BootstrapBound(num_resamples=resamples, correction="max")),
+    def sched(bound):
+        return EV3Scheduler(assess_alpha=0.5, decide_alpha=Z, bound=bound)
+
+    paired, normal = ev3core.PairedBound, ev3core.NormalBound
+    boot = lambda **kw: ev3core.BootstrapBound(num_resamples=resamples, **kw)  # noqa: E731
+    groups = [  # (trials, [(protocol, bound name, correction, component)])
+        (trials, [
+            ("split", "normal", "none", sched(normal())),
+            ("split", "paired", "none", sched(paired())),
+            ("split", "paired", "bonferroni", sched(paired(correction="bonferroni"))),
+            ("same-data", "paired", "none", paired()),
+            ("same-data", "paired", "bonferroni", paired(correction="bonferroni")),
+            ("same-data", "paired", "holm", paired(correction="holm")),
+        ]),
+        (boot_trials, [
+            ("split", "bootstrap", "none", sched(boot())),
+            ("same-data", "paired", "max", paired(correction="max", num_resamples=resamples)),
+            ("same-data", "bootstrap", "none", boot()),
+            ("same-data", "bootstrap", "max", boot(correction="max")),
+        ]),
     ]
     configs = [(s, k) for k in KS for s in SCENARIOS]
-    deltas = jnp.stack([scenario_deltas(s) for s, _ in configs])
+    deltas = jnp.stack([
+        jnp.zeros((KMAX,)) if s == "null" else jnp.full((KMAX,), WORSE) if s == "worse"
+        else jnp.zeros((KMAX,)).at[0].set(DELTA)
+        for s, _ in configs
+    ]).astype(jnp.float32)
     ks = jnp.asarray([k for _, k in configs], jnp.int32)
     rows = []
-    for protocol, table in (("split", split_rows), ("same-data", same_rows)):
-        for name, correction, bound in table:
-            resampling = isinstance(bound, ev3core.BootstrapBound) or correction == "max"
-            n = boot_trials if resampling else trials
-            batch = 10 if resampling else 500
-            keys = jax.random.split(key, (len(configs), n))
-            if protocol == "split":
-                component = EV3Scheduler(assess_alpha=0.5, decide_alpha=Z, bound=bound)
-                out = run_configs(split_trial, component, deltas, ks, keys, min(batch, n))
-            else:
-                out = run_configs(same_data_trial, bound, deltas, ks, keys, min(batch, n))
-            out = jax.tree.map(np.asarray, out)
-            res = {cfg: jax.tree.map(lambda x, i=i: x[i], out) for i, cfg in enumerate(configs)}
+    for g, (n, members) in enumerate(groups):
+        schedulers = tuple(m[3] for m in members if m[0] == "split")
+        bounds = tuple(m[3] for m in members if m[0] == "same-data")
+        keys = jax.random.split(jax.random.fold_in(key, g), n)
+        batch = min(n, 200 if g == 0 else 5)
+        out = jax.tree.map(np.asarray, run_trials(schedulers, bounds, deltas, ks, keys, batch))
+        for (protocol, name, correction, _), res in zip(members, out):
             for k in KS:
-                null, worse, better = (res[(s, k)] for s in SCENARIOS)
+                null, worse, better = (
+                    jax.tree.map(lambda x, i=i: x[:, i], res)
+                    for i in (configs.index((s, k)) for s in SCENARIOS)
+                )
                 row = {"protocol": protocol, "bound": name, "correction": correction, "K": k}
                 row.update(summarise(null, worse, better))
                 row["trials"] = n
                 rows.append(row)
-                if protocol == "split" and name == "normal":
-                    sig = dict(row, bound="normal (significant rule)")
-                    sig.update(summarise(null, worse, better, margin="significance_margin",
-                                         accepted="significant"))
-                    rows.append(sig)
-    order = {(p, b, c): i for i, (p, b, c) in enumerate(
-        (r["protocol"], r["bound"], r["correction"]) for r in rows)}
-    return sorted(rows, key=lambda r: (r["K"], order[(r["protocol"], r["bound"],
-                                                      r["correction"])]))
+                if name == "normal":  # the unpaired bound's two valid tests of "better"
+                    for label, margin, accepted in (
+                        ("normal (significant rule)", "significance_margin", "significant"),
+                        ("normal (Welch difference)", "welch_margin", "welch_accepted"),
+                    ):
+                        extra = dict(row, bound=label)
+                        extra.update(summarise(null, worse, better, margin, accepted))
+                        rows.append(extra)
+    rank = {"split": 0, "same-data": 1}
+    return sorted(rows, key=lambda r: (r["K"], rank[r["protocol"]]))
 
 
 # --------------------------------------------------------------------------- multi-objective
-def emulate(scheduler, make_candidates, start, key, steps: int, n_assess: int, n_decide: int,
-            k: int):
-    """The engine's loop on simulated objectives: true values of current and stable models.
-
-    `make_candidates(key, true_current) -> true values [K, M]`; each objective's per-example
-    scores are paired accuracies (independent uniforms per objective).
-    """
+def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
+    """The engine's loop on simulated objectives, tracking the true values of the current and
+    stable models. `make_candidates(key, true_current) -> true values [K, M]`; each
+    objective's per-example scores are paired accuracies (independent words per objective);
+    assessment uses `N_ASSESS` examples, decisions `n_decide`."""
     num = start.shape[0]
-    state = scheduler.init(num)
-    state = EV3SchedulerState(key=jax.random.fold_in(key, 1), priority=state.priority)
+    state = EV3SchedulerState(key=jax.random.fold_in(key, 1), priority=scheduler.init(num).priority)
     history = History.empty(8, num)
+    per_model = jax.vmap(jax.vmap(paired_scores), in_axes=(0, 0, 0, None))
 
-    def scores(key, trues, qs, n):  # trues [models, M] -> [M, models, n]
+    def scores(key, trues, qs, n):  # trues, qs: [models, M] -> scores [M, models, n]
         k_u, k_m = jax.random.split(key)
-        u = jax.random.uniform(k_u, (num, n))
-        keys = jax.random.split(k_m, trues.shape[0] * num).reshape(trues.shape[0], num)
-        per = jax.vmap(jax.vmap(paired_scores, in_axes=(0, 0, 0, 0)), in_axes=(0, 0, 0, None))
-        return jnp.moveaxis(per(keys, trues, qs, u), 0, 1)
+        u = jax.random.bits(k_u, (num, n), jnp.uint32) & 0xFFFF
+        keys = jax.random.split(k_m, trues.shape[:2])
+        return jnp.moveaxis(per_model(keys, trues, qs, u), 0, 1)
 
     def step(carry, key):
         cur, stab, sstate, hist = carry
         k_c, k_q, k_a, k_d = jax.random.split(key, 4)
         cands = make_candidates(k_c, cur)
-        qs = jax.random.uniform(k_q, (k, num), minval=Q_RANGE[0], maxval=Q_RANGE[1])
-        zero_q = jnp.zeros((2, num))
+        k = cands.shape[0]
+        qs = jax.random.uniform(k_q, (k, num), minval=q_range[0], maxval=q_range[1])
+        incumbents_q = jnp.zeros((2, num))  # current and stable share the examples' draws
         s_a = scores(k_a, jnp.concatenate([cands, cur[None], stab[None]]),
-                     jnp.concatenate([qs, zero_q]), n_assess)
+                     jnp.concatenate([qs, incumbents_q]), N_ASSESS)
         winner = scheduler.select(s_a, jnp.ones((k,), bool), sstate, hist)
         trio = jnp.stack([cands[winner], cur, stab])
-        s_d = scores(k_d, trio, jnp.stack([qs[winner], zero_q[0], zero_q[1]]), n_decide)
+        s_d = scores(k_d, trio, jnp.concatenate([qs[winner][None], incumbents_q]), n_decide)
         decision, sstate = scheduler.decide(s_d, jnp.array(True), sstate, hist)
         new_cur = trio[decision.choice]
         new_stab = jnp.where(decision.update_stable, trio[WINNER], stab)
@@ -258,8 +281,8 @@ def emulate(scheduler, make_candidates, start, key, steps: int, n_assess: int, n
             "priorities": decision.priorities,
             "accepted": decision.choice == WINNER,
             "true": new_cur,
-            "true_change": new_cur - cur,
-            "observed_change": observed[:, decision.choice] - observed[:, CURRENT],
+            "winner_true_change": cands[winner] - cur,
+            "observed_change": observed[:, WINNER] - observed[:, CURRENT],
         }
         return (new_cur, new_stab, sstate, hist), log
 
@@ -268,68 +291,69 @@ def emulate(scheduler, make_candidates, start, key, steps: int, n_assess: int, n
 
 
 @eqx.filter_jit
-def run_emulations(scheduler, make_candidates, start, keys, steps, n_assess, n_decide, k):
+def run_emulations(scheduler, make_candidates, start, keys, steps, n_decide, q_range):
     """`emulate` for every key (repeats), in one compiled program per scheduler structure."""
     return jax.vmap(
-        lambda kk: emulate(scheduler, make_candidates, start, kk, steps, n_assess, n_decide, k)
+        lambda kk: emulate(scheduler, make_candidates, start, kk, steps, n_decide, q_range)
     )(keys)
 
 
-A_MAX, B_MAX = 0.9, 0.95
+A_MAX = 0.9
 
 
 def saturating_candidates(key, cur):
-    """A has little headroom (saturates early); B has a lot and improves slowly."""
+    """8 candidates: A improves by a share of its small headroom (it saturates early); B
+    improves by small steady amounts (it keeps improving)."""
     ka, kb = jax.random.split(key)
-    k = 8
-    da = (A_MAX - cur[0]) * jax.random.uniform(ka, (k,), minval=-0.5, maxval=0.8)
-    db = (B_MAX - cur[1]) * jax.random.uniform(kb, (k,), minval=-0.15, maxval=0.15)
-    return cur + jnp.stack([da, db], axis=-1)
+    da = (A_MAX - cur[0]) * jax.random.uniform(ka, (8,), minval=-0.3, maxval=0.7)
+    db = jax.random.uniform(kb, (8,), minval=-0.01, maxval=0.015)
+    return jnp.clip(cur + jnp.stack([da, db], axis=-1), 0.0, 1.0)
 
 
 def trading_candidates(key, cur):
-    """Improving B tends to cost A: da = -0.6 db + noise."""
-    kb, ka = jax.random.split(key)
-    k = 8
-    db = jax.random.uniform(kb, (k,), minval=-0.01, maxval=0.04)
-    da = -0.6 * db + jax.random.uniform(ka, (k,), minval=-0.008, maxval=0.008)
+    """8 candidates: half are honest (B +0..0.015, A within 0.3 points), half trade A for B
+    (B +0.02..0.04, A -1..-3 points)."""
+    kc, kb1, kb2, ka1, ka2 = jax.random.split(key, 5)
+    trade = jax.random.bernoulli(kc, 0.5, (8,))
+    u = lambda k, lo, hi: jax.random.uniform(k, (8,), minval=lo, maxval=hi)  # noqa: E731
+    db = jnp.where(trade, u(kb1, 0.02, 0.04), u(kb2, 0.0, 0.015))
+    da = jnp.where(trade, u(ka1, -0.03, -0.01), u(ka2, -0.003, 0.002))
     return jnp.clip(cur + jnp.stack([da, db], axis=-1), 0.0, 1.0)
 
 
 def priorities_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
     schedulers = {
-        "fixed A (weighted_sum 0.9/0.1)": ev3core.WeightedSum([0.9, 0.1]),
+        "fixed on A (weighted_sum 0.9/0.1)": ev3core.WeightedSum([0.9, 0.1]),
         "weighted_sum 0.5/0.5": ev3core.WeightedSum([0.5, 0.5]),
         "chebyshev 0.5/0.5": ev3core.WeightedChebyshev([0.5, 0.5]),
-        "lexicographic A>B tol 0.005": ev3core.Lexicographic((0, 1), (0.005, 0.0)),
+        "lexicographic A>B, tol 0.005": ev3core.Lexicographic((0, 1), (0.005, 0.0)),
         "stall (patience 5)": ev3core.StallPriority(patience=5),
         "ucb": ev3core.UCBPriority(),
         "exp3": ev3core.EXP3Priority(),
     }
-    start = jnp.array([0.84, 0.55], jnp.float32)
-    quarter = steps // 4
+    start = jnp.array([0.8, 0.5], jnp.float32)
     out = {}
     for name, priority in schedulers.items():
         sched = EV3Scheduler(assess_alpha=0.5, decide_alpha=Z, priority=priority)
         logs = run_emulations(sched, saturating_candidates, start,
-                              jax.random.split(key, repeats), steps, N_ASSESS, N_DECIDE, 8)
+                              jax.random.split(key, repeats), steps, N_DECIDE, Q_RANGE)
         logs = jax.tree.map(np.asarray, logs)
-        pb = logs["priorities"][..., 1]  # [repeats, steps]
+        pb = logs["priorities"][..., 1].mean(0)  # [steps]
+        mean_a = logs["true"][..., 0].mean(0)
         out[name] = {
-            "priority_B_by_quarter": [float(pb[:, i * quarter:(i + 1) * quarter].mean())
-                                      for i in range(4)],
-            "A_saturated_at_step": int(np.argmax(logs["true"][..., 0].mean(0) >= A_MAX - 0.005)),
-            "final_true_A": float(logs["true"][:, -1, 0].mean()),
+            "priority_B_by_quarter": [float(x.mean()) for x in np.array_split(pb, 4)],
+            "A_saturated_at_step": int(np.argmax(mean_a >= A_MAX - 0.005)),
+            "final_true_A": float(mean_a[-1]),
             "final_true_B": float(logs["true"][:, -1, 1].mean()),
             "accepted_per_step": float(logs["accepted"].mean()),
-            "priority_B_trajectory": [round(float(x), 3) for x in pb.mean(0)],
+            "priority_B_trajectory": [round(float(x), 3) for x in pb],
         }
-    return {"start": [float(x) for x in start], "A_max": A_MAX, "B_max": B_MAX,
-            "steps": steps, "repeats": repeats, "schedulers": out}
+    return {"start": [float(x) for x in start], "A_max": A_MAX, "steps": steps,
+            "repeats": repeats, "schedulers": out}
 
 
 def constraint_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
-    max_drop = 0.005
+    max_drop, n_decide, q_range = 0.005, 4096, (0.01, 0.05)
     start = jnp.array([0.85, 0.6], jnp.float32)
     out = {}
     for label, alpha in (("decide_alpha=4 (EV3 default)", 4.0), ("decide_alpha=1.645 (95%)", Z)):
@@ -340,70 +364,73 @@ def constraint_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
                 constraints=[ev3core.Constraint("A", max_drop=max_drop)] if constrained else (),
             )
             logs = run_emulations(sched, trading_candidates, start,
-                                  jax.random.split(key, repeats), steps, N_ASSESS, 4096, 8)
+                                  jax.random.split(key, repeats), steps, n_decide, q_range)
             logs = jax.tree.map(np.asarray, logs)
             acc = logs["accepted"]
-            true_drop = -logs["true_change"][..., 0]
+            violating = -logs["winner_true_change"][..., 0] > max_drop
             seen_drop = -logs["observed_change"][..., 0]
             out[f"{label}, {'with' if constrained else 'without'} constraint"] = {
                 "accepted_steps": int(acc.sum()),
-                "accepted_true_violations": int((acc & (true_drop > max_drop)).sum()),
+                "accepted_true_violations": int((acc & violating).sum()),
+                "violating_winners": int(violating.sum()),
                 "accepted_decide_set_violations": int((acc & (seen_drop > max_drop)).sum()),
-                "worst_true_drop_accepted": float(np.where(acc, true_drop, -np.inf).max()),
                 "final_true_A": float(logs["true"][:, -1, 0].mean()),
                 "final_true_B": float(logs["true"][:, -1, 1].mean()),
             }
     return {"max_drop": max_drop, "start": [float(x) for x in start], "steps": steps,
-            "repeats": repeats, "n_decide": 4096, "runs": out}
+            "repeats": repeats, "n_decide": n_decide, "q_range": q_range, "runs": out}
 
 
 # --------------------------------------------------------------------------- report
 def print_safety(rows):
     print(f"\n== Safety of one decision: nominal one-sided level {NOMINAL:.0%} (alpha = {Z:.3f}),"
           f" false acceptance target <= {1 - NOMINAL:.0%} ==")
-    print("   protocol  | bound                     | correction |  K | FA null | FA worse | "
+    print("  FA null +- its Monte Carlo standard error; power@FA: power with the threshold moved "
+          "so that the empirical FA null is exactly 5% (an oracle calibration)")
+    print("  protocol   | bound                     | correction |  K | FA null       | FA worse | "
           "power | power@FA | trials")
     for r in rows:
+        fa = f"{r['false_acceptance_null']:.3f}+-{r['false_acceptance_null_se']:.3f}"
         print(f"  {r['protocol']:<10} | {r['bound']:<25} | {r['correction']:<10} | {r['K']:>2} | "
-              f"{r['false_acceptance_null']:7.3f} | {r['false_acceptance_worse']:8.3f} | "
+              f"{fa:<13} | {r['false_acceptance_worse']:8.3f} | "
               f"{r['power']:5.3f} | {r['power_at_nominal_fa']:8.3f} | {r['trials']}")
 
 
 def print_priorities(res):
     print(f"\n== Priorities: A saturates early (start {res['start']}, A max {res['A_max']}), "
           f"B keeps improving; {res['repeats']} repeats x {res['steps']} steps ==")
-    print("  scheduler                     | priority on B by quarter  | A sat. | final A | "
+    print("  scheduler                          | priority on B by quarter | A sat. | final A | "
           "final B")
     for name, r in res["schedulers"].items():
         q = " ".join(f"{x:.2f}" for x in r["priority_B_by_quarter"])
-        print(f"  {name:<29} | {q:<25} | {r['A_saturated_at_step']:>6} | {r['final_true_A']:.4f}"
-              f"  | {r['final_true_B']:.4f}")
+        print(f"  {name:<34} | {q:<24} | {r['A_saturated_at_step']:>6} | "
+              f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}")
 
 
 def print_constraint(res):
     print(f"\n== Constraint: lose at most {res['max_drop']} of A while optimising B "
           f"({res['repeats']} repeats x {res['steps']} steps) ==")
-    print("  run                                           | accepted | true viol. | "
-          "decide-set viol. | worst true drop | final A | final B")
+    print("  run                                              | accepted | violating winners | "
+          "accepted violations: true, decide set | final A | final B")
     for name, r in res["runs"].items():
-        print(f"  {name:<45} | {r['accepted_steps']:>8} | {r['accepted_true_violations']:>10} | "
-              f"{r['accepted_decide_set_violations']:>16} | {r['worst_true_drop_accepted']:15.4f} |"
-              f" {r['final_true_A']:.4f}  | {r['final_true_B']:.4f}")
+        print(f"  {name:<48} | {r['accepted_steps']:>8} | {r['violating_winners']:>17} | "
+              f"{r['accepted_true_violations']:>25}, {r['accepted_decide_set_violations']:>10} | "
+              f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}")
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="write the results to this file")
     parser.add_argument("--trials", type=int, default=2000)
-    parser.add_argument("--boot-trials", type=int, default=1000)
-    parser.add_argument("--resamples", type=int, default=500)
+    parser.add_argument("--boot-trials", type=int, default=400)
+    parser.add_argument("--resamples", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="few trials, for a smoke check")
     args = parser.parse_args(argv)
     if args.quick:
-        args.trials, args.boot_trials, args.resamples = 200, 50, 100
+        args.trials, args.boot_trials, args.resamples = 200, 20, 100
         args.repeats, args.steps = 8, 40
     t0 = time.perf_counter()
     key = jax.random.key(args.seed)

@@ -33,7 +33,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Shaped
 
 from .errors import ConfigurationError
 
@@ -70,11 +70,13 @@ def weighted_mean(
     values: Float[Array, " example"], weights: Float[Array, " example"]
 ) -> Float[Array, ""]:
     """`sum(w * x) / sum(w)`: the utility of a per-example objective."""
-    return jnp.sum(values * weights) / jnp.sum(weights)
+    # A dot product, so that resampling many weight vectors is one matrix product.
+    return jnp.dot(values, weights) / jnp.sum(weights)
 
 
-def bonferroni_z(z: Float[Array, ""], m: Float[Array, ""] | float) -> Float[Array, ""]:
-    """The alpha that spends the one-sided level `Phi(-z)` over `m` comparisons.
+def bonferroni_z(z: Float[Array, ""], m: Shaped[Array, "*m"] | int) -> Float[Array, "*m"]:
+    """The alpha that spends the one-sided level `Phi(-z)` over `m` comparisons (`m >= 1`,
+    a count or an array of counts).
 
     `-Phi^-1(Phi(-z) / m)`, computed in the lower tail so that it stays accurate for large `z`.
     """

@@ -62,6 +62,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "save_checkpoint",
+    "state_digest",
 ]
 
 
@@ -141,14 +142,30 @@ def _atomic_write(path: Path, write: Callable[[Any], None]) -> None:
     _fsync_dir(path.parent)
 
 
+def _json_default(x: Any) -> Any:
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
+    if isinstance(x, (np.ndarray, np.generic, jax.Array)) and not _is_key(x):
+        return np.asarray(x).tolist()
+    raise TypeError(f"{type(x).__name__} {x!r} is not JSON-serialisable")
+
+
 def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(dict(metadata)))
+        return json.loads(json.dumps(dict(metadata), default=_json_default))
     except (TypeError, ValueError) as exc:
         raise CheckpointError(
             f"save_checkpoint: metadata is not JSON-serialisable ({exc}). Pass plain "
             "dicts, lists, strings and numbers as metadata."
         ) from exc
+
+
+def state_digest(state: State) -> str:
+    """SHA-256 of every leaf of `state` as a checkpoint stores them: equal digests mean
+    bit-identical states (used to compare a resumed run with an uninterrupted one)."""
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, _to_storable(state))
+    return hashlib.sha256(buf.getvalue()).hexdigest()
 
 
 def describe_engine(engine: Any) -> dict[str, Any]:
@@ -317,7 +334,7 @@ def _signature_mismatch(stored: list[list[Any]], wanted: list[list[Any]]) -> str
     by_path = {p: (s, d) for p, s, d in stored_t}
     for p, s, d in wanted_t:
         if p not in by_path:
-            return f"the checkpoint has no leaf {p} (shape {s}, {d}) that `like` has"
+            return f"`like` has a leaf {p} (shape {s}, {d}) that the checkpoint lacks"
         if by_path[p] != (s, d):
             ss, sd = by_path[p]
             return f"leaf {p} is {ss} {sd} in the checkpoint but {s} {d} in `like`"
@@ -532,10 +549,14 @@ class Checkpointer:
             self.last_saved = self._start
 
     @hookimpl(trylast=True)
-    def ev3_after_step(self, state: State) -> None:
-        step = int(state.step)
-        last = self.last_saved if self.last_saved is not None else step
-        if step != last and step // self.every > last // self.every:
+    def ev3_after_step(self, state: State, step: int) -> None:
+        if self._start is None:  # called outside ev3core.run: read the counter
+            self._start = int(state.step) - step - 1
+        # The engine step this info belongs to, known on the host: no device sync unless a
+        # checkpoint is due (with chunk > 1, `state` is the chunk's last state; it is saved).
+        reached = self._start + step + 1
+        due = reached // self.every > (reached - 1) // self.every
+        if due and int(state.step) != self.last_saved:
             self.save(state)
 
     @hookimpl(trylast=True)

@@ -66,6 +66,14 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
                 "pipeline file; drop --smoke to run them."
             )
         return None
+    if args.resume and args.experiment is None and os.path.isdir(
+        os.path.join(args.resume, "checkpoint")
+    ):
+        raise ConfigurationError(
+            f"--resume {args.resume}: that is the output of a distillation run (its final "
+            "state is in checkpoint/); only the smoke experiment can be resumed. Start a new "
+            "run instead."
+        )
     if args.experiment == "smoke" or (args.resume and args.experiment is None):
         return None
     plugins = default_plugins()
@@ -139,7 +147,7 @@ def _run_smoke(args: argparse.Namespace) -> int:
     """The built-in smoke experiment, with `--out` checkpoints and `--resume`."""
     import jax
 
-    from ._checkpoint import Checkpointer, list_checkpoints, load_checkpoint
+    from ._checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
     from ._components import Accuracy
     from ._plugins import plugins as default_plugins
     from ._run import run
@@ -211,6 +219,7 @@ def _run_smoke(args: argparse.Namespace) -> int:
         "test_accuracy": test_acc,
         "stable_test_accuracy": stable_acc,
         **progress.counts,
+        "state_sha256": state_digest(state),  # equal digests: bit-identical final states
         "resumed_from": None if resumed is None else int(manifest["step"]),
         "wall_seconds": time.perf_counter() - t0,
     }

@@ -40,6 +40,8 @@ def _sample(data: PyTree[Array], key: PRNGKeyArray, size: int) -> PyTree[Array]:
 
 
 _STREAMS = ("propose", "assess", "decide")
+#: Engine / state / data signatures that passed `Engine.check_data`'s abstract evaluation.
+_CHECKED: set[Any] = set()
 
 
 def _describe_stream(stream: PyTree[Any]) -> str:
@@ -269,7 +271,26 @@ class Engine(eqx.Module):
                     f"{size} {name} examples or use {label}<={sizes[name]}."
                 )
         if state is not None:
-            self._check_against_state(data, state)
+            try:  # the abstract check depends only on structures, shapes and dtypes
+                key = (
+                    id(self),
+                    jax.tree.structure(self),
+                    jax.tree.structure(state),
+                    jax.tree.structure(data),
+                    tuple(
+                        (jnp.shape(x), jnp.result_type(x))
+                        for x in jax.tree.leaves((self, state, data))
+                    ),
+                )
+                hash(key)
+            except TypeError:
+                key = None
+            if key is None or key not in _CHECKED:
+                self._check_against_state(data, state)
+                if key is not None:
+                    if len(_CHECKED) > 256:
+                        _CHECKED.clear()
+                    _CHECKED.add(key)
 
     def _check_against_state(self, data: Data, state: State) -> None:
         from ._faults import component_owner

@@ -102,7 +102,8 @@ class EV3Scheduler(AbstractScheduler):
     intervals of the advantage `U(model) - U(reference)`.
 
     *Assess*: the winner is the valid candidate with the highest lower bound (at
-    `assess_alpha`) relative to the current model.
+    `assess_alpha`) relative to the current model, among those that keep the constraints on
+    the assess data when any does.
 
     *Decide*: on the decide set, with intervals relative to the current model (whose own is
     `[0, 0]` for a paired bound), the highest lower bound among the winner, the current and
@@ -283,6 +284,7 @@ class EV3Scheduler(AbstractScheduler):
         self,
         scores: Float[Array, "objective model example"],
         reference: int,
+        z: Float[Array, ""],
         key: PRNGKeyArray,
         mask: Bool[Array, " model"],
     ) -> Bool[Array, " model"]:
@@ -291,7 +293,7 @@ class EV3Scheduler(AbstractScheduler):
         if not self.constraints:
             return jnp.ones((num_models,), bool)
         index = [self._constraint_index(c, scores.shape[0]) for c in self.constraints]
-        _, lower, _ = self._advantages(scores, index, reference, self.decide_alpha, key, mask)
+        _, lower, _ = self._advantages(scores, index, reference, z, key, mask)
         drop = jnp.stack([c.max_drop for c in self.constraints])[:, None]
         return jnp.all(lower >= -drop, axis=0) | (jnp.arange(num_models) == reference)
 
@@ -323,6 +325,11 @@ class EV3Scheduler(AbstractScheduler):
             iv = self.bound.interval(utility, scores, k, self.assess_alpha, keys.select, mask)
             lcb = iv.lower[:k]
             score = jnp.where(valid & jnp.isfinite(lcb), lcb, -jnp.inf)
+        if self.constraints:
+            # Prefer candidates that keep the constraints on the assess data, if any does.
+            holds = self._constraints_hold(scores, k, self.assess_alpha, keys.select, mask)[:k]
+            keeps = jnp.where(holds, score, -jnp.inf)
+            score = jnp.where(jnp.any(jnp.isfinite(keeps)), keeps, score)
         return jnp.argmax(score).astype(jnp.int32)
 
     def decide(
@@ -339,8 +346,8 @@ class EV3Scheduler(AbstractScheduler):
         movable = jnp.stack([winner_valid, yes, yes])
         moves = jnp.stack([winner_valid, no, yes])  # comparisons with the current model
         versus_stable = jnp.stack([winner_valid, no, no])
-        holds = self._constraints_hold(scores, CURRENT, keys.decide, moves)
-        holds_stable = self._constraints_hold(scores, STABLE, keys.decide, versus_stable)
+        holds = self._constraints_hold(scores, CURRENT, z, keys.decide, moves)
+        holds_stable = self._constraints_hold(scores, STABLE, z, keys.decide, versus_stable)
         order_ = jnp.array(_ORDER, jnp.int32)
 
         if self._lexicographic:

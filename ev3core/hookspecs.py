@@ -259,6 +259,12 @@ def ev3_run_end(engine: Engine, state: State, infos: list[StepInfo]) -> None:
 
     **Arguments:** the `engine`, the final `state`, and the per-step `infos` collected.
 
+    After Ctrl-C the run stops at a step boundary and calls this hook before raising
+    `ev3core.errors.RunInterrupted`, so a checkpointer can write a final checkpoint. When an
+    error stopped the run, `int(state.step) == start_step + len(infos)` tells whether every
+    step in `state` was seen by every `ev3_after_step` hook (`ev3core.Checkpointer` saves only
+    then).
+
     **Calling rule:** collect-all; return values are ignored.
     """
 

@@ -27,8 +27,12 @@ def _plugins(*extra):
     return ev3core.load_plugins(extra=list(extra), autoload=False)
 
 
+# Shared optax objects: equal engines share one compiled step (keeps the property test fast).
+SGD, ADAM = optax.sgd(0.1), optax.adam(1e-2)
+
+
 def _grad(**kw):
-    args = dict(losses=[ev3core.CrossEntropy()], optimizers=[optax.sgd(0.1)], steps=2,
+    args = dict(losses=[ev3core.CrossEntropy()], optimizers=[SGD], steps=2,
                 batch_size=4)
     args.update(kw)
     return ev3core.GradientProposer(**args)
@@ -281,7 +285,7 @@ def _build_and_run(cfg):
         else:
             proposers.append(ev3core.GradientProposer(
                 losses=[ev3core.CrossEntropy(t) for t in (1.0, 0.5)[: spec["losses"]]],
-                optimizers=[optax.sgd(0.1), optax.adam(1e-2)][: spec["optimizers"]],
+                optimizers=[SGD, ADAM][: spec["optimizers"]],
                 steps=spec["steps"], batch_size=spec["batch_size"]))
     sched = cfg["scheduler"]
     if isinstance(sched, dict):

@@ -17,8 +17,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-
-import ev3core
 from ev3_distill import (
     CNN,
     MLP,
@@ -34,6 +32,8 @@ from ev3_distill import (
     max_abs_output_difference,
     widen,
 )
+
+import ev3core
 from ev3core.errors import ConfigurationError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,21 +45,31 @@ PLUGIN_DIR = ROOT / "plugins" / "ev3-distill"
 def _models():
     k = jax.random.key(0)
     return {
-        "mlp1": (MLP(64, 10, (4,), key=k), (64,)),
-        "mlp2": (MLP(64, 10, (5, 3), key=k), (64,)),
-        "cnn2d": (CNN((8, 8), 10, (2, 3), key=k), (64,)),
-        "cnn2d_hidden": (CNN((8, 8), 10, (3,), hidden=6, key=k), (64,)),
-        "cnn1d": (CNN((40,), 10, (2, 2), kernel_size=5, key=k), (40,)),
+        "mlp": MLP(64, 10, (5, 3), key=k),
+        "cnn2d": CNN((8, 8), 10, (2, 3), hidden=6, key=k),
+        "cnn1d": CNN((40,), 10, (2, 2), kernel_size=5, key=k),
     }
 
 
-def _ops():
-    out = []
-    for name, (model, _) in _models().items():
-        for i in range(len(model.widths)):
-            out.append((name, "widen", i))
-            out.append((name, "deepen", i))
-    return out
+@functools.cache
+def _inputs(name):
+    shape = (40,) if name == "cnn1d" else (64,)
+    return jax.random.normal(jax.random.key(1), (32, *shape))
+
+
+# Every operator on every kind of layer boundary: hidden -> hidden, hidden -> output,
+# conv -> conv, conv -> dense head (flattened channels), 1-D and 2-D convolutions.
+OPS = [
+    ("mlp", "widen", 0),
+    ("mlp", "widen", 1),
+    ("mlp", "deepen", 0),
+    ("mlp", "deepen", 1),
+    ("cnn2d", "widen", 0),
+    ("cnn2d", "widen", 1),
+    ("cnn2d", "deepen", 0),
+    ("cnn1d", "widen", 1),
+    ("cnn1d", "deepen", 1),
+]
 
 
 def _grow(model, op, i, mode, key):
@@ -68,33 +78,34 @@ def _grow(model, op, i, mode, key):
     return deepen(model, i, mode=mode, key=key)
 
 
-@pytest.mark.parametrize("name,op,layer", _ops())
+@pytest.mark.parametrize("name,op,layer", OPS)
 def test_growth_preserves_the_function(name, op, layer):
-    model, shape = _models()[name]
-    x = jax.random.normal(jax.random.key(1), (64, *shape))
+    model, x = _models()[name], _inputs(name)
     grown = _grow(model, op, layer, "preserve", jax.random.key(2))
     assert count_params(grown) > count_params(model)
     assert max_abs_output_difference(model, grown, x) < 1e-5
-    # fresh mode changes the function (so the check above is not vacuous)
+
+
+@pytest.mark.parametrize("name,op,layer", [("mlp", "widen", 0), ("cnn2d", "deepen", 0)])
+def test_fresh_growth_changes_the_function(name, op, layer):
+    model, x = _models()[name], _inputs(name)
     fresh = _grow(model, op, layer, "fresh", jax.random.key(2))
-    assert jax.tree.structure(fresh) == jax.tree.structure(grown)
-    assert max_abs_output_difference(model, fresh, x) > 1e-3
+    preserved = _grow(model, op, layer, "preserve", jax.random.key(2))
+    assert jax.tree.structure(fresh) == jax.tree.structure(preserved)
+    assert max_abs_output_difference(model, fresh, x) > 1e-3  # the check above is not vacuous
 
 
 def test_repeated_growth_preserves_and_new_units_learn():
-    model = MLP(64, 10, (2,), key=jax.random.key(0))
-    x = jax.random.normal(jax.random.key(1), (32, 64))
+    model = _models()["mlp"]
+    x = _inputs("mlp")
     y = jnp.arange(32) % 10
-    grown = model
-    for i in range(3):
-        grown = widen(grown, 0, grown.widths[0] * 2, key=jax.random.key(10 + i))
+    grown = widen(model, 1, 6, key=jax.random.key(10))
     grown = deepen(grown, key=jax.random.key(20))
-    grown = widen(grown, 1, 20, key=jax.random.key(21))
-    assert grown.widths == (16, 20)
+    assert grown.widths == (5, 6, 6)
     assert max_abs_output_difference(model, grown, x) < 1e-5
     # zero outgoing weights of new units still get gradients: they are not dead
     grads = eqx.filter_grad(lambda m: LabelLoss()(m, (x, y), jax.random.key(0)))(grown)
-    assert float(jnp.abs(grads.layers[-1].weight[:, 16:]).sum()) > 0
+    assert float(jnp.abs(grads.layers[2].weight[:, 3:]).sum()) > 0
 
 
 def test_growth_rejects_bad_requests():
@@ -179,8 +190,9 @@ def test_distill_loss_teacher_forms_agree():
 
 # ---------------------------------------------------------------------------- growth in EV3
 def _tiny_engine(num_teachers=1):
-    losses = [LabelLoss()] + [DistillLoss(t, 0.9, teacher=j) for j in range(num_teachers)
-                              for t in (1.0, 3.0)]
+    losses = [LabelLoss()] + [
+        DistillLoss(t, 0.9, teacher=j) for j in range(num_teachers) for t in (1.0, 3.0)
+    ]
     return ev3core.Pipeline(
         proposers=[ev3core.GradientProposer(losses, [optax.sgd(0.1)], steps=3, batch_size=8)],
         assessors=[ev3core.Accuracy()],
@@ -231,19 +243,32 @@ def test_growth_trigger_counts_non_significant_decisions():
     policy = GrowthPolicy(patience=3, max_width=8, max_depth=1)
     hist = state.history
     for i, sig in enumerate([True, False, False]):
-        hist = hist.record(jnp.int32(i), jnp.int32(0), jnp.int32(1), jnp.array(False),
-                           jnp.array(sig), jnp.zeros((1,), jnp.float32))
+        hist = hist.record(
+            jnp.int32(i),
+            jnp.int32(0),
+            jnp.int32(1),
+            jnp.array(False),
+            jnp.array(sig),
+            jnp.zeros((1,), jnp.float32),
+        )
     state = eqx.tree_at(lambda s: (s.history, s.step), state, (hist, jnp.int32(3)))
     assert not policy.should_grow(state)  # streak of 2 < 3
-    hist = hist.record(jnp.int32(3), jnp.int32(0), jnp.int32(1), jnp.array(False),
-                       jnp.array(False), jnp.zeros((1,), jnp.float32))
+    hist = hist.record(
+        jnp.int32(3),
+        jnp.int32(0),
+        jnp.int32(1),
+        jnp.array(False),
+        jnp.array(False),
+        jnp.zeros((1,), jnp.float32),
+    )
     state = eqx.tree_at(lambda s: (s.history, s.step), state, (hist, jnp.int32(4)))
     assert policy.should_grow(state)
     grown, op = policy.maybe_grow(engine, state, jax.random.key(0))
     assert op == "widen [4] -> [8]" and grown.model.widths == (8,)
     assert not policy.should_grow(grown)  # not again right after growing
-    again, op = policy.maybe_grow(engine, eqx.tree_at(lambda s: s.step, grown, jnp.int32(9)),
-                                  jax.random.key(0))
+    again, op = policy.maybe_grow(
+        engine, eqx.tree_at(lambda s: s.step, grown, jnp.int32(9)), jax.random.key(0)
+    )
     assert op is None  # at the cap (width 8, depth 1)
 
 
@@ -262,10 +287,13 @@ def test_archive_keeps_the_best_student_of_each_size():
 
 
 # ---------------------------------------------------------------------------- data
-@pytest.mark.parametrize("name,sizes", [
-    ("digits", {"train": 987, "assess": 180, "decide": 270, "test": 360}),
-    ("mnist1d", {"train": 3000, "assess": 400, "decide": 600, "test": 1000}),
-])
+@pytest.mark.parametrize(
+    "name,sizes",
+    [
+        ("digits", {"train": 987, "assess": 180, "decide": 270, "test": 360}),
+        ("mnist1d", {"train": 3000, "assess": 400, "decide": 600, "test": 1000}),
+    ],
+)
 def test_datasets_split_without_overlap_and_offline(name, sizes, monkeypatch):
     import requests
 
@@ -298,9 +326,20 @@ def _env(**extra):
 def test_ev3_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(
-        [str(Path(sys.executable).parent / "ev3"), "run", "--steps", "4", "--seed", "3",
-         "--out", str(out)],
-        env=_env(), capture_output=True, text=True, timeout=300,
+        [
+            str(Path(sys.executable).parent / "ev3"),
+            "run",
+            "--steps",
+            "4",
+            "--seed",
+            "3",
+            "--out",
+            str(out),
+        ],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, res.stderr[-3000:]
     assert "EV3 distill" in res.stderr  # the progress bar
@@ -341,21 +380,38 @@ def test_ev3_run_end_to_end(tmp_path):
     )
 
 
-def test_ev3_run_unknown_experiment_suggests_the_right_one():
-    ev3 = str(Path(sys.executable).parent / "ev3")
-    res = subprocess.run([ev3, "run", "--experiment", "distil"], env=_env(),
-                         capture_output=True, text=True, timeout=120)
-    assert res.returncode == 2
-    assert "No experiment named 'distil'" in res.stderr and "'distill'" in res.stderr
+def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
+    from ev3core._cli import main
+
+    assert main(["run", "--experiment", "distil"]) == 2
+    err = capsys.readouterr().err
+    assert "No experiment named 'distil'" in err and "'distill'" in err
+    (tmp_path / "checkpoint").mkdir()
+    assert main(["run", "--resume", str(tmp_path)]) == 2
+    assert "only the smoke experiment can be resumed" in capsys.readouterr().err
+    assert main(["run", "--smoke", "my_pipeline.py"]) == 2
+    assert "--smoke runs the built-in smoke experiment" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------- entry point
 def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path):
     target = tmp_path / "site"
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--target", str(target), str(PLUGIN_DIR)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            str(PLUGIN_DIR),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
     assert (target / "ev3_distill" / "plugin.py").is_file()
     code = textwrap.dedent("""
@@ -369,8 +425,13 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path):
             "failures": [str(f) for f in p.failures],
         }))
     """)
-    res = subprocess.run([sys.executable, "-c", code], env=_env(PYTHONPATH=str(target)),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(PYTHONPATH=str(target)),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["file"].startswith(str(target))  # the installed copy, not the source tree
@@ -379,7 +440,58 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path):
     assert out["plugins"]["distill"] == ["ev3-distill", "0.1.0"]
     assert out["failures"] == []
     # and with entry points disabled, nothing of it is loaded
-    res = subprocess.run([sys.executable, "-c", code],
-                         env=_env(PYTHONPATH=str(target), EV3_DISABLE_PLUGIN_AUTOLOAD="1"),
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        env=_env(PYTHONPATH=str(target), EV3_DISABLE_PLUGIN_AUTOLOAD="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert json.loads(res.stdout)["experiments"] == {}
+
+
+PIPELINE_FILE = """
+import optax
+import ev3core
+from ev3_distill import GrowthPolicy, LabelLoss, DistillLoss
+
+config = {"trajectory": 5, "teacher_steps": 100, "baseline": False, "passes": 1}
+growth = GrowthPolicy(patience=1, max_width=8, max_depth=1)
+
+
+def pipeline(num_teachers, config):
+    losses = [LabelLoss(), DistillLoss(2.0, 0.5, teacher_name="teacher")]
+    return ev3core.Pipeline(
+        proposers=[ev3core.GradientProposer(losses, [optax.sgd(0.1)], steps=5, batch_size=16)],
+        assessors=["accuracy"],
+        scheduler=ev3core.EV3Scheduler(decide_alpha=4.0),
+        assess_size=64,
+        decide_size=64,
+    )
+"""
+
+
+def test_user_pipeline_file_runs_inside_the_job(tmp_path):
+    from ev3_distill import distill_experiment
+
+    path = tmp_path / "pipeline.py"
+    path.write_text(PIPELINE_FILE)
+    with jax.numpy_dtype_promotion("standard"):
+        summary = distill_experiment(
+            steps=3, seed=0, out=tmp_path / "out", pipeline=path, progress=False
+        )
+    rows = [json.loads(x) for x in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and rows[-1]["gradient_steps"] == 15
+    assert summary["baseline_student"] is None
+    assert summary["ev3_student"]["candidates_per_iteration"] == 2
+    # with patience 1, the first non-significant decision grows the student (4 -> 8 units,
+    # the cap); the summary and the metrics agree on it
+    grown = [r for r in rows if r["grown"]]
+    assert len(grown) <= 1
+    assert summary["ev3_student"]["params"] == (610 if grown else 310)
+    assert len(summary["ev3_student"]["growth"]) == len(grown)
+    assert (tmp_path / "out" / "report.png").is_file()
+    with pytest.raises(ConfigurationError, match="defines no `pipeline`"):
+        empty = tmp_path / "empty.py"
+        empty.write_text("x = 1\n")
+        distill_experiment(steps=1, out=tmp_path / "o2", pipeline=empty, progress=False)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 
-import jax
 import numpy as np
 
 from ev3core.errors import ConfigurationError
@@ -68,7 +67,7 @@ def _digits(seed: int) -> Splits:
     x = (d.data / 16.0).astype(np.float32)
     y = d.target.astype(np.int32)
     n = len(y)
-    perm = np.asarray(jax.random.permutation(jax.random.key(seed), n))
+    perm = np.random.default_rng(seed).permutation(n)
     n_test, n_decide, n_assess = 360, 270, 180  # 20% / 15% / 10%; train gets the rest (987)
     test = perm[:n_test]
     decide = perm[n_test : n_test + n_decide]
@@ -111,7 +110,7 @@ def _mnist1d(seed: int) -> Splits:
     x, y = make_mnist1d()
     n_train_all = 4000
     test = np.arange(n_train_all, len(y))
-    perm = np.asarray(jax.random.permutation(jax.random.key(seed), n_train_all))
+    perm = np.random.default_rng(seed).permutation(n_train_all)
     n_decide, n_assess = 600, 400
     decide = perm[:n_decide]
     assess = perm[n_decide : n_decide + n_assess]

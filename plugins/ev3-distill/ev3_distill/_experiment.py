@@ -68,14 +68,15 @@ class DistillConfig:
     start_width: int = 4
     max_width: int = 32
     max_depth: int = 2
-    patience: int = 4
+    patience: int = 3
     grow_mode: str = "preserve"
+    grow_factor: float = 2.0
     grow: bool = True
     passes: int = 2
     extra_teachers: int = 1
     temperatures: tuple[float, ...] = (2.0, 4.0)
     weights: tuple[float, ...] = (0.5, 0.9)
-    learning_rates: tuple[float, ...] = (1e-3, 3e-3)
+    learning_rates: tuple[float, ...] = (3e-3, 1e-2)
     assess_alpha: float = 0.5
     decide_alpha: float = 1.0
     teacher_steps: int | None = None  # default per data set
@@ -236,6 +237,7 @@ def run_ev3(
                 patience=cfg.patience,
                 max_width=cfg.max_width,
                 max_depth=cfg.max_depth,
+                factor=cfg.grow_factor,
                 mode=cfg.grow_mode,  # type: ignore[arg-type]
             )
             if cfg.grow
@@ -317,8 +319,12 @@ def run_ev3(
                 row["grown"] = op
                 row["student_params_after"] = count_params(state.model)
                 growth_events.append(
-                    {"iteration": it + 1, "gradient_steps": row["gradient_steps"], "op": op,
-                     "params": row["student_params_after"]}
+                    {
+                        "iteration": it + 1,
+                        "gradient_steps": row["gradient_steps"],
+                        "op": op,
+                        "params": row["student_params_after"],
+                    }
                 )
                 logger.info("ev3_distill: %s at iteration %d", op, it + 1)
         metrics.append(row)
@@ -410,8 +416,13 @@ def write_report(
     grown = [m for m in metrics if m["grown"]]
     for i, m in enumerate(grown):
         for a in (ax, ax2):
-            a.axvline(m["gradient_steps"], color="purple", ls="--", lw=0.8,
-                      label="grown" if (i == 0 and a is ax) else None)
+            a.axvline(
+                m["gradient_steps"],
+                color="purple",
+                ls="--",
+                lw=0.8,
+                label="grown" if (i == 0 and a is ax) else None,
+            )
     ax.set_ylabel("test accuracy")
     lo = min(float(test.min()), *(b for _, b in baseline_curve)) if baseline_curve else test.min()
     ax.set_ylim(max(0.0, lo - 0.02), 1.0)
@@ -456,8 +467,9 @@ class _Bar:
         if enabled:
             from tqdm.auto import tqdm
 
-            self.bar = tqdm(total=total, desc="EV3 distill", unit="it", file=sys.stderr,
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total, desc="EV3 distill", unit="it", file=sys.stderr, dynamic_ncols=True
+            )
 
     def __call__(self, row: dict[str, Any], counts: dict[str, int]) -> None:
         if self.bar is None:
@@ -529,23 +541,29 @@ def distill_experiment(
     k_teacher, k_ev3, k_base = jax.random.split(key, 3)
     splits = load_dataset(cfg.dataset, cfg.seed)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda m: None)
-    say(f"ev3 run: distillation on {cfg.dataset} {splits.sizes()}, seed {cfg.seed}, "
-        f"{cfg.steps} EV3 iterations x {cfg.trajectory} gradient steps -> {out}")
+    say(
+        f"ev3 run: distillation on {cfg.dataset} {splits.sizes()}, seed {cfg.seed}, "
+        f"{cfg.steps} EV3 iterations x {cfg.trajectory} gradient steps -> {out}"
+    )
 
     t = time.perf_counter()
     teacher = train_teacher(splits, k_teacher, cfg.teacher_steps)
     teacher_acc = accuracy(teacher, splits.test.x, splits.test.y)
     teacher_time = time.perf_counter() - t
-    say(f"teacher: {count_params(teacher)} parameters, test accuracy {teacher_acc:.4f} "
-        f"({teacher_time:.1f} s)")
+    say(
+        f"teacher: {count_params(teacher)} parameters, test accuracy {teacher_acc:.4f} "
+        f"({teacher_time:.1f} s)"
+    )
 
     baseline_model, baseline_curve, baseline_time = None, [], 0.0
     if cfg.baseline:
         t = time.perf_counter()
         baseline_model, baseline_curve = run_baseline(splits, teacher, cfg, k_base)
         baseline_time = time.perf_counter() - t
-        say(f"plain distillation baseline: test accuracy {baseline_curve[-1][1]:.4f} "
-            f"({baseline_time:.1f} s)")
+        say(
+            f"plain distillation baseline: test accuracy {baseline_curve[-1][1]:.4f} "
+            f"({baseline_time:.1f} s)"
+        )
 
     bar = _Bar(cfg.steps, progress)
     growth: Any = user.get("growth", "default")

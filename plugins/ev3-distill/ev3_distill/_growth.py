@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray
 
@@ -41,8 +42,6 @@ def grow_state(engine: Engine, state: State, new_model: Any, new_stable: Any = N
 
     **Returns:** the new `State`.
     """
-    import equinox as eqx
-
     params, static = eqx.partition(new_model, eqx.is_array)
     if new_stable is None:
         stable = params
@@ -69,6 +68,11 @@ def grow_state(engine: Engine, state: State, new_model: Any, new_stable: Any = N
         history=state.history,
         static=static,
     )
+
+
+@eqx.filter_jit
+def _streak(history: Any) -> jax.Array:
+    return history.non_significant_streak()
 
 
 @dataclasses.dataclass
@@ -136,7 +140,7 @@ class GrowthPolicy:
         step = int(state.step)
         if step - self.last_growth_step < self.patience:
             return False
-        return int(state.history.non_significant_streak()) >= self.patience
+        return int(_streak(state.history)) >= self.patience
 
     def maybe_grow(
         self, engine: Engine, state: State, key: PRNGKeyArray

@@ -84,7 +84,7 @@ class MLP(eqx.Module):
             "widths": list(self.widths),
         }
 
-    def __call__(self, x: Float[Array, "..."]) -> Float[Array, " classes"]:
+    def __call__(self, x: Float[Array, ...]) -> Float[Array, " classes"]:
         x = jnp.reshape(x, (-1,))
         for layer in self.layers[:-1]:
             x = jax.nn.relu(layer(x))
@@ -167,7 +167,7 @@ class CNN(eqx.Module):
             "hidden": self.dense[0].out_features if len(self.dense) > 1 else 0,
         }
 
-    def __call__(self, x: Float[Array, "..."]) -> Float[Array, " classes"]:
+    def __call__(self, x: Float[Array, ...]) -> Float[Array, " classes"]:
         x = jnp.reshape(x, (1, *self.in_shape))
         for conv in self.convs:
             x = jax.nn.relu(conv(x))
@@ -218,7 +218,8 @@ def _widen_linear_in(
 
 def _identity_linear(width: int, key: PRNGKeyArray) -> eqx.nn.Linear:
     layer = eqx.nn.Linear(width, width, key=key)
-    return _set(layer, weight=jnp.eye(width, dtype=layer.weight.dtype), bias=jnp.zeros_like(layer.bias))
+    eye = jnp.eye(width, dtype=layer.weight.dtype)
+    return _set(layer, weight=eye, bias=jnp.zeros_like(layer.bias))
 
 
 def _widen_conv_out(conv: eqx.nn.Conv, extra: int, key: PRNGKeyArray) -> eqx.nn.Conv:
@@ -247,9 +248,7 @@ def _widen_conv_in(conv: eqx.nn.Conv, extra: int, mode: str, key: PRNGKeyArray) 
         key=key,
     )
     if mode == "preserve":
-        add = jnp.zeros(
-            (conv.out_channels, extra, *conv.weight.shape[2:]), conv.weight.dtype
-        )
+        add = jnp.zeros((conv.out_channels, extra, *conv.weight.shape[2:]), conv.weight.dtype)
     else:
         add = fresh.weight[:, conv.in_channels :]
     return _set(fresh, weight=jnp.concatenate([conv.weight, add], axis=1), bias=conv.bias)
@@ -257,7 +256,11 @@ def _widen_conv_in(conv: eqx.nn.Conv, extra: int, mode: str, key: PRNGKeyArray) 
 
 def _identity_conv(conv_like: eqx.nn.Conv, channels: int, key: PRNGKeyArray) -> eqx.nn.Conv:
     conv = eqx.nn.Conv(
-        conv_like.num_spatial_dims, channels, channels, conv_like.kernel_size, padding="SAME",
+        conv_like.num_spatial_dims,
+        channels,
+        channels,
+        conv_like.kernel_size,
+        padding="SAME",
         key=key,
     )
     centre = tuple(k // 2 for k in conv.kernel_size)
@@ -303,6 +306,12 @@ def widen(
         raise ConfigurationError(
             f"widen: new_width={new_width} must exceed the current width {widths[layer]}."
         )
+    if not isinstance(model, MLP | CNN):
+        raise ConfigurationError(f"widen: cannot grow a {type(model).__name__}; use MLP or CNN.")
+    return _widen(model, layer, extra, mode, key)
+
+
+def _widen(model: MLP | CNN, layer: int, extra: int, mode: str, key: PRNGKeyArray) -> MLP | CNN:
     k_out, k_in = jax.random.split(key)
     if isinstance(model, MLP):
         layers = list(model.layers)
@@ -318,10 +327,8 @@ def widen(
             return model
         dense = list(model.dense)
         dense[0] = _widen_linear_in(dense[0], extra, mode, k_in, group=math.prod(model.in_shape))
-        return eqx.tree_at(
-            lambda m: (m.convs, m.dense), model, (tuple(convs), tuple(dense))
-        )
-    raise ConfigurationError(f"widen: cannot grow a {type(model).__name__}; use MLP or CNN.")
+        return eqx.tree_at(lambda m: (m.convs, m.dense), model, (tuple(convs), tuple(dense)))
+    raise AssertionError("unreachable")
 
 
 def deepen(
@@ -352,6 +359,12 @@ def deepen(
             f"deepen: position={position} but {type(model).__name__} has {n} growable "
             f"layer(s); use an index in [0, {n})."
         )
+    if not isinstance(model, MLP | CNN):
+        raise ConfigurationError(f"deepen: cannot grow a {type(model).__name__}; use MLP or CNN.")
+    return _deepen(model, position, mode, key)
+
+
+def _deepen(model: MLP | CNN, position: int, mode: str, key: PRNGKeyArray) -> MLP | CNN:
     width = model.widths[position]
     if isinstance(model, MLP):
         new = (
@@ -374,7 +387,7 @@ def deepen(
         convs = list(model.convs)
         convs.insert(position + 1, new)
         return eqx.tree_at(lambda m: m.convs, model, tuple(convs))
-    raise ConfigurationError(f"deepen: cannot grow a {type(model).__name__}; use MLP or CNN.")
+    raise AssertionError("unreachable")
 
 
 @eqx.filter_jit

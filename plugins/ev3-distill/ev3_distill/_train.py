@@ -88,9 +88,7 @@ def shift_augmented_loss(in_shape: tuple[int, ...], max_shift: int = 1):
         img = jnp.reshape(x, (n, *in_shape))
         pad = jnp.pad(img, ((0, 0), *[(max_shift, max_shift)] * len(in_shape)))
         offsets = jax.random.randint(key, (n, len(in_shape)), 0, 2 * max_shift + 1)
-        crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, tuple(o), in_shape))(
-            pad, offsets
-        )
+        crop = jax.vmap(lambda im, o: jax.lax.dynamic_slice(im, tuple(o), in_shape))(pad, offsets)
         logits = jax.vmap(model)(jnp.reshape(crop, (n, -1)))
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
