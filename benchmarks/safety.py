@@ -33,7 +33,7 @@ candidates that trade A for B: accepted steps that truly violate it, with and wi
 
     python benchmarks/safety.py --json safety.json [--trials 2000] [--quick]
 
-Runs in about two minutes on 2 CPU cores (`--quick`: a few seconds, fewer trials).
+Runs in about three minutes on 2 CPU cores (`--quick`: under a minute, few trials).
 """
 
 from __future__ import annotations
@@ -166,8 +166,7 @@ def trial(schedulers, bounds, deltas, ks, key):
 
 @eqx.filter_jit
 def run_trials(schedulers, bounds, deltas, ks, keys, batch):
-    return jax.lax.map(lambda kk: trial(schedulers, bounds, deltas, ks, kk), keys,
-                       batch_size=batch)
+    return jax.lax.map(lambda kk: trial(schedulers, bounds, deltas, ks, kk), keys, batch_size=batch)
 
 
 def summarise(null, worse, better, margin="margin", accepted="accepted") -> dict[str, float]:
@@ -191,27 +190,38 @@ def safety(key, trials: int, boot_trials: int, resamples: int) -> list[dict[str,
     paired, normal = ev3core.PairedBound, ev3core.NormalBound
     boot = lambda **kw: ev3core.BootstrapBound(num_resamples=resamples, **kw)  # noqa: E731
     groups = [  # (trials, [(protocol, bound name, correction, component)])
-        (trials, [
-            ("split", "normal", "none", sched(normal())),
-            ("split", "paired", "none", sched(paired())),
-            ("split", "paired", "bonferroni", sched(paired(correction="bonferroni"))),
-            ("same-data", "paired", "none", paired()),
-            ("same-data", "paired", "bonferroni", paired(correction="bonferroni")),
-            ("same-data", "paired", "holm", paired(correction="holm")),
-        ]),
-        (boot_trials, [
-            ("split", "bootstrap", "none", sched(boot())),
-            ("same-data", "paired", "max", paired(correction="max", num_resamples=resamples)),
-            ("same-data", "bootstrap", "none", boot()),
-            ("same-data", "bootstrap", "max", boot(correction="max")),
-        ]),
+        (
+            trials,
+            [
+                ("split", "normal", "none", sched(normal())),
+                ("split", "paired", "none", sched(paired())),
+                ("split", "paired", "bonferroni", sched(paired(correction="bonferroni"))),
+                ("same-data", "paired", "none", paired()),
+                ("same-data", "paired", "bonferroni", paired(correction="bonferroni")),
+                ("same-data", "paired", "holm", paired(correction="holm")),
+            ],
+        ),
+        (
+            boot_trials,
+            [
+                ("split", "bootstrap", "none", sched(boot())),
+                ("same-data", "paired", "max", paired(correction="max", num_resamples=resamples)),
+                ("same-data", "bootstrap", "none", boot()),
+                ("same-data", "bootstrap", "max", boot(correction="max")),
+            ],
+        ),
     ]
     configs = [(s, k) for k in KS for s in SCENARIOS]
-    deltas = jnp.stack([
-        jnp.zeros((KMAX,)) if s == "null" else jnp.full((KMAX,), WORSE) if s == "worse"
-        else jnp.zeros((KMAX,)).at[0].set(DELTA)
-        for s, _ in configs
-    ]).astype(jnp.float32)
+    deltas = jnp.stack(
+        [
+            jnp.zeros((KMAX,))
+            if s == "null"
+            else jnp.full((KMAX,), WORSE)
+            if s == "worse"
+            else jnp.zeros((KMAX,)).at[0].set(DELTA)
+            for s, _ in configs
+        ]
+    ).astype(jnp.float32)
     ks = jnp.asarray([k for _, k in configs], jnp.int32)
     rows = []
     for g, (n, members) in enumerate(groups):
@@ -266,8 +276,12 @@ def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
         k = cands.shape[0]
         qs = jax.random.uniform(k_q, (k, num), minval=q_range[0], maxval=q_range[1])
         incumbents_q = jnp.zeros((2, num))  # current and stable share the examples' draws
-        s_a = scores(k_a, jnp.concatenate([cands, cur[None], stab[None]]),
-                     jnp.concatenate([qs, incumbents_q]), N_ASSESS)
+        s_a = scores(
+            k_a,
+            jnp.concatenate([cands, cur[None], stab[None]]),
+            jnp.concatenate([qs, incumbents_q]),
+            N_ASSESS,
+        )
         winner = scheduler.select(s_a, jnp.ones((k,), bool), sstate, hist)
         trio = jnp.stack([cands[winner], cur, stab])
         s_d = scores(k_d, trio, jnp.concatenate([qs[winner][None], incumbents_q]), n_decide)
@@ -275,8 +289,14 @@ def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
         new_cur = trio[decision.choice]
         new_stab = jnp.where(decision.update_stable, trio[WINNER], stab)
         observed = jnp.mean(s_d, axis=-1)  # [M, 3]
-        hist = hist.record(hist.count, winner, decision.choice, decision.choice == WINNER,
-                           decision.significant, observed[:, decision.choice])
+        hist = hist.record(
+            hist.count,
+            winner,
+            decision.choice,
+            decision.choice == WINNER,
+            decision.significant,
+            observed[:, decision.choice],
+        )
         log = {
             "priorities": decision.priorities,
             "accepted": decision.choice == WINNER,
@@ -335,8 +355,15 @@ def priorities_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
     out = {}
     for name, priority in schedulers.items():
         sched = EV3Scheduler(assess_alpha=0.5, decide_alpha=Z, priority=priority)
-        logs = run_emulations(sched, saturating_candidates, start,
-                              jax.random.split(key, repeats), steps, N_DECIDE, Q_RANGE)
+        logs = run_emulations(
+            sched,
+            saturating_candidates,
+            start,
+            jax.random.split(key, repeats),
+            steps,
+            N_DECIDE,
+            Q_RANGE,
+        )
         logs = jax.tree.map(np.asarray, logs)
         pb = logs["priorities"][..., 1].mean(0)  # [steps]
         mean_a = logs["true"][..., 0].mean(0)
@@ -348,8 +375,13 @@ def priorities_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
             "accepted_per_step": float(logs["accepted"].mean()),
             "priority_B_trajectory": [round(float(x), 3) for x in pb],
         }
-    return {"start": [float(x) for x in start], "A_max": A_MAX, "steps": steps,
-            "repeats": repeats, "schedulers": out}
+    return {
+        "start": [float(x) for x in start],
+        "A_max": A_MAX,
+        "steps": steps,
+        "repeats": repeats,
+        "schedulers": out,
+    }
 
 
 def constraint_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
@@ -359,12 +391,21 @@ def constraint_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
     for label, alpha in (("decide_alpha=4 (EV3 default)", 4.0), ("decide_alpha=1.645 (95%)", Z)):
         for constrained in (True, False):
             sched = EV3Scheduler(
-                assess_alpha=0.5, decide_alpha=alpha, priority=ev3core.WeightedSum([0.0, 1.0]),
+                assess_alpha=0.5,
+                decide_alpha=alpha,
+                priority=ev3core.WeightedSum([0.0, 1.0]),
                 objectives=[ev3core.Objective("A"), ev3core.Objective("B")],
                 constraints=[ev3core.Constraint("A", max_drop=max_drop)] if constrained else (),
             )
-            logs = run_emulations(sched, trading_candidates, start,
-                                  jax.random.split(key, repeats), steps, n_decide, q_range)
+            logs = run_emulations(
+                sched,
+                trading_candidates,
+                start,
+                jax.random.split(key, repeats),
+                steps,
+                n_decide,
+                q_range,
+            )
             logs = jax.tree.map(np.asarray, logs)
             acc = logs["accepted"]
             violating = -logs["winner_true_change"][..., 0] > max_drop
@@ -377,45 +418,72 @@ def constraint_benchmark(key, repeats: int, steps: int) -> dict[str, Any]:
                 "final_true_A": float(logs["true"][:, -1, 0].mean()),
                 "final_true_B": float(logs["true"][:, -1, 1].mean()),
             }
-    return {"max_drop": max_drop, "start": [float(x) for x in start], "steps": steps,
-            "repeats": repeats, "n_decide": n_decide, "q_range": q_range, "runs": out}
+    return {
+        "max_drop": max_drop,
+        "start": [float(x) for x in start],
+        "steps": steps,
+        "repeats": repeats,
+        "n_decide": n_decide,
+        "q_range": q_range,
+        "runs": out,
+    }
 
 
 # --------------------------------------------------------------------------- report
 def print_safety(rows):
-    print(f"\n== Safety of one decision: nominal one-sided level {NOMINAL:.0%} (alpha = {Z:.3f}),"
-          f" false acceptance target <= {1 - NOMINAL:.0%} ==")
-    print("  FA null +- its Monte Carlo standard error; power@FA: power with the threshold moved "
-          "so that the empirical FA null is exactly 5% (an oracle calibration)")
-    print("  protocol   | bound                     | correction |  K | FA null       | FA worse | "
-          "power | power@FA | trials")
+    print(
+        f"\n== Safety of one decision: nominal one-sided level {NOMINAL:.0%} (alpha = {Z:.3f}),"
+        f" false acceptance target <= {1 - NOMINAL:.0%} =="
+    )
+    print(
+        "  FA null +- its Monte Carlo standard error; power@FA: power with the threshold moved "
+        "so that the empirical FA null is exactly 5% (an oracle calibration)"
+    )
+    print(
+        "  protocol   | bound                     | correction |  K | FA null       | FA worse | "
+        "power | power@FA | trials"
+    )
     for r in rows:
         fa = f"{r['false_acceptance_null']:.3f}+-{r['false_acceptance_null_se']:.3f}"
-        print(f"  {r['protocol']:<10} | {r['bound']:<25} | {r['correction']:<10} | {r['K']:>2} | "
-              f"{fa:<13} | {r['false_acceptance_worse']:8.3f} | "
-              f"{r['power']:5.3f} | {r['power_at_nominal_fa']:8.3f} | {r['trials']}")
+        print(
+            f"  {r['protocol']:<10} | {r['bound']:<25} | {r['correction']:<10} | {r['K']:>2} | "
+            f"{fa:<13} | {r['false_acceptance_worse']:8.3f} | "
+            f"{r['power']:5.3f} | {r['power_at_nominal_fa']:8.3f} | {r['trials']}"
+        )
 
 
 def print_priorities(res):
-    print(f"\n== Priorities: A saturates early (start {res['start']}, A max {res['A_max']}), "
-          f"B keeps improving; {res['repeats']} repeats x {res['steps']} steps ==")
-    print("  scheduler                          | priority on B by quarter | A sat. | final A | "
-          "final B")
+    print(
+        f"\n== Priorities: A saturates early (start {res['start']}, A max {res['A_max']}), "
+        f"B keeps improving; {res['repeats']} repeats x {res['steps']} steps =="
+    )
+    print(
+        "  scheduler                          | priority on B by quarter | A sat. | final A | "
+        "final B"
+    )
     for name, r in res["schedulers"].items():
         q = " ".join(f"{x:.2f}" for x in r["priority_B_by_quarter"])
-        print(f"  {name:<34} | {q:<24} | {r['A_saturated_at_step']:>6} | "
-              f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}")
+        print(
+            f"  {name:<34} | {q:<24} | {r['A_saturated_at_step']:>6} | "
+            f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}"
+        )
 
 
 def print_constraint(res):
-    print(f"\n== Constraint: lose at most {res['max_drop']} of A while optimising B "
-          f"({res['repeats']} repeats x {res['steps']} steps) ==")
-    print("  run                                              | accepted | violating winners | "
-          "accepted violations: true, decide set | final A | final B")
+    print(
+        f"\n== Constraint: lose at most {res['max_drop']} of A while optimising B "
+        f"({res['repeats']} repeats x {res['steps']} steps) =="
+    )
+    print(
+        "  run                                              | accepted | violating winners | "
+        "accepted violations: true, decide set | final A | final B"
+    )
     for name, r in res["runs"].items():
-        print(f"  {name:<48} | {r['accepted_steps']:>8} | {r['violating_winners']:>17} | "
-              f"{r['accepted_true_violations']:>25}, {r['accepted_decide_set_violations']:>10} | "
-              f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}")
+        print(
+            f"  {name:<48} | {r['accepted_steps']:>8} | {r['violating_winners']:>17} | "
+            f"{r['accepted_true_violations']:>25}, {r['accepted_decide_set_violations']:>10} | "
+            f"{r['final_true_A']:.4f}  | {r['final_true_B']:.4f}"
+        )
 
 
 def main(argv=None) -> int:
@@ -445,10 +513,19 @@ def main(argv=None) -> int:
     print(f"\n{seconds:.1f} s on {jax.devices()[0].platform} ({platform.processor() or 'cpu'})")
     result = {
         "config": {
-            "nominal_level": NOMINAL, "alpha": Z, "p0": P0, "delta": DELTA, "worse": WORSE,
-            "q_range": Q_RANGE, "n_assess": N_ASSESS, "n_decide": N_DECIDE, "Ks": KS,
-            "trials": args.trials, "boot_trials": args.boot_trials,
-            "resamples": args.resamples, "seed": args.seed,
+            "nominal_level": NOMINAL,
+            "alpha": Z,
+            "p0": P0,
+            "delta": DELTA,
+            "worse": WORSE,
+            "q_range": Q_RANGE,
+            "n_assess": N_ASSESS,
+            "n_decide": N_DECIDE,
+            "Ks": KS,
+            "trials": args.trials,
+            "boot_trials": args.boot_trials,
+            "resamples": args.resamples,
+            "seed": args.seed,
         },
         "safety": rows,
         "priorities": prio,

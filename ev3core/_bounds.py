@@ -128,6 +128,19 @@ def _point_and_influence(
     return point, grad * jnp.float32(n)
 
 
+def _same_as_reference(
+    scores: Float[Array, "objective model example"], reference: int
+) -> Bool[Array, " model"]:
+    """Models whose scores equal the reference's on every example and objective.
+
+    Their paired difference is exactly zero. Computing it as `U(model) - U(reference)` from
+    two separate reductions leaves rounding noise (~1e-8) with a near-zero standard error,
+    which would read as a "significant" difference between identical models (for example a
+    roll back to a stable model equal to the current one).
+    """
+    return jnp.all(scores == scores[:, reference : reference + 1], axis=(0, 2))
+
+
 def _stderr_from_influence(psi: Float[Array, "model example"]) -> Float[Array, " model"]:
     n = psi.shape[-1]
     if n < 2:
@@ -390,8 +403,9 @@ class PairedBound(AbstractBound):
         mask: Bool[Array, " model"] | None = None,
     ) -> Interval:
         point, psi = _point_and_influence(utility, scores)
-        point = point - point[reference]
-        psi = psi - psi[reference]
+        same = _same_as_reference(scores, reference)
+        point = jnp.where(same, 0.0, point - point[reference])
+        psi = jnp.where(same[:, None], 0.0, psi - psi[reference])
         mask = self._mask(mask, point.shape[0], reference)
         draws = (
             _multiplier_draws(key, psi, self.num_resamples) if self.correction == "max" else None
@@ -462,8 +476,9 @@ class BootstrapBound(AbstractBound):
         mask: Bool[Array, " model"] | None = None,
     ) -> Interval:
         point, draws = self.resampled(utility, scores, key)
-        point = point - point[reference]
-        draws = draws - draws[:, reference : reference + 1]
+        same = _same_as_reference(scores, reference)
+        point = jnp.where(same, 0.0, point - point[reference])
+        draws = jnp.where(same[None, :], 0.0, draws - draws[:, reference : reference + 1])
         mask = self._mask(mask, point.shape[0], reference)
         sd = jnp.std(draws, axis=0, ddof=1)
         standardised = _standardised(draws - point, sd)

@@ -31,12 +31,9 @@ import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from ._bounds import weighted_mean
+from ._components import _as_float_array as _float_array
 from ._types import History
 from .errors import ConfigurationError
-
-
-def _float_array(x: Any) -> Float[Array, ...]:
-    return jnp.asarray(x, dtype=jnp.float32)
 
 
 def _int_array(x: Any) -> Int[Array, ...]:

@@ -297,10 +297,6 @@ class EV3Scheduler(AbstractScheduler):
         drop = jnp.stack([c.max_drop for c in self.constraints])[:, None]
         return jnp.all(lower >= -drop, axis=0) | (jnp.arange(num_models) == reference)
 
-    def _lex_order(self, num: int) -> tuple[tuple[int, ...], Float[Array, " order"]]:
-        assert isinstance(self.priority, Lexicographic)
-        return self.priority.resolved(num)
-
     # ------------------------------------------------------------ the two stages
     def select(
         self,
@@ -313,7 +309,7 @@ class EV3Scheduler(AbstractScheduler):
         keys = self._keys(state, history)
         mask = jnp.concatenate([valid, jnp.zeros((2,), bool)])
         if self._lexicographic:
-            order, tol = self._lex_order(scores.shape[0])
+            order, tol = self.priority.resolved(scores.shape[0])
             z = bonferroni_z(self.assess_alpha, len(order))
             _, lower, _ = self._advantages(scores, order, k, z, keys.select, mask)
             rank, at = lexicographic_rank(lower[:, :k], tol)
@@ -351,7 +347,7 @@ class EV3Scheduler(AbstractScheduler):
         order_ = jnp.array(_ORDER, jnp.int32)
 
         if self._lexicographic:
-            order, tol = self._lex_order(num)
+            order, tol = self.priority.resolved(num)
             zl = bonferroni_z(z, len(order))
             _, lo, up = self._advantages(scores, order, CURRENT, zl, keys.decide, moves)
             rank, at = lexicographic_rank(lo, tol)

@@ -118,8 +118,9 @@ def test_batch_metric_width_is_the_delta_method_and_is_not_divided_twice():
     assert (upper[0] - point[0]) == pytest.approx(delta_se, rel=1e-3)
     # the bootstrap recomputes F1 on each resample: the same width, not width / sqrt(n)
     boot = BootstrapBound(num_resamples=4000, method="normal")
-    _, bl, bu = arrays(boot.interval(util, jnp.stack([cell, cell * 0])[None], 1,
-                                     jnp.float32(1), KEY))
+    _, bl, bu = arrays(
+        boot.interval(util, jnp.stack([cell, cell * 0])[None], 1, jnp.float32(1), KEY)
+    )
     assert (bu[0] - bl[0]) / 2 == pytest.approx(delta_se, rel=0.1)
 
 
@@ -137,8 +138,9 @@ def test_bonferroni_and_holm_critical_values():
     scores, se = _fixed_comparisons()
     z = jnp.float32(z_for_level(0.95))
     z3, z2 = z_for_level(1 - 0.05 / 3), z_for_level(1 - 0.05 / 2)
-    _, lower, _ = arrays(PairedBound(correction="bonferroni").interval(
-        mean_of(), scores, 3, z, KEY))
+    _, lower, _ = arrays(
+        PairedBound(correction="bonferroni").interval(mean_of(), scores, 3, z, KEY)
+    )
     np.testing.assert_allclose(lower[:3], (np.array([3.0, 2.2, 1.8]) - z3) * se, atol=1e-5)
     # Holm: critical values z(0.05/3), z(0.05/2), z(0.05) by rank, step-down.
     _, lower, _ = arrays(PairedBound(correction="holm").interval(mean_of(), scores, 3, z, KEY))
@@ -149,10 +151,10 @@ def test_bonferroni_and_holm_critical_values():
     # Without the first comparison, 2.2 is ranked first against z(0.025) = 1.96 and 1.8
     # second against z(0.05); masking changes m and the ranks.
     mask = jnp.array([False, True, True, False])
-    _, lower, _ = arrays(PairedBound(correction="holm").interval(
-        mean_of(), scores, 3, z, KEY, mask))
-    np.testing.assert_allclose(lower[1:3], (np.array([2.2, 1.8]) - [z2, float(z)]) * se,
-                               atol=1e-5)
+    _, lower, _ = arrays(
+        PairedBound(correction="holm").interval(mean_of(), scores, 3, z, KEY, mask)
+    )
+    np.testing.assert_allclose(lower[1:3], (np.array([2.2, 1.8]) - [z2, float(z)]) * se, atol=1e-5)
 
 
 def test_holm_step_down_stops_at_the_first_non_rejection():
@@ -165,8 +167,11 @@ def test_holm_step_down_stops_at_the_first_non_rejection():
     for ts, expect in (((2.0, 1.9), [True, True]), ((1.9, 1.7), [False, False])):
         rows = [t * se + base for t in ts]
         scores = jnp.asarray(np.stack(rows + [np.zeros(n)])[None], jnp.float32)
-        _, lower, _ = arrays(PairedBound(correction="holm").interval(
-            mean_of(), scores, 2, jnp.float32(z_for_level(0.95)), KEY))
+        _, lower, _ = arrays(
+            PairedBound(correction="holm").interval(
+                mean_of(), scores, 2, jnp.float32(z_for_level(0.95)), KEY
+            )
+        )
         assert list(lower[:2] > 0) == expect
 
 
@@ -174,15 +179,20 @@ def test_max_correction_adapts_to_correlation():
     z = jnp.float32(z_for_level(0.95))
     x = jax.random.normal(KEY, (500,))
     same = jnp.stack([x] * 8 + [jnp.zeros(500)])[None]
-    indep = jnp.concatenate([jax.random.normal(jax.random.key(1), (8, 500)),
-                             jnp.zeros((1, 500))])[None]
-    for bound in (PairedBound(correction="max", num_resamples=20000),
-                  BootstrapBound(num_resamples=4000, correction="max")):
+    indep = jnp.concatenate([jax.random.normal(jax.random.key(1), (8, 500)), jnp.zeros((1, 500))])[
+        None
+    ]
+    for bound in (
+        PairedBound(correction="max", num_resamples=20000),
+        BootstrapBound(num_resamples=4000, correction="max"),
+    ):
+
         def crit(scores, bound=bound):
             iv = bound.interval(mean_of(), scores, 8, z, jax.random.key(5))
             se = np.asarray(iv.upper - iv.point)[0]
             lo = np.asarray(iv.point - iv.lower)[0]
             return lo, se
+
         lo, _ = crit(same)
         sd = float(jnp.std(x, ddof=1) / jnp.sqrt(500.0))
         # identical comparisons: the maximum is one comparison, so c is z, not Bonferroni's
@@ -205,10 +215,16 @@ def test_configuration_errors():
 
 def test_bounds_jit_and_alpha_changes_do_not_retrace():
     x = jax.random.normal(KEY, (1, 4, 64))
-    for bound in (NormalBound(), PairedBound(correction="holm"),
-                  BootstrapBound(num_resamples=50, correction="max")):
-        f = eqx.filter_jit(eqx.debug.assert_max_traces(
-            lambda b, s, z: b.interval(mean_of(), s, 3, z, KEY), max_traces=1))
+    for bound in (
+        NormalBound(),
+        PairedBound(correction="holm"),
+        BootstrapBound(num_resamples=50, correction="max"),
+    ):
+        f = eqx.filter_jit(
+            eqx.debug.assert_max_traces(
+                lambda b, s, z: b.interval(mean_of(), s, 3, z, KEY), max_traces=1
+            )
+        )
         a = f(bound, x, jnp.float32(1.0))
         b = f(bound, x, jnp.float32(2.0))
         assert (np.asarray(b.lower) <= np.asarray(a.lower) + 1e-6).all()
@@ -291,8 +307,11 @@ def test_corrected_bound_holds_the_nominal_level_at_k16():
     deltas = jnp.array([0.0, 0.05])
     naive, _ = np.asarray(_acceptance_rates(PairedBound(), 16, deltas, keys))
     assert naive > 0.3
-    for bound in (PairedBound(correction="bonferroni"), PairedBound(correction="holm"),
-                  PairedBound(correction="max", num_resamples=500)):
+    for bound in (
+        PairedBound(correction="bonferroni"),
+        PairedBound(correction="holm"),
+        PairedBound(correction="max", num_resamples=500),
+    ):
         false_acceptance, power = np.asarray(_acceptance_rates(bound, 16, deltas, keys))
         assert false_acceptance <= 0.05 + SLACK
         assert power > 0.8
@@ -319,3 +338,27 @@ def test_engine_split_decision_holds_the_level_whatever_k():
     keys = jax.random.split(jax.random.key(7), NULL_TRIALS)
     rate = float(jnp.mean(jax.lax.map(one, keys, batch_size=500)))
     assert 0.02 < rate <= 0.05 + SLACK
+
+
+@pytest.mark.parametrize(
+    "bound", [ev3core.PairedBound(), ev3core.BootstrapBound(num_resamples=200)],
+    ids=["paired", "bootstrap"],
+)
+def test_a_model_identical_to_the_reference_is_exactly_tied(bound):
+    """Regression: identical models used to differ by rounding noise (~1e-8) with a ~0 standard
+    error, which read as a significant difference and triggered spurious roll backs."""
+    rng = np.random.default_rng(0)
+    sch = ev3core.EV3Scheduler(0.5, 4.0, bound=bound)
+    state, hist = sch.init(1), ev3core.History.empty(4, 1)
+    interval = jax.jit(lambda s, k: bound.interval(mean_of(0), s, 1, jnp.float32(4.0), k))
+    decide = jax.jit(lambda s: sch.decide(s, jnp.bool_(True), state, hist))
+    for trial in range(20):
+        n = 270 if trial % 2 else int(rng.integers(100, 3000))
+        cur = (rng.random(n) < 0.9).astype(np.float32) if trial % 2 else rng.normal(size=n)
+        win = np.where(rng.random(n) < 0.1, 1.0 - cur, cur) if trial % 2 else cur + 0.1
+        scores = jnp.asarray(np.stack([win, cur, cur]).astype(np.float32))[None]
+        iv = interval(scores, jax.random.key(trial))  # stable (2) == current (1)
+        assert float(iv.point[2]) == 0.0 and float(iv.lower[2]) == 0.0
+        assert float(iv.upper[2]) == 0.0
+        decision, _ = decide(scores)
+        assert int(decision.choice) != ev3core.STABLE

@@ -70,6 +70,27 @@ def test_smoke_run_is_accurate_and_safe(problem, engine):
         assert infos.decide_lower[i, WINNER] > infos.decide_upper[i, STABLE]
 
 
+def test_smoke_run_with_the_default_paired_bound(problem):
+    """The library default (paired bound, intervals relative to the current model): every
+    accepted winner is significantly better than the current model on the decide set, and
+    every significant step beats the stable model there."""
+    data, (x_test, y_test) = problem
+    p = ev3core.load_plugins(autoload=False)
+    eng = smoke_pipeline(plugins=p, scheduler=ev3core.EV3Scheduler(0.5, 4.0)).build()
+    assert isinstance(eng.scheduler.bound, ev3core.PairedBound)
+    state = eng.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state, infos = ev3core.run(eng, state, data, 25, plugins=p)
+    assert float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean()) >= 0.97
+    assert infos.accepted.sum() >= 1
+    for i in np.flatnonzero(infos.accepted):
+        assert infos.decide_lower[i, WINNER] > 0.0  # lower bound of (winner - current)
+        assert infos.decide_mean[i, 0, WINNER] > infos.decide_mean[i, 0, CURRENT]
+    for i in np.flatnonzero(infos.significant):
+        assert infos.decide_mean[i, 0, WINNER] > infos.decide_mean[i, 0, STABLE]
+    kept = ~infos.accepted & ~infos.rolled_back
+    assert (infos.decide_lower[kept, CURRENT] == 0.0).all()  # current is the reference
+
+
 class _Saboteur(ev3core.AbstractProposer):
     """Proposes badly damaged parameters: large noise on every weight."""
 

@@ -23,13 +23,16 @@ def _problem():
 
 
 def _outcome(significant, params):
-    return ev3core.Outcome(accepted_index=jnp.int32(-1), accepted=jnp.bool_(False),
-                           significant=jnp.bool_(significant), params=params)
+    return ev3core.Outcome(
+        accepted_index=jnp.int32(-1),
+        accepted=jnp.bool_(False),
+        significant=jnp.bool_(significant),
+        params=params,
+    )
 
 
 def _proposer(**kw):
-    return ev3core.GradientProposer([ev3core.CrossEntropy()], [optax.sgd(0.1)], batch_size=4,
-                                    **kw)
+    return ev3core.GradientProposer([ev3core.CrossEntropy()], [optax.sgd(0.1)], batch_size=4, **kw)
 
 
 def test_length_grows_after_patience_and_resets_after_a_significant_step():
@@ -52,8 +55,9 @@ def test_masked_steps_equal_a_shorter_trajectory_and_never_recompile():
         st = eqx.tree_at(lambda s: s.length, state, jnp.int32(length))
         cands, new_state = propose(params, static, st, data, jax.random.key(1))
         plain = _proposer(steps=length)
-        ref, _ = plain.propose(params, static, plain.init(params, static, jax.random.key(0)),
-                               data, jax.random.key(1))
+        ref, _ = plain.propose(
+            params, static, plain.init(params, static, jax.random.key(0)), data, jax.random.key(1)
+        )
         for a, b in zip(jax.tree.leaves(cands), jax.tree.leaves(ref)):
             np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
         assert int(new_state.length) == length
@@ -77,11 +81,18 @@ def test_growth_runs_in_the_engine():
     from ev3core._smoke import smoke_data, smoke_model
 
     data, _ = smoke_data(jax.random.key(0), n=4096)
-    prop = ev3core.GradientProposer([ev3core.CrossEntropy()], [optax.sgd(0.01)], steps=2,
-                                    batch_size=8, max_steps=16, patience=1)
+    prop = ev3core.GradientProposer(
+        [ev3core.CrossEntropy()], [optax.sgd(0.01)], steps=2, batch_size=8, max_steps=16, patience=1
+    )
     p = ev3core.load_plugins(autoload=False)
-    engine = ev3core.Pipeline([prop], ["accuracy"], ev3core.EV3Scheduler(decide_alpha=4.0),
-                              assess_size=64, decide_size=512, plugins=p).build()
+    engine = ev3core.Pipeline(
+        [prop],
+        ["accuracy"],
+        ev3core.EV3Scheduler(decide_alpha=4.0),
+        assess_size=64,
+        decide_size=512,
+        plugins=p,
+    ).build()
     state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
     state, infos = ev3core.run(engine, state, data, 5, plugins=p, chunk=5)
     # every non-significant step doubles the length (patience 1), a significant one resets it

@@ -120,7 +120,9 @@ def test_constraint_blocks_a_step_that_loses_too_much():
 
     def sched(max_drop):
         return EV3Scheduler(
-            decide_alpha=1.645, priority=ev3core.WeightedSum([0.0, 1.0]), objectives=names,
+            decide_alpha=1.645,
+            priority=ev3core.WeightedSum([0.0, 1.0]),
+            objectives=names,
             constraints=[Constraint("accuracy", max_drop=max_drop)],
         )
 
@@ -161,8 +163,9 @@ def test_components_by_name():
 
 
 def test_lexicographic_decisions_log_the_deciding_objective():
-    sched = EV3Scheduler(decide_alpha=1.645,
-                         priority=ev3core.Lexicographic((0, 1), tolerances=(0.005, 0.0)))
+    sched = EV3Scheduler(
+        decide_alpha=1.645, priority=ev3core.Lexicographic((0, 1), tolerances=(0.005, 0.0))
+    )
 
     def run(a, b):
         return decide(sched, trio((a, b), (0.0, 0.0), (0.0, 0.0), objectives=2))
@@ -188,8 +191,11 @@ def test_batch_level_objective_with_the_bootstrap():
         return jnp.where(pred, jnp.where(y, 1, 2), jnp.where(y, 3, 0)).astype(jnp.float32)
 
     good, bad = cells(0.95, jax.random.key(1)), cells(0.7, jax.random.key(2))
-    sched = EV3Scheduler(decide_alpha=1.645, bound=ev3core.BootstrapBound(num_resamples=500),
-                         objectives=[Objective("f1", metric=f1)])
+    sched = EV3Scheduler(
+        decide_alpha=1.645,
+        bound=ev3core.BootstrapBound(num_resamples=500),
+        objectives=[Objective("f1", metric=f1)],
+    )
     d = decide(sched, jnp.stack([good, bad, bad])[None])
     assert int(d.choice) == WINNER and bool(d.significant)
     # the logged advantage is in F1 units
@@ -203,7 +209,8 @@ def test_engine_with_priorities_and_a_constraint():
     data, _ = smoke_data(jax.random.key(0), n=4096)
     p = ev3core.load_plugins(autoload=False)
     sched = EV3Scheduler(
-        assess_alpha=0.5, decide_alpha=1.645,
+        assess_alpha=0.5,
+        decide_alpha=1.645,
         priority=ev3core.UCBPriority(),
         objectives=[Objective("accuracy"), Objective("neg_cross_entropy")],
         constraints=[Constraint("accuracy", max_drop=0.005)],
@@ -220,8 +227,9 @@ def test_engine_with_priorities_and_a_constraint():
     # a bandit's counts advanced once per step
     assert float(state.scheduler_state.priority.counts.sum()) > 0
     # priorities and alphas are array leaves: changing them does not recompile
-    counted = eqx.filter_jit(eqx.debug.assert_max_traces(
-        lambda e, s, d: e.step_pure(s, d), max_traces=1))
+    counted = eqx.filter_jit(
+        eqx.debug.assert_max_traces(lambda e, s, d: e.step_pure(s, d), max_traces=1)
+    )
     e = engine
     for a in (1.0, 2.0):
         e = eqx.tree_at(lambda e: e.scheduler.decide_alpha, e, jnp.float32(a))
@@ -231,7 +239,8 @@ def test_engine_with_priorities_and_a_constraint():
 
 def test_selection_prefers_candidates_that_keep_the_constraints():
     sched = EV3Scheduler(
-        assess_alpha=0.5, priority=ev3core.WeightedSum([0.0, 1.0]),
+        assess_alpha=0.5,
+        priority=ev3core.WeightedSum([0.0, 1.0]),
         constraints=[Constraint(0, max_drop=0.005)],
     )
     cur = jnp.stack([BASE, BASE])

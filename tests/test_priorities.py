@@ -158,9 +158,14 @@ def run_script(priority, shifts):
     logged = []
     for shift in shifts:
         decision, state = decide(scores(*shift), jnp.array(True), state, history)
-        history = history.record(history.count, jnp.int32(0), decision.choice,
-                                 decision.choice == ev3core.WINNER, decision.significant,
-                                 jnp.zeros(2))
+        history = history.record(
+            history.count,
+            jnp.int32(0),
+            decision.choice,
+            decision.choice == ev3core.WINNER,
+            decision.significant,
+            jnp.zeros(2),
+        )
         logged.append((np.asarray(decision.priorities), int(decision.choice)))
     return logged
 

@@ -68,9 +68,9 @@ class DistillConfig:
     start_width: int = 4
     max_width: int = 32
     max_depth: int = 2
-    patience: int = 3
+    patience: int = 2
     grow_mode: str = "preserve"
-    grow_factor: float = 2.0
+    grow_factor: float = 4.0
     grow: bool = True
     passes: int = 2
     extra_teachers: int = 1

@@ -24,8 +24,9 @@ class GaussianNoise(ev3core.AbstractProposer):
     def propose(self, params, static, state, data, key):
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(key, len(leaves))
+        scale = self.scale
         noisy = [
-            x + self.scale.astype(x.dtype) * jax.random.normal(k, (self.population,) + x.shape, x.dtype)
+            x + scale.astype(x.dtype) * jax.random.normal(k, (self.population, *x.shape), x.dtype)
             for x, k in zip(leaves, keys)
         ]
         return jax.tree.unflatten(treedef, noisy), state
