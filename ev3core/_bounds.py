@@ -305,6 +305,23 @@ class AbstractBound(eqx.Module):
             base = base & (jnp.arange(num_models) != reference)
         return base
 
+    def _influence_intervals(
+        self,
+        point: Float[Array, " model"],
+        psi: Float[Array, "model example"],
+        reference: int,
+        z: Float[Array, ""],
+        key: PRNGKeyArray,
+        mask: Bool[Array, " model"] | None,
+        num_resamples: int,
+    ) -> Interval:
+        """Normal intervals from point estimates and influence functions (normal bounds)."""
+        mask = self._mask(mask, point.shape[0], reference)
+        draws = _multiplier_draws(key, psi, num_resamples) if self.correction == "max" else None
+        return _normal_intervals(
+            point, _stderr_from_influence(psi), z, mask, self.correction, draws
+        )
+
 
 def _multiplier_draws(
     key: PRNGKeyArray, psi: Float[Array, "model example"], num: int
@@ -354,13 +371,7 @@ class NormalBound(AbstractBound):
         mask: Bool[Array, " model"] | None = None,
     ) -> Interval:
         point, psi = _point_and_influence(utility, scores)
-        mask = self._mask(mask, point.shape[0], reference)
-        draws = (
-            _multiplier_draws(key, psi, self.num_resamples) if self.correction == "max" else None
-        )
-        return _normal_intervals(
-            point, _stderr_from_influence(psi), z, mask, self.correction, draws
-        )
+        return self._influence_intervals(point, psi, reference, z, key, mask, self.num_resamples)
 
 
 class PairedBound(AbstractBound):
@@ -406,13 +417,7 @@ class PairedBound(AbstractBound):
         same = _same_as_reference(scores, reference)
         point = jnp.where(same, 0.0, point - point[reference])
         psi = jnp.where(same[:, None], 0.0, psi - psi[reference])
-        mask = self._mask(mask, point.shape[0], reference)
-        draws = (
-            _multiplier_draws(key, psi, self.num_resamples) if self.correction == "max" else None
-        )
-        return _normal_intervals(
-            point, _stderr_from_influence(psi), z, mask, self.correction, draws
-        )
+        return self._influence_intervals(point, psi, reference, z, key, mask, self.num_resamples)
 
 
 class BootstrapBound(AbstractBound):

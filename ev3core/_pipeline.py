@@ -8,7 +8,6 @@ from typing import Any
 from ._engine import Engine
 from ._plugins import Plugins
 from ._plugins import plugins as default_plugins
-from .errors import ConfigurationError
 
 ComponentSpec = Any  # an instance, a registered name, or a class to instantiate with no arguments
 
@@ -61,26 +60,13 @@ class Pipeline:
         self.history_size = history_size
         self.plugins = plugins
 
-    def _resolve(self, plugins: Plugins, kind: str, spec: ComponentSpec) -> Any:
-        if isinstance(spec, str):
-            try:
-                return plugins.make(kind, spec)
-            except TypeError as exc:
-                raise ConfigurationError(
-                    f"The {kind} {spec!r} needs arguments ({exc}). Build it with "
-                    f"ev3core.make({kind!r}, {spec!r}, ...) or its class and pass the instance."
-                ) from exc
-        if isinstance(spec, type):
-            return spec()
-        return spec
-
     def build(self) -> Engine:
         """Resolve every component and return the `Engine`."""
         plugins = self.plugins if self.plugins is not None else default_plugins()
         hook = plugins.pm.hook
-        proposers = tuple(self._resolve(plugins, "proposer", p) for p in self.proposers)
-        assessors = tuple(self._resolve(plugins, "assessor", a) for a in self.assessors)
-        scheduler = self._resolve(plugins, "scheduler", self.scheduler)
+        proposers = tuple(plugins.resolve("proposer", p) for p in self.proposers)
+        assessors = tuple(plugins.resolve("assessor", a) for a in self.assessors)
+        scheduler = plugins.resolve("scheduler", self.scheduler)
         proposers = tuple(hook.ev3_explore(pipeline=self, proposers=proposers))
         assessors = tuple(hook.ev3_assess(pipeline=self, assessors=assessors))
         scheduler = hook.ev3_adapt(pipeline=self, scheduler=scheduler)

@@ -26,7 +26,12 @@ from . import hookspecs
 from ._bounds import AbstractBound
 from ._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
 from ._priorities import AbstractPriority
-from .errors import DuplicateComponentError, PluginError, UnknownComponentError
+from .errors import (
+    ConfigurationError,
+    DuplicateComponentError,
+    PluginError,
+    UnknownComponentError,
+)
 
 logger = logging.getLogger("ev3core")
 
@@ -244,6 +249,22 @@ class Plugins:
     def make(self, kind: str, name: str, /, **kwargs: Any) -> Any:
         """Instantiate the component registered as `name` with `kwargs`."""
         return self.get(kind, name)(**kwargs)
+
+    def resolve(self, kind: str, spec: Any, owner: str | None = None) -> Any:
+        """A component from a registered name (default arguments), a class (instantiated with
+        no arguments) or an instance (returned as is); `owner` prefixes error messages."""
+        if isinstance(spec, str):
+            try:
+                return self.make(kind, spec)
+            except TypeError as exc:
+                who = f"{owner}: the" if owner else "The"
+                raise ConfigurationError(
+                    f"{who} {kind} {spec!r} needs arguments ({exc}). Build it with "
+                    f"ev3core.make({kind!r}, {spec!r}, ...) or its class and pass the instance."
+                ) from exc
+        if isinstance(spec, type):
+            return spec()
+        return spec
 
 
 def load_plugins(

@@ -59,18 +59,9 @@ _ORDER = (CURRENT, WINNER, STABLE)
 
 
 def _resolve(kind: str, spec: Any, base: type, owner: str) -> Any:
-    if isinstance(spec, str):
-        from ._plugins import plugins
+    from ._plugins import plugins
 
-        try:
-            spec = plugins().make(kind, spec)
-        except TypeError as exc:
-            raise ConfigurationError(
-                f"{owner}: the {kind} {spec!r} needs arguments ({exc}). Build it with "
-                f"ev3core.make({kind!r}, {spec!r}, ...) or its class and pass the instance."
-            ) from exc
-    elif isinstance(spec, type):
-        spec = spec()
+    spec = plugins().resolve(kind, spec, owner)
     if not isinstance(spec, base):
         raise ConfigurationError(
             f"{owner}: {kind}={spec!r} is not an ev3core.{base.__name__} (or a registered "
