@@ -33,7 +33,7 @@ candidates that trade A for B: accepted steps that truly violate it, with and wi
 
     python benchmarks/safety.py --json safety.json [--trials 2000] [--quick]
 
-Runs in about three minutes on 2 CPU cores (`--quick`: under a minute, few trials).
+Runs in about three minutes of CPU time on 2 cores (`--quick`: under a minute, few trials).
 """
 
 from __future__ import annotations
@@ -252,6 +252,114 @@ def safety(key, trials: int, boot_trials: int, resamples: int) -> list[dict[str,
     return sorted(rows, key=lambda r: (r["K"], rank[r["protocol"]]))
 
 
+# --------------------------------------------------------------------------- equal size
+#: Null family of the equal-size comparison: how often a candidate's prediction differs from
+#: the current model's (`q`; 1.0 = independent predictions) and the current accuracy `p0`.
+SIZE_Q = (0.02, 0.1, 0.3, 1.0)
+SIZE_P0 = (0.6, 0.8, 0.95)
+SIZE_Z = np.round(np.arange(0.0, 6.0001, 0.005), 3)
+SIZE_TESTS = ("paired", "unpaired (Welch difference)", "unpaired (reference, significant)",
+              "unpaired (reference, accept)")
+
+
+def unit_z_statistics(key, p0, q, delta):
+    """One decision's statistics, from ev3core's own bounds at `z = 1` (one standard error).
+
+    Returns `(t_paired, t_welch, t_significant, m0 - m1, se0 - se1)`: a test with alpha `z`
+    accepts when its `t > z`; the reference's accept rule (`lower_W > lower_C`) accepts when
+    `m0 - z * se0 > m1 - z * se1`, returned as its two parts.
+    """
+    kw, ku, kb = jax.random.split(key, 3)
+    u = jax.random.bits(ku, (N_DECIDE,), jnp.uint32) & 0xFFFF
+    words = jax.random.bits(kw, (N_DECIDE,), jnp.uint32)
+    cand = lattice_scores(words, u, p0 + delta, q)
+    cur = (u < _threshold(p0)).astype(jnp.float32)
+    scores = jnp.stack([cand, cur])[None]
+    one = jnp.float32(1.0)
+    paired = ev3core.PairedBound().interval(mean_utility, scores, 1, one, kb)
+    se_p = paired.point[0] - paired.lower[0]
+    t_paired = jnp.where(
+        se_p > 0, paired.point[0] / jnp.where(se_p > 0, se_p, 1.0),
+        jnp.where(paired.point[0] > 0, jnp.inf, -jnp.inf),
+    )
+    marg = ev3core.NormalBound().interval(mean_utility, scores, 1, one, kb)
+    m, se = marg.point, marg.point - marg.lower
+    diff = m[0] - m[1]
+    return t_paired, diff / jnp.hypot(se[0], se[1]), diff / (se[0] + se[1]), diff, se[0] - se[1]
+
+
+@eqx.filter_jit
+def size_trials(keys, p0s, qs, deltas, zs):
+    """Acceptance rate of every test at every alpha in `zs`, per configuration."""
+
+    def per_key(key):
+        def per_config(p0, q, d):
+            t_p, t_w, t_s, diff, dse = unit_z_statistics(key, p0, q, d)
+            accept_ref = diff[None] > zs * dse[None]
+            return jnp.stack([t_p > zs, t_w > zs, t_s > zs, accept_ref])  # [test, z]
+
+        return jax.vmap(per_config)(p0s, qs, deltas)
+
+    counts = jax.lax.map(per_key, keys, batch_size=100)  # [trial, config, test, z]
+    return jnp.mean(counts.astype(jnp.float32), axis=0)
+
+
+def equal_size(key, trials: int) -> dict[str, Any]:
+    """Power of each test at the alpha that gives it a size of 5% over the null family.
+
+    A test's *size* is its largest false-acceptance rate over every null configuration it
+    may meet (here every `q` in `SIZE_Q`, independent predictions included, and every `p0`).
+    For each test the smallest alpha on a grid whose size is <= 5% is taken, and the tests'
+    powers (`delta = DELTA`) are compared at that alpha: a comparison at the same
+    false-acceptance rate that does not assume the user knows how correlated the models are.
+    """
+    nulls = [(p0, q, 0.0) for p0 in SIZE_P0 for q in SIZE_Q]
+    betters = [(p0, q, DELTA) for p0 in SIZE_P0 for q in SIZE_Q]
+    configs = nulls + betters
+    arr = lambda i: jnp.asarray([c[i] for c in configs], jnp.float32)  # noqa: E731
+    rates = np.asarray(
+        size_trials(jax.random.split(key, trials), arr(0), arr(1), arr(2), jnp.asarray(SIZE_Z))
+    )  # [config, test, z]
+    null_rates, better_rates = rates[: len(nulls)], rates[len(nulls):]
+    out = {}
+    for t, name in enumerate(SIZE_TESTS):
+        size = null_rates[:, t, :].max(axis=0)  # [z]
+        ok = np.nonzero(size <= 1 - NOMINAL)[0]
+        if ok.size == 0:
+            out[name] = {
+                "alpha_at_size_5pct": None,
+                "smallest_size": float(size.min()),
+                "note": "no alpha on the grid reaches a 5% size",
+            }
+            continue
+        i = int(ok[0])
+        at = lambda cfgs, r, i=i, t=t: {  # noqa: E731
+            f"p0={c[0]},q={c[1]}": round(float(r[j, t, i]), 4) for j, c in enumerate(cfgs)
+        }
+        power = better_rates[:, t, i]
+        realistic = [j for j, c in enumerate(betters) if c[1] < 1.0]
+        out[name] = {
+            "alpha_at_size_5pct": float(SIZE_Z[i]),
+            "size": float(size[i]),
+            "false_acceptance": at(nulls, null_rates),
+            "power": at(betters, better_rates),
+            "mean_power_correlated": float(power[realistic].mean()),
+            "mean_power_independent": float(power[[j for j, c in enumerate(betters)
+                                                   if c[1] == 1.0]].mean()),
+            "false_acceptance_at_nominal_alpha": float(
+                null_rates[:, t, int(np.argmin(np.abs(SIZE_Z - Z)))].max()
+            ),
+        }
+    return {
+        "trials": trials,
+        "n_decide": N_DECIDE,
+        "delta": DELTA,
+        "q": SIZE_Q,
+        "p0": SIZE_P0,
+        "tests": out,
+    }
+
+
 # --------------------------------------------------------------------------- multi-objective
 def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
     """The engine's loop on simulated objectives, tracking the true values of the current and
@@ -452,6 +560,28 @@ def print_safety(rows):
         )
 
 
+def print_equal_size(res):
+    print(
+        f"\n== Power at the same size (largest false acceptance over the null family: q in "
+        f"{res['q']}, p0 in {res['p0']}) = 5%, K=1, n={res['n_decide']}, true gain "
+        f"{res['delta']}, {res['trials']} trials per configuration =="
+    )
+    print(
+        "  test                              | alpha for size 5% | size  | size at alpha=1.645 | "
+        "power (q<1) | power (q=1)"
+    )
+    for name, r in res["tests"].items():
+        if r["alpha_at_size_5pct"] is None:
+            print(f"  {name:<33} | {'none':>17} | smallest size on the grid "
+                  f"{r['smallest_size']:.3f}: it cannot be made safe by its alpha")
+            continue
+        print(
+            f"  {name:<33} | {r['alpha_at_size_5pct']:17.3f} | {r['size']:.3f} | "
+            f"{r['false_acceptance_at_nominal_alpha']:19.3f} | {r['mean_power_correlated']:11.3f}"
+            f" | {r['mean_power_independent']:.3f}"
+        )
+
+
 def print_priorities(res):
     print(
         f"\n== Priorities: A saturates early (start {res['start']}, A max {res['A_max']}), "
@@ -492,6 +622,7 @@ def main(argv=None) -> int:
     parser.add_argument("--trials", type=int, default=2000)
     parser.add_argument("--boot-trials", type=int, default=400)
     parser.add_argument("--resamples", type=int, default=200)
+    parser.add_argument("--size-trials", type=int, default=10000)
     parser.add_argument("--repeats", type=int, default=100)
     parser.add_argument("--steps", type=int, default=80)
     parser.add_argument("--seed", type=int, default=0)
@@ -499,12 +630,14 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.trials, args.boot_trials, args.resamples = 200, 20, 100
-        args.repeats, args.steps = 8, 40
+        args.repeats, args.steps, args.size_trials = 8, 40, 400
     t0 = time.perf_counter()
     key = jax.random.key(args.seed)
-    k1, k2, k3 = jax.random.split(key, 3)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
     rows = safety(k1, args.trials, args.boot_trials, args.resamples)
     print_safety(rows)
+    size = equal_size(k4, args.size_trials)
+    print_equal_size(size)
     prio = priorities_benchmark(k2, args.repeats, args.steps)
     print_priorities(prio)
     cons = constraint_benchmark(k3, args.repeats, args.steps)
@@ -528,6 +661,7 @@ def main(argv=None) -> int:
             "seed": args.seed,
         },
         "safety": rows,
+        "equal_size": size,
         "priorities": prio,
         "constraint": cons,
         "seconds": seconds,

@@ -72,6 +72,12 @@ from ._metrics import (
 from ._metrics import (
     NegExpectedCalibrationError as NegExpectedCalibrationError,
 )
+from ._observe import (
+    JsonlLogger as JsonlLogger,
+)
+from ._observe import (
+    ProgressBar as ProgressBar,
+)
 from ._pipeline import Pipeline as Pipeline
 from ._plugins import (
     Plugins as Plugins,
@@ -134,6 +140,15 @@ from ._schedulers import (
 from ._schedulers import (
     mean_and_stderr as mean_and_stderr,
 )
+from ._sharding import (
+    candidate_mesh as candidate_mesh,
+)
+from ._sharding import (
+    replicate as replicate,
+)
+from ._sharding import (
+    shard_state as shard_state,
+)
 from ._types import (
     CURRENT as CURRENT,
 )
@@ -193,6 +208,7 @@ __all__ = [
     "GradientProposerState",
     "History",
     "Interval",
+    "JsonlLogger",
     "Lexicographic",
     "NegCrossEntropy",
     "NegExpectedCalibrationError",
@@ -202,6 +218,7 @@ __all__ = [
     "PairedBound",
     "Pipeline",
     "Plugins",
+    "ProgressBar",
     "STABLE",
     "StallPriority",
     "State",
@@ -210,6 +227,7 @@ __all__ = [
     "WINNER",
     "WeightedChebyshev",
     "WeightedSum",
+    "candidate_mesh",
     "errors",
     "hookimpl",
     "hookspecs",
@@ -220,7 +238,9 @@ __all__ = [
     "make",
     "mean_and_stderr",
     "plugins",
+    "replicate",
     "run",
     "save_checkpoint",
+    "shard_state",
     "z_for_level",
 ]

@@ -367,8 +367,11 @@ def _load_leaves(path: Path, like: State) -> State:
             if not isinstance(x, jax.Array):  # Python scalar leaves
                 return type(x)(arr.item())
             out = jnp.asarray(arr)
-            with contextlib.suppress(AttributeError, ValueError, TypeError):
-                out = jax.device_put(out, x.sharding)
+            # Place it as `like` is placed. An uncommitted `like` (a fresh `init`) stays
+            # uncommitted: a committed array would make the compiled step re-trace on resume.
+            if getattr(x, "committed", True):
+                with contextlib.suppress(AttributeError, ValueError, TypeError):
+                    out = jax.device_put(out, x.sharding)
             return _weak_like(out, x)
         return x
 

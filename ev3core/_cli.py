@@ -11,35 +11,6 @@ from collections.abc import Sequence
 from typing import Any
 
 from .errors import CheckpointError, EV3Error
-from .hookspecs import hookimpl
-
-
-class _Progress:
-    """A lifecycle-hook plugin that prints a line every `every` steps."""
-
-    def __init__(self, every: int, num_steps: int):
-        self.every = max(1, every)
-        self.num_steps = num_steps
-        self.counts = {"accepted": 0, "rolled_back": 0, "kept": 0, "significant": 0, "masked": 0}
-
-    @hookimpl
-    def ev3_after_step(self, info: Any, step: int) -> None:
-        import numpy as np
-
-        choice = int(info.choice)
-        key = {0: "accepted", 1: "kept", 2: "rolled_back"}[choice]
-        self.counts[key] += 1
-        self.counts["significant"] += bool(info.significant)
-        self.counts["masked"] += int(info.num_invalid)  # non-finite candidates, never accepted
-        if (step + 1) % self.every == 0 or step + 1 == self.num_steps:
-            acc = float(np.asarray(info.decide_mean)[0, choice])
-            print(
-                f"step {step + 1:>4}/{self.num_steps}  decide-acc {acc:.4f}  "
-                f"accepted {self.counts['accepted']}  kept {self.counts['kept']}  "
-                f"rolled back {self.counts['rolled_back']}  significant "
-                f"{self.counts['significant']}",
-                flush=True,
-            )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -52,7 +23,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _pick_experiment(args: argparse.Namespace) -> str | None:
     """The registered experiment `ev3 run` runs, or `None` for the built-in smoke one.
 
-    `--smoke` (and `--resume`, which only the smoke experiment supports) runs smoke;
+    `--smoke` runs smoke; `--resume DIR` continues the experiment whose output DIR is (a
+    distillation run keeps its checkpoints in `DIR/checkpoint/`, a smoke run in `DIR`);
     `--experiment NAME` runs that one; otherwise the `distill` experiment if a plugin
     registered it (the ev3-distill package), else smoke.
     """
@@ -66,17 +38,19 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
                 "pipeline file; drop --smoke to run them."
             )
         return None
-    if args.resume and args.experiment is None and os.path.isdir(
-        os.path.join(args.resume, "checkpoint")
+    distill_output = bool(args.resume) and os.path.isdir(os.path.join(args.resume, "checkpoint"))
+    if args.experiment == "smoke" or (
+        args.resume and args.experiment is None and not distill_output
     ):
-        raise ConfigurationError(
-            f"--resume {args.resume}: that is the output of a distillation run (its final "
-            "state is in checkpoint/); only the smoke experiment can be resumed. Start a new "
-            "run instead."
-        )
-    if args.experiment == "smoke" or (args.resume and args.experiment is None):
         return None
     plugins = default_plugins()
+    if distill_output and args.experiment is None:
+        if "distill" not in plugins.components("experiment"):
+            raise ConfigurationError(
+                f"--resume {args.resume}: that is the output of a distillation run, but the "
+                "distillation plugin is not installed (pip install -e plugins/ev3-distill)."
+            )
+        return "distill"
     if args.experiment is not None:
         plugins.get("experiment", args.experiment)  # UnknownComponentError with close matches
         return args.experiment
@@ -94,22 +68,48 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
 def _run_experiment(name: str, args: argparse.Namespace) -> int:
     """Run an experiment registered through `ev3_register_experiments`."""
     from ._plugins import plugins as default_plugins
-    from .errors import ConfigurationError
+    from .errors import ConfigurationError, RunInterrupted
 
+    resume: dict[str, Any] = {}
     if args.resume:
-        raise ConfigurationError(
-            f"--resume is supported by the smoke experiment only, not by {name!r}; start a "
-            "new run with --out DIR."
-        )
+        if name != "distill":
+            raise ConfigurationError(
+                f"--resume is supported by the smoke and distill experiments, not by {name!r}; "
+                "start a new run with --out DIR."
+            )
+        if args.out or args.pipeline or args.dataset:
+            raise ConfigurationError(
+                f"--resume {args.resume} continues that run with its recorded options; drop "
+                "--out, --dataset and the pipeline file."
+            )
+        resume = {"resume": args.resume}
     experiment = default_plugins().get("experiment", name)
-    summary = experiment(
-        steps=args.steps,
-        seed=args.seed,
-        out=args.out,
-        dataset=args.dataset,
-        pipeline=args.pipeline,
-        progress=True,
-    )
+    try:
+        summary = experiment(
+            steps=args.steps,
+            seed=args.seed,
+            out=args.out,
+            dataset=args.dataset,
+            pipeline=args.pipeline,
+            progress=not getattr(args, "no_progress", False),
+            checkpoint_every=args.checkpoint_every,
+            keep=args.keep,
+            **resume,
+        )
+    except RunInterrupted as exc:
+        if exc.state is None:
+            print(f"ev3: interrupted before the EV3 run started ({exc}); nothing to resume.",
+                  file=sys.stderr)
+            return 130
+        out = args.resume or args.out
+        where = (
+            f"; checkpoint in {out}. Continue with: ev3 run --resume {out}"
+            if out
+            else " (the checkpoint is in the run directory printed above; continue with "
+            "ev3 run --resume DIR)"
+        )
+        print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
+        return 130
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -149,6 +149,7 @@ def _run_smoke(args: argparse.Namespace) -> int:
 
     from ._checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
     from ._components import Accuracy
+    from ._observe import JsonlLogger, ProgressBar
     from ._plugins import plugins as default_plugins
     from ._run import run
     from ._smoke import smoke_data, smoke_model, smoke_pipeline
@@ -177,7 +178,9 @@ def _run_smoke(args: argparse.Namespace) -> int:
     data, (x_test, y_test) = smoke_data(k_data, n=options["examples"])
     engine = smoke_pipeline().build()
     state = engine.init(smoke_model(k_model), k_run)
-    progress = _Progress(args.print_every, options["steps"])
+    # Counts decisions for the summary and checkpoints even when nothing is drawn.
+    progress = ProgressBar(args.print_every, desc="ev3 smoke",
+                           disable=True if args.no_progress else None)
     if resumed is not None:
         state, manifest = load_checkpoint(args.resume, like=state)
         progress.counts.update(manifest["metadata"].get("counts", {}))
@@ -189,6 +192,9 @@ def _run_smoke(args: argparse.Namespace) -> int:
     remaining = max(0, options["steps"] - int(state.step))
     plugins = default_plugins()
     names = [plugins.register(progress, name="ev3core.cli-progress")]
+    if args.log_jsonl:
+        names.append(plugins.register(JsonlLogger(args.log_jsonl, every=args.print_every),
+                                      name="ev3core.cli-jsonl"))
     if out:
         checkpointer = Checkpointer(
             out,
@@ -234,42 +240,35 @@ def _run_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from ._plugins import KINDS
+    from ._plugins import load_plugins
     from ._plugins import plugins as default_plugins
 
-    plugins = default_plugins()
-    comps = {kind: plugins.components(kind) for kind in KINDS}
-    entries = []
-    for info in plugins.plugin_infos():
-        entries.append(
-            {
-                "name": info.name,
-                "distribution": info.distribution,
-                "version": info.version,
-                "hooks": list(info.hooks),
-                "components": [
-                    {"kind": kind, "name": c.name}
-                    for kind in KINDS
-                    for c in comps[kind].values()
-                    if c.plugin == info.name
-                ],
-            }
-        )
-    failures = [
-        {"name": f.name, "distribution": f.distribution, "stage": f.stage, "error": f.error}
-        for f in plugins.failures
-    ]
+    if args.trace:
+        # A fresh plugin set traced from its first registration; then build a pipeline (the
+        # smoke one) so the stage hooks show as they run at build time.
+        from ._smoke import smoke_pipeline
+
+        plugins = load_plugins(trace=True)
+        plugins.describe()  # the registration hooks of every kind
+        smoke_pipeline(plugins=plugins).build()
+    else:
+        plugins = default_plugins()
+    report = plugins.describe()
     if args.json:
-        print(json.dumps({"plugins": entries, "failures": failures}, indent=2))
+        print(json.dumps(report, indent=2))
         return 0
-    for e in entries:
+    for e in report["plugins"]:
         dist = f"{e['distribution']} {e['version']}" if e["distribution"] else "(no distribution)"
         print(f"{e['name']}  [{dist}]")
-        print(f"  hooks: {', '.join(e['hooks'])}")
+        print(f"  hooks: {', '.join(e['hooks']) or '(none)'}")
+        by_kind: dict[str, list[str]] = {}
         for c in e["components"]:
-            print(f"  {c['kind']}: {c['name']}")
-    for f in failures:
-        print(f"FAILED {f['name']} ({f['stage']}): {f['error']}")
+            by_kind.setdefault(c["kind"], []).append(c["name"])
+        for kind, names in by_kind.items():
+            print(f"  {kind}: {', '.join(names)}")
+    for f in report["failures"]:
+        dist = f" (from {f['distribution']})" if f["distribution"] else ""
+        print(f"FAILED {f['name']}{dist} during {f['stage']}: {f['error']}")
     return 0
 
 
@@ -292,7 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="EV3 iterations (default: the experiment's; smoke 30, distill 60)")
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--chunk", type=int, default=1, help="steps per compiled call")
-    p_run.add_argument("--print-every", type=int, default=5)
+    p_run.add_argument("--print-every", type=int, default=5,
+                       help="steps between progress refreshes (default 5)")
+    p_run.add_argument("--no-progress", action="store_true",
+                       help="show no progress (also: EV3_NO_PROGRESS=1)")
+    p_run.add_argument("--log-jsonl", metavar="PATH",
+                       help="append one JSON line per step to PATH (smoke experiment)")
     p_run.add_argument("--json", help="also write the summary to this file")
     p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")
     p_run.add_argument("--resume", metavar="DIR",
@@ -304,7 +308,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="examples per data split of the smoke experiment (default 100000)")
     p_run.set_defaults(func=_cmd_run)
     p_pl = sub.add_parser("plugins", help="list loaded plugins and their components")
-    p_pl.add_argument("--json", action="store_true")
+    p_pl.add_argument("--json", action="store_true", help="print JSON for machines")
+    p_pl.add_argument("--trace", action="store_true",
+                      help="trace plugin registrations and hook calls (stderr) while building "
+                      "the smoke pipeline (any command: EV3_TRACE_PLUGINS=1)")
     p_pl.set_defaults(func=_cmd_plugins)
     args = parser.parse_args(argv)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -9,9 +10,21 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 from jaxtyping import Array, PRNGKeyArray, PyTree
 
 from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
+from ._sharding import (
+    CANDIDATE_AXIS,
+    check_mesh,
+    constrain,
+    num_shards,
+    padded_size,
+    replicate,
+    shard_state,
+    state_specs,
+)
 from ._types import (
     CURRENT,
     STABLE,
@@ -37,6 +50,13 @@ def _sample(data: PyTree[Array], key: PRNGKeyArray, size: int) -> PyTree[Array]:
     n = jax.tree.leaves(data)[0].shape[0]
     idx = jax.random.randint(key, (size,), 0, n)
     return jax.tree.map(lambda a: a[idx], data)
+
+
+def _psum_pick(x: Array, mine: Array) -> Array:
+    """`x` from the one shard where `mine` holds, on every shard (an all-reduce)."""
+    if x.dtype == jnp.bool_:
+        return jax.lax.psum(jnp.where(mine, x, False).astype(jnp.int32), CANDIDATE_AXIS) > 0
+    return jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), CANDIDATE_AXIS)
 
 
 _STREAMS = ("propose", "assess", "decide")
@@ -132,6 +152,15 @@ class Engine(eqx.Module):
     - `proposers`, `assessors`, `scheduler`: the components.
     - `assess_size`, `decide_size`: examples drawn per step from the assess and decide streams.
     - `history_size`: length of the decision ring buffer.
+    - `mesh`: a `jax.sharding.Mesh` with a `"candidate"` axis (`ev3core.candidate_mesh()`):
+      candidates, their assessment and per-candidate proposer states are split over its
+      devices (of one or several processes); `K` is padded to a multiple of the axis size
+      with masked candidates that are never accepted. `None` (default): one device. See
+      `docs/distributed.md`.
+    - `chunk_size`: assess at most this many candidates at once (`lax.map` with
+      `batch_size`), to bound memory when `K` is large; the results are the same.
+      `None` (default): all at once. `GradientProposer(chunk_size=...)` does the same for
+      the trajectories.
     """
 
     proposers: tuple[AbstractProposer, ...]
@@ -140,6 +169,8 @@ class Engine(eqx.Module):
     assess_size: int = eqx.field(static=True)
     decide_size: int = eqx.field(static=True)
     history_size: int = eqx.field(static=True)
+    mesh: Mesh | None = eqx.field(static=True)
+    chunk_size: int | None = eqx.field(static=True)
 
     def __init__(
         self,
@@ -149,6 +180,9 @@ class Engine(eqx.Module):
         assess_size: int = 128,
         decide_size: int = 2048,
         history_size: int = 64,
+        *,
+        mesh: Mesh | None = None,
+        chunk_size: int | None = None,
     ):
         proposers = tuple(proposers)
         assessors = tuple(assessors)
@@ -188,12 +222,30 @@ class Engine(eqx.Module):
                     f"{label}={size}: at least 2 examples are needed to estimate a standard "
                     f"error. Use a larger {label} (the smoke experiment uses 128 and 2048)."
                 )
+        bound = scheduler.bind(assessors)  # e.g. objectives named after the assessors
+        if not isinstance(bound, AbstractScheduler):
+            raise ConfigurationError(
+                f"{type(scheduler).__name__}.bind(assessors) returned {bound!r}; it must return "
+                "an ev3core.AbstractScheduler (return self when there is nothing to bind)."
+            )
+        scheduler = bound
+        if mesh is not None:  # hyperparameters live on every device: no copy per step
+            proposers, assessors, scheduler = replicate(
+                (proposers, assessors, scheduler), check_mesh(mesh)
+            )
         self.proposers = proposers
         self.assessors = assessors
         self.scheduler = scheduler
         self.assess_size = int(assess_size)
         self.decide_size = int(decide_size)
         self.history_size = int(history_size)
+        self.mesh = None if mesh is None else check_mesh(mesh)
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ConfigurationError(
+                f"chunk_size={chunk_size}: assess at least one candidate at a time (a positive "
+                "integer), or pass chunk_size=None to assess all candidates at once."
+            )
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         scheduler.init(len(assessors))  # validates the objective index early
 
     # ---------------------------------------------------------------- introspection
@@ -228,7 +280,7 @@ class Engine(eqx.Module):
                 f"The model {type(model).__name__} has no array leaves to optimise."
             )
         keys = jax.random.split(key, len(self.proposers) + 1)
-        return State(
+        state = State(
             step=jnp.zeros((), jnp.int32),
             key=keys[0],
             current=params,
@@ -240,6 +292,7 @@ class Engine(eqx.Module):
             history=History.empty(self.history_size, len(self.assessors)),
             static=static,
         )
+        return state if self.mesh is None else shard_state(state, self.mesh)
 
     def check_data(self, data: Data, state: State | None = None) -> None:
         """Raise `ConfigurationError` if `data` cannot feed this engine (host side, no compile).
@@ -375,14 +428,82 @@ class Engine(eqx.Module):
                     "every step. Return a state of the same structure from propose()."
                 )
 
+    def _summaries(self, scores: Array) -> Array:
+        """`[objective, model]`: each objective's value per model (`assessor.summary`: the mean,
+        or a batch-level metric such as F1)."""
+        return jnp.stack(
+            [jax.vmap(a.summary)(s) for a, s in zip(self.assessors, scores)]
+        )
+
     def _assess(
-        self, params: PyTree[Array], static: Any, batch: PyTree[Array]
+        self, params: PyTree[Array], static: Any, batch: PyTree[Array], chunk: int | None = None
     ) -> Array:
         def score(p):
             model = eqx.combine(p, static)
             return jnp.stack([a(model, batch).astype(jnp.float32) for a in self.assessors])
 
-        return jnp.moveaxis(jax.vmap(score)(params), 0, 1)  # [objective, model, example]
+        n = jax.tree.leaves(params)[0].shape[0]
+        if chunk is None or chunk >= n:
+            out = jax.vmap(score)(params)
+        else:  # groups of `chunk` models in sequence: bounded memory, same values
+            out = jax.lax.map(score, params, batch_size=chunk)
+        return jnp.moveaxis(out, 0, 1)  # [objective, model, example]
+
+    def _assess_sharded(
+        self,
+        candidates: PyTree[Array],
+        state: State,
+        batch: PyTree[Array],
+    ) -> tuple[Array, Array, PyTree[Array], Any]:
+        """Assess the candidates where they live; only scores leave their devices.
+
+        Returns the scores of the `K` candidates, current and stable, the validity of the
+        candidates' parameters, the padded candidates and a function extracting one of them.
+        """
+        mesh, K = self.mesh, self.num_candidates
+        Kp = padded_size(K, num_shards(mesh))
+        if Kp > K:  # masked padding: copies of the current model, never valid
+            pad = jax.tree.map(
+                lambda x: jnp.broadcast_to(x, (Kp - K,) + x.shape), state.current
+            )
+            candidates = tree_concat([candidates, pad])
+        cand_spec = jax.tree.map(lambda _: P(CANDIDATE_AXIS), candidates)
+        candidates = constrain(candidates, mesh, cand_spec)
+        static, chunk = state.static, self.chunk_size
+
+        def local(cands, batch):
+            n = jax.tree.leaves(cands)[0].shape[0]
+            finite = jnp.broadcast_to(tree_all_finite(cands, 1), (n,))
+            return self._assess(cands, static, batch, chunk), finite
+
+        scores_c, finite = jax.shard_map(
+            local,
+            mesh=mesh,
+            in_specs=(cand_spec, P()),
+            out_specs=(P(None, CANDIDATE_AXIS), P(CANDIDATE_AXIS)),
+        )(candidates, batch)
+        incumbents = self._assess(tree_stack([state.current, state.stable]), static, batch)
+        scores = jnp.concatenate([scores_c[:, :K], incumbents], axis=1)
+        per_shard = Kp // num_shards(mesh)
+
+        def pick(i: Array) -> PyTree[Array]:
+            # The shard holding candidate i contributes it, the others zeros: one all-reduce
+            # of one model's parameters (the winner's broadcast), never a gather of all K.
+            def one(cands):
+                shard = jax.lax.axis_index(CANDIDATE_AXIS)
+                local_i = i - shard * per_shard
+                mine = (local_i >= 0) & (local_i < per_shard)
+                row = jnp.clip(local_i, 0, per_shard - 1)
+                return jax.tree.map(lambda x: _psum_pick(x[row], mine), cands)
+
+            return jax.shard_map(
+                one,
+                mesh=mesh,
+                in_specs=(cand_spec,),
+                out_specs=jax.tree.map(lambda _: P(), state.current),
+            )(candidates)
+
+        return scores, finite[:K], candidates, pick
 
     def step_pure(self, state: State, data: Data) -> tuple[State, StepInfo]:
         """One EV3 iteration, un-jitted (for composing into your own `jit` or `scan`)."""
@@ -403,18 +524,26 @@ class Engine(eqx.Module):
             pstates.append(ps)
         candidates = tree_concat(cands)
         K = self.num_candidates
-        valid = tree_all_finite(candidates, batch_dims=1)
-
-        # assess: K candidates + current + stable on the same examples
-        everything = tree_concat(
-            [candidates, tree_stack([state.current]), tree_stack([state.stable])]
-        )
-        assess_batch = _sample(data.assess, k_assess, self.assess_size)
-        scores_a = self._assess(everything, static, assess_batch)
+        if self.mesh is None:
+            valid = tree_all_finite(candidates, batch_dims=1)
+            # assess: K candidates + current + stable on the same examples
+            everything = tree_concat(
+                [candidates, tree_stack([state.current]), tree_stack([state.stable])]
+            )
+            assess_batch = _sample(data.assess, k_assess, self.assess_size)
+            scores_a = self._assess(everything, static, assess_batch, self.chunk_size)
+        else:
+            assess_batch = _sample(data.assess, k_assess, self.assess_size)
+            scores_a, valid, padded, pick = self._assess_sharded(
+                candidates, state, assess_batch
+            )
         valid = valid & jnp.all(jnp.isfinite(scores_a[:, :K]), axis=(0, 2))
         winner = self.scheduler.select(scores_a, valid, state.scheduler_state, state.history)
         winner_valid = valid[winner]
-        winner_params = tree_index(candidates, winner)
+        if self.mesh is None:
+            winner_params = tree_index(candidates, winner)
+        else:
+            winner_params = pick(winner)
 
         # adapt: decide among winner, current, stable
         trio = tree_stack([winner_params, state.current, state.stable])
@@ -447,7 +576,7 @@ class Engine(eqx.Module):
             new_pstates.append(p.adapt(ps, outcome))
             offset += p.num_candidates
 
-        decide_mean = jnp.mean(scores_d, axis=-1)
+        decide_mean = self._summaries(scores_d)
         history = state.history.record(
             step=state.step,
             winner=winner,
@@ -466,6 +595,8 @@ class Engine(eqx.Module):
             history=history,
             static=static,
         )
+        if self.mesh is not None:  # the same layout every step: no re-compile, no drift
+            new_state = constrain(new_state, self.mesh, state_specs(new_state, self.mesh))
         info = StepInfo(
             step=state.step,
             winner=winner,
@@ -475,7 +606,7 @@ class Engine(eqx.Module):
             significant=significant,
             num_invalid=jnp.sum(~valid).astype(jnp.int32),
             valid=valid,
-            assess_mean=jnp.mean(scores_a, axis=-1),
+            assess_mean=self._summaries(scores_a),
             decide_mean=decide_mean,
             decide_lower=decision.lower,
             decide_upper=decision.upper,
@@ -507,3 +638,30 @@ class Engine(eqx.Module):
         size `num_steps`.
         """
         return self.scan_pure(state, data, num_steps)
+
+    def step_donated(self, state: State, data: Data) -> tuple[State, StepInfo]:
+        """`step` that reuses the buffers of `state` for the new state (`donate`).
+
+        Saves one copy of the whole state per step (parameters, per-candidate optimizer
+        states, history). `state` must not be used afterwards: its arrays are deleted. Use
+        `step` when you keep old states (comparisons, your own checkpoints).
+        """
+        return _step_donated((self, data), state)
+
+    def scan_donated(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
+        """`scan` that reuses the buffers of `state` (see `step_donated`)."""
+        return _scan_donated((self, data, num_steps), state)
+
+
+@functools.partial(eqx.filter_jit, donate="all-except-first")
+def _step_donated(engine_data: tuple[Engine, Data], state: State) -> tuple[State, StepInfo]:
+    engine, data = engine_data
+    return engine.step_pure(state, data)
+
+
+@functools.partial(eqx.filter_jit, donate="all-except-first")
+def _scan_donated(
+    engine_data: tuple[Engine, Data, int], state: State
+) -> tuple[State, StepInfo]:
+    engine, data, num_steps = engine_data
+    return engine.scan_pure(state, data, num_steps)

@@ -17,9 +17,11 @@ Conventions shared by every stage:
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any
 
 import equinox as eqx
+import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._types import Decision, History, Outcome
@@ -108,12 +110,29 @@ class AbstractAssessor(eqx.Module):
     def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
         """Per-example scores of `model` on `batch`, higher is better."""
 
+    def summary(self, values: Float[Array, " example"]) -> Float[Array, ""]:
+        """The objective's value on a batch from this assessor's per-example scores.
+
+        The mean by default; a batch-level assessor (F1, AUC, calibration) returns its metric.
+        The engine logs it (`StepInfo.assess_mean`, `decide_mean`, `History.score`).
+        """
+        return jnp.mean(values)
+
 
 class AbstractScheduler(eqx.Module):
     """The adapt stage: picks the assess winner and decides accept / roll back / stable.
 
     Both methods see the scores of every objective (`objective` axis first) and the history.
     """
+
+    def bind(self, assessors: Sequence[AbstractAssessor]) -> AbstractScheduler:
+        """This scheduler configured for a pipeline's assessors (called once, when an engine
+        is built; the engine keeps what it returns).
+
+        The default returns `self`. `EV3Scheduler` names its objectives after the assessors
+        and uses the metric of batch-level assessors, so constraints can name objectives.
+        """
+        return self
 
     @abc.abstractmethod
     def init(self, num_objectives: int) -> PyTree[Any]:

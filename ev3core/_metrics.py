@@ -8,8 +8,8 @@ just drawing new weights (`BootstrapBound`), and the delta method is the gradien
 to the weights (`NormalBound`, `PairedBound`). Objectives use `metric` through
 `Objective(metric=assessor)`.
 
-The engine's logged means (`StepInfo.assess_mean`, `decide_mean`, `History.score`) of such an
-objective are means of encodings, not the metric: use `assessor.metric(values, ones)`.
+The engine logs each objective through `assessor.summary(values)`, so `StepInfo.assess_mean`,
+`decide_mean` and `History.score` hold the metric itself, not a mean of encodings.
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ class AbstractBatchAssessor(AbstractAssessor):
         self, values: Float[Array, " example"], weights: Float[Array, " example"]
     ) -> Float[Array, ""]:
         """The batch-level metric of the encoded `values` weighted by `weights`."""
+
+    def summary(self, values: Float[Array, " example"]) -> Float[Array, ""]:
+        """The metric on the whole batch (every example weighted 1)."""
+        return jnp.asarray(self.metric(values, jnp.ones_like(values)), jnp.float32)
 
 
 def _safe_div(num: Float[Array, ""], den: Float[Array, ""], empty: float) -> Float[Array, ""]:

@@ -24,7 +24,8 @@ class Pipeline:
       arguments; use `ev3core.make("proposer", name, **kwargs)` to pass arguments).
     - `assessors`: objectives; the first is the primary one. Default `("accuracy",)`.
     - `scheduler`: the adapt stage. Default `"ev3"`.
-    - `assess_size`, `decide_size`, `history_size`: see `Engine`.
+    - `assess_size`, `decide_size`, `history_size`, `mesh`, `chunk_size`: see `Engine`
+      (`mesh=ev3core.candidate_mesh()` spreads the candidates over every device).
     - `plugins`: a `Plugins` instance (default: `ev3core.plugins()`).
 
     ```python
@@ -46,6 +47,8 @@ class Pipeline:
         assess_size: int = 128,
         decide_size: int = 2048,
         history_size: int = 64,
+        mesh: Any = None,
+        chunk_size: int | None = None,
         plugins: Plugins | None = None,
     ):
         if isinstance(proposers, str) or not isinstance(proposers, Sequence):
@@ -58,6 +61,8 @@ class Pipeline:
         self.assess_size = assess_size
         self.decide_size = decide_size
         self.history_size = history_size
+        self.mesh = mesh
+        self.chunk_size = chunk_size
         self.plugins = plugins
 
     def build(self) -> Engine:
@@ -77,4 +82,6 @@ class Pipeline:
             assess_size=self.assess_size,
             decide_size=self.decide_size,
             history_size=self.history_size,
+            mesh=self.mesh,
+            chunk_size=self.chunk_size,
         )

@@ -6,6 +6,8 @@ Environment variables (read when plugins are loaded):
 - `EV3_LOAD_PLUGINS=a,b`: load only the entry-point plugins named `a` and `b`.
 - `EV3_RAISE_PLUGIN_ERRORS=1`: a plugin that fails to import or register raises instead of
   being reported and skipped.
+- `EV3_TRACE_PLUGINS=1`: write every plugin registration and hook call to stderr (see
+  `Plugins.trace`).
 """
 
 from __future__ import annotations
@@ -15,9 +17,10 @@ import difflib
 import importlib.metadata
 import logging
 import os
+import sys
 import traceback
 import types
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pluggy
@@ -98,6 +101,88 @@ class Plugins:
         self.failures: list[PluginFailure] = []
         self._dists: dict[str, tuple[str | None, str | None]] = {}
         self._registry: dict[str, dict[str, ComponentInfo]] = {}
+        self._hooktrace = self.pm.trace.root.get("hook")
+        self._untrace: Callable[[], None] | None = None
+
+    # ------------------------------------------------------------ tracing
+    @property
+    def tracing(self) -> bool:
+        """Whether hook calls are being traced (`trace()` or `EV3_TRACE_PLUGINS=1`)."""
+        return self._untrace is not None
+
+    def trace(self, writer: Callable[[str], object] | None = None) -> Callable[[], None]:
+        """Write every hook call, and every plugin registration, to `writer` (default: stderr).
+
+        Uses pluggy's own tracing (`PluginManager.trace` and `add_hookcall_monitoring`), with
+        arguments and results summarised (type names, lengths, component names) rather than
+        printed in full. Registration hooks, which ev3core calls one plugin at a time, are
+        traced with the names each plugin registered.
+
+        **Returns:** a function that stops the tracing.
+        """
+        if writer is None:
+            writer = _write_stderr
+        self.pm.trace.root.setwriter(writer)
+        if self._untrace is None:
+            hooktrace = self._hooktrace
+
+            def before(hook_name: str, impls: Any, kwargs: Any) -> None:
+                args = ", ".join(f"{k}={_brief(v)}" for k, v in kwargs.items())
+                order = ", ".join(i.plugin_name for i in reversed(impls)) or "(none)"
+                hooktrace(f"{hook_name}({args}) -> calls {order}")
+                hooktrace.root.indent += 1
+
+            def after(outcome: Any, hook_name: str, impls: Any, kwargs: Any) -> None:
+                hooktrace.root.indent -= 1
+                if outcome.exception is not None:
+                    exc = outcome.exception
+                    hooktrace(f"{hook_name} raised {type(exc).__name__}: {exc}")
+                elif hook_name not in _QUIET_RESULTS:
+                    hooktrace(f"{hook_name} returned {_brief(outcome.get_result())}")
+
+            undo = self.pm.add_hookcall_monitoring(before, after)
+
+            def untrace() -> None:
+                undo()
+                self.pm.trace.root.setwriter(None)
+                self._untrace = None
+
+            self._untrace = untrace
+        return self._untrace
+
+    def _trace(self, message: str) -> None:
+        if self._untrace is not None:
+            self._hooktrace(message)
+
+    # ------------------------------------------------------------ listing
+    def describe(self) -> dict[str, Any]:
+        """Every plugin (name, distribution, version, hooks, components) and every failure.
+
+        This is what `ev3 plugins --json` prints. Building the component lists calls the
+        registration hooks, so a plugin failing there appears under `failures`.
+        """
+        comps = {kind: self.components(kind) for kind in KINDS}
+        entries = []
+        for info in self.plugin_infos():
+            entries.append(
+                {
+                    "name": info.name,
+                    "distribution": info.distribution,
+                    "version": info.version,
+                    "hooks": list(info.hooks),
+                    "components": [
+                        {"kind": kind, "name": c.name}
+                        for kind in KINDS
+                        for c in comps[kind].values()
+                        if c.plugin == info.name
+                    ],
+                }
+            )
+        failures = [
+            {"name": f.name, "distribution": f.distribution, "stage": f.stage, "error": f.error}
+            for f in self.failures
+        ]
+        return {"plugins": entries, "failures": failures}
 
     # ------------------------------------------------------------ loading
     def _fail(self, name: str, dist: str | None, stage: str, exc: BaseException) -> None:
@@ -146,6 +231,10 @@ class Plugins:
         except Exception as exc:  # noqa: BLE001 - reported, never fatal by default
             self._fail(name, dist_name, "register", exc)
             return None
+        if self._untrace is not None:
+            hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
+            self._trace(f"register plugin {name}" + (f" ({distribution[0]} {distribution[1]})"
+                        if distribution else "") + f": {', '.join(hooks) or 'no hooks'}")
         self._dists[name] = distribution or (None, None)
         self._registry.clear()
         return registered
@@ -221,6 +310,7 @@ class Plugins:
                         "plugins you name), or ask one author to rename the component."
                     )
                 found[comp_name] = ComponentInfo(kind, comp_name, cls, impl.plugin_name)
+            self._trace(f"{hook_name}() [{impl.plugin_name}] -> {sorted(result) or '{}'}")
         return found
 
     def components(self, kind: str) -> dict[str, ComponentInfo]:
@@ -273,6 +363,7 @@ def load_plugins(
     autoload: bool | None = None,
     only: Iterable[str] | None = None,
     raise_errors: bool | None = None,
+    trace: bool | None = None,
 ) -> Plugins:
     """Load the built-in plugin, entry-point plugins and `extra` plugin objects.
 
@@ -282,6 +373,8 @@ def load_plugins(
     - `autoload`: load entry points (default: unless `EV3_DISABLE_PLUGIN_AUTOLOAD=1`).
     - `only`: entry-point names to load (default: `EV3_LOAD_PLUGINS` if set, else all).
     - `raise_errors`: raise on a failing plugin (default: `EV3_RAISE_PLUGIN_ERRORS=1`).
+    - `trace`: write plugin registrations and hook calls to stderr (default:
+      `EV3_TRACE_PLUGINS=1`; see `Plugins.trace`).
     """
     from . import _builtins
 
@@ -292,12 +385,40 @@ def load_plugins(
     if only is None and os.environ.get("EV3_LOAD_PLUGINS", "").strip():
         only = [s.strip() for s in os.environ["EV3_LOAD_PLUGINS"].split(",") if s.strip()]
     plugins = Plugins(raise_errors=raise_errors)
+    if trace if trace is not None else _env_flag("EV3_TRACE_PLUGINS"):
+        plugins.trace()
     plugins.register(_builtins, name="ev3core.builtins", distribution=_own_distribution())
     if autoload:
         plugins.load_entry_points(only=only)
     for obj in extra:
         plugins.register(obj)
     return plugins
+
+
+#: Hooks whose results are not worth tracing (lifecycle hooks return nothing).
+_QUIET_RESULTS = frozenset({"ev3_run_start", "ev3_after_step", "ev3_run_end"})
+
+
+def _write_stderr(text: str) -> None:
+    sys.stderr.write(f"ev3 trace: {text}")
+    sys.stderr.flush()
+
+
+def _brief(value: Any, depth: int = 0) -> str:
+    """A one-line summary of a hook argument or result (type names, not full reprs)."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return repr(value if len(value) <= 40 else value[:37] + "...")
+    if isinstance(value, (tuple, list)):
+        if depth > 0 or len(value) > 8:
+            return f"{type(value).__name__}[{len(value)}]"
+        inner = ", ".join(_brief(v, depth + 1) for v in value)
+        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (
+            f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+    if isinstance(value, dict):
+        return f"dict[{len(value)}]"
+    return type(value).__name__
 
 
 def _own_distribution() -> tuple[str, str] | None:

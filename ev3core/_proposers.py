@@ -116,6 +116,10 @@ class GradientProposer(AbstractProposer):
     - `growth_factor`: the length's multiplier after `patience` non-significant steps (an
       array leaf, `>= 1`).
     - `patience`: consecutive non-significant steps before growing (an array leaf, `>= 1`).
+    - `chunk_size`: run the trajectories in sequential groups of at most this many
+      candidates (`lax.map` with `batch_size`, each group running its whole trajectory), so
+      only one group's gradients, updates and activations are alive at once; same batches,
+      same results. `None` (default): all candidates in one vmapped trajectory.
 
     ```python
     proposer = GradientProposer(
@@ -136,6 +140,7 @@ class GradientProposer(AbstractProposer):
     max_steps: int = eqx.field(static=True)
     growth_factor: Float[Array, ""]
     patience: Int[Array, ""]
+    chunk_size: int | None = eqx.field(static=True, default=None)
 
     def __init__(
         self,
@@ -148,6 +153,7 @@ class GradientProposer(AbstractProposer):
         max_steps: int | None = None,
         growth_factor: float | Array = 2.0,
         patience: int | Array = 3,
+        chunk_size: int | None = None,
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
@@ -203,6 +209,12 @@ class GradientProposer(AbstractProposer):
             )
         self.growth_factor = jnp.asarray(growth_factor, jnp.float32)
         self.patience = jnp.asarray(patience, jnp.int32)
+        if chunk_size is not None and int(chunk_size) < 1:
+            raise ConfigurationError(
+                f"GradientProposer: chunk_size={chunk_size} must be a positive integer (or None "
+                "to advance every candidate at once)."
+            )
+        self.chunk_size = None if chunk_size is None else int(chunk_size)
         if not isinstance(self.growth_factor, jax.core.Tracer) and not (
             float(self.growth_factor) >= 1.0 and int(self.patience) >= 1
         ):
@@ -300,10 +312,17 @@ class GradientProposer(AbstractProposer):
             return carry, None
 
         flat_states = [o for per_opt in state.opt_states for o in per_opt]
-        carry = tuple(
-            (_broadcast(params, size), o) for (_, _, _, _, size), o in zip(blocks, flat_states)
-        )
-        carry, _ = jax.lax.scan(body, carry, (jnp.arange(L), idx, loss_keys))
+        if self.chunk_size is not None and self.chunk_size < max(sizes):
+            carry = tuple(
+                self._chunked_block(one, block, o, params, state, data, idx, loss_keys)
+                for block, o in zip(blocks, flat_states)
+            )
+        else:
+            carry = tuple(
+                (_broadcast(params, size), o)
+                for (_, _, _, _, size), o in zip(blocks, flat_states)
+            )
+            carry, _ = jax.lax.scan(body, carry, (jnp.arange(L), idx, loss_keys))
         candidates = tree_concat([p for p, _ in carry])
         opt_states = []
         it = iter(o for _, o in carry)
@@ -312,6 +331,38 @@ class GradientProposer(AbstractProposer):
         return candidates, GradientProposerState(
             opt_states=tuple(opt_states), length=state.length, streak=state.streak
         )
+
+    def _chunked_block(
+        self, one: Any, block: Any, o: Any, params: Any, state: GradientProposerState,
+        data: Any, idx: Any, loss_keys: Any,
+    ) -> tuple[Any, Any]:
+        """One block's trajectories in sequential groups of `chunk_size` candidates, each
+        group running its whole trajectory: only `chunk_size` trajectories' gradients and
+        activations are alive at once. Same batches and keys as the vmapped path."""
+        opt, dyn, lstatic, start, size = block
+        step = functools.partial(one, opt, lstatic)
+        sl = slice(start, start + size)
+
+        def trajectory(args):
+            o, loss_dyn, idx_c, keys_c = args  # idx_c [L, B], keys_c [L]
+
+            def advance(c, i_t, k_t):
+                batch = jax.tree.map(lambda a: a[i_t], data)
+                return step(c[0], c[1], loss_dyn, batch, k_t)
+
+            def body(c, xs):
+                t, i_t, k_t = xs
+                if not self.grows:
+                    return advance(c, i_t, k_t), None
+                return jax.lax.cond(
+                    t < state.length, lambda c: advance(c, i_t, k_t), lambda c: c, c
+                ), None
+
+            c, _ = jax.lax.scan(body, (params, o), (jnp.arange(self.max_steps), idx_c, keys_c))
+            return c
+
+        xs = (o, dyn, jnp.swapaxes(idx[:, sl], 0, 1), loss_keys[:, sl].T)
+        return jax.lax.map(trajectory, xs, batch_size=self.chunk_size)
 
     def _grow(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
         if not self.grows:

@@ -18,7 +18,7 @@ from ._bounds import (
     bonferroni_z,
     weighted_mean,
 )
-from ._interfaces import AbstractScheduler
+from ._interfaces import AbstractAssessor, AbstractScheduler
 from ._priorities import (
     AbstractPriority,
     Constraint,
@@ -197,8 +197,8 @@ class EV3Scheduler(AbstractScheduler):
                 raise ConfigurationError(
                     f"EV3Scheduler: a constraint refers to the objective {target!r}, but the "
                     f"objectives are named {names or '(unnamed)'}. Name them with "
-                    "objectives=[Objective('accuracy'), ...] in assessor order, or give the "
-                    "constraint the objective's index."
+                    "objectives=[Objective('accuracy'), ...] in assessor order (an Engine names "
+                    "them after its assessors), or give the constraint the objective's index."
                 )
             return names.index(target)
         if not 0 <= target < num_objectives:
@@ -207,6 +207,44 @@ class EV3Scheduler(AbstractScheduler):
                 f"has {num_objectives}. Use an index in [0, {num_objectives})."
             )
         return target
+
+    def bind(self, assessors: Sequence[AbstractAssessor]) -> EV3Scheduler:
+        """Name the objectives after `assessors` and use batch-level assessors' metrics.
+
+        Without `objectives`, objective `i` becomes `Objective(assessor_i.name, direction,
+        metric)`, where `direction` is the assessor's declared `direction` (default `"max"`)
+        and `metric` is the assessor itself when it is batch-level (F1, AUC, calibration), so
+        the bounds test the metric, not a mean of its per-example encodings. Given
+        `objectives`, unnamed ones take the assessor's name and batch-level ones without a
+        `metric` get the assessor. The engine calls this once when it is built.
+        """
+        from ._metrics import AbstractBatchAssessor
+
+        def filled(i: int, a: AbstractAssessor, o: Objective | None) -> Objective:
+            batch = a if isinstance(a, AbstractBatchAssessor) else None
+            if o is None:
+                declared = getattr(a, "direction", "max")
+                return Objective(
+                    a.name, declared if declared in ("max", "min") else "max", batch
+                )
+            if o.name is not None and o.metric is not None:
+                return o
+            return Objective(
+                o.name if o.name is not None else a.name,
+                o.direction,
+                o.metric if o.metric is not None else batch,
+            )
+
+        assessors = tuple(assessors)
+        given = self.objectives
+        if given is not None and len(given) != len(assessors):
+            return self  # `init` reports the mismatch
+        objectives = tuple(
+            filled(i, a, None if given is None else given[i]) for i, a in enumerate(assessors)
+        )
+        return eqx.tree_at(
+            lambda s: s.objectives, self, objectives, is_leaf=lambda x: x is None
+        )
 
     def init(self, num_objectives: int) -> EV3SchedulerState:
         if not 0 <= self.objective < num_objectives:

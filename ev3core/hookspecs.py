@@ -176,6 +176,34 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
     """
 
 
+# ------------------------------------------------------------------ conformance hook
+@hookspec
+def ev3_conformance_examples(kind: str, name: str, cls: type) -> list | None:
+    """Give example instances of a registered component for the conformance kit.
+
+    **When:** by `ev3core.testing` (`examples`, `registered_examples`, `check_registered`),
+    never during a run: once per registered component that a test suite checks.
+
+    **Arguments:** the component's `kind` (`"proposer"`, `"assessor"`, `"scheduler"`,
+    `"loss"`, `"bound"`, `"priority"`), its registered `name` and its class `cls`.
+
+    **Returns:** a list of instances of `cls` (or of `ev3core.testing.Example`, an instance
+    with check options such as its own model, data or `num_objectives`), or `None` when this
+    plugin has no example for that component. Answer for your own components only.
+    Components that this hook gives no example for are checked as `cls()`; one whose
+    constructor needs arguments must be given an example here.
+
+    **Calling rule:** collect-all; the examples of every plugin are concatenated.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_conformance_examples(kind, name, cls):
+        if cls is MyProposer:
+            return [MyProposer(scale=0.1), MyProposer(scale=0.1, population=2)]
+    ```
+    """
+
+
 # ------------------------------------------------------------------ stage hooks
 @hookspec(firstresult=True)
 def ev3_explore(
@@ -280,6 +308,7 @@ __all__ = [
     "ev3_register_bounds",
     "ev3_register_priorities",
     "ev3_register_experiments",
+    "ev3_conformance_examples",
     "ev3_explore",
     "ev3_assess",
     "ev3_adapt",

@@ -105,6 +105,29 @@ def test_round_trip_is_bit_exact_and_keeps_metadata(problem, tmp_path):
     _assert_bit_identical(state, again)
 
 
+def test_resuming_reuses_the_compiled_step(problem, tmp_path):
+    """A loaded state is placed like `like` (uncommitted after `init`), so the first step after
+    a resume reuses the compiled program instead of compiling it again (seconds per resume)."""
+    import logging
+
+    engine, data, init = problem
+    state, _ = engine.step(init, data)  # compiled for this placement
+    save_checkpoint(tmp_path, state)
+    loaded, _ = load_checkpoint(tmp_path, like=init)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("jax")
+    logger.addHandler(handler)
+    try:
+        with jax.log_compiles():
+            engine.step(loaded, data)
+    finally:
+        logger.removeHandler(handler)
+    compiles = [r.getMessage() for r in records if "jit(step)" in r.getMessage()]
+    assert not compiles, compiles
+
+
 def test_no_temporary_files_are_left_and_only_the_last_n_are_kept(problem, tmp_path):
     engine, data, init = problem
     state = init

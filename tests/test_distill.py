@@ -367,8 +367,26 @@ def test_ev3_run_end_to_end(tmp_path):
     assert summary["wall_seconds"] > 0
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    # the final checkpoint is the whole engine state; the student reloads from its leaves
-    assert list((out / "checkpoint").glob("ckpt-*.json"))
+    # budget accounting: every iteration is charged one trajectory; the student's lineage
+    # moved only on accepted ones; all candidates together explored K times more
+    K = ev3s["candidates_per_iteration"]
+    accepted = [r for r in rows if r["accepted"]]
+    assert summary["ev3_path_steps"] == rows[-1]["path_steps"] <= 200
+    if not any(r["rolled_back"] for r in rows):
+        assert summary["ev3_path_steps"] == 50 * len(accepted)
+    per_pass = {1: 5 * 2, 2: K}  # (label loss + 2x2 KD losses) x 2 lrs; pass 2 adds 2 losses
+    assert (
+        summary["ev3_gradient_evaluations"]
+        == rows[-1]["explored_steps"]
+        == 50 * sum(per_pass[r["pass"]] for r in rows)
+    )
+    # the final checkpoint is the whole engine state, with the (grown) architecture recorded
+    # for --resume; the student reloads from its leaves
+    manifests = sorted((out / "checkpoint").glob("ckpt-*.json"))
+    final = json.loads(manifests[-1].read_text())
+    assert final["step"] == 4
+    assert final["metadata"]["distill"]["architecture"] == ev3s["architecture"]
+    assert len(final["metadata"]["distill"]["rows"]) == 4
     arch = ev3s["architecture"]
     like = MLP(arch["in_features"], arch["num_classes"], arch["widths"], key=jax.random.key(0))
     student = eqx.tree_deserialise_leaves(out / "student.eqx", like)
@@ -387,8 +405,10 @@ def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "No experiment named 'distil'" in err and "'distill'" in err
     (tmp_path / "checkpoint").mkdir()
-    assert main(["run", "--resume", str(tmp_path)]) == 2
-    assert "only the smoke experiment can be resumed" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path)]) == 2  # a distill run dir, but empty
+    assert "no distillation checkpoint" in capsys.readouterr().err
+    assert main(["run", "--resume", str(tmp_path), "--dataset", "mnist1d"]) == 2
+    assert "recorded options" in capsys.readouterr().err
     assert main(["run", "--smoke", "my_pipeline.py"]) == 2
     assert "--smoke runs the built-in smoke experiment" in capsys.readouterr().err
 
@@ -495,3 +515,152 @@ def test_user_pipeline_file_runs_inside_the_job(tmp_path):
         empty = tmp_path / "empty.py"
         empty.write_text("x = 1\n")
         distill_experiment(steps=1, out=tmp_path / "o2", pipeline=empty, progress=False)
+
+
+RESUMABLE_PIPELINE = """
+import json, os, time
+import optax
+import ev3core
+from ev3_distill import GrowthPolicy, LabelLoss, DistillLoss
+
+config = {"trajectory": 5, "teacher_steps": 150, "passes": 2, "extra_teachers": 1}
+growth = GrowthPolicy(patience=1, max_width=8, max_depth=1, factor=2.0)
+
+
+def pipeline(num_teachers, config):
+    losses = [LabelLoss()] + [DistillLoss(2.0, 0.7, teacher=j) for j in range(num_teachers)]
+    return ev3core.Pipeline(
+        proposers=[ev3core.GradientProposer(losses, [optax.adam(3e-3)], steps=5, batch_size=16)],
+        assessors=["accuracy"],
+        scheduler=ev3core.EV3Scheduler(decide_alpha=1.0),
+        assess_size=64,
+        decide_size=128,
+    )
+
+
+class Trace:  # a user's lifecycle plugin: it sees every EV3 step of the distillation job
+    @ev3core.hookimpl
+    def ev3_run_start(self, state, num_steps):
+        self.write({"event": "start", "step": int(state.step), "num_steps": num_steps})
+
+    @ev3core.hookimpl
+    def ev3_after_step(self, state, step):
+        self.write({"event": "step", "step": int(state.step)})
+        time.sleep(0.2)  # slow enough for the test to interrupt it
+
+    @ev3core.hookimpl
+    def ev3_run_end(self, state):
+        self.write({"event": "end", "step": int(state.step)})
+
+    def write(self, row):
+        with open(os.environ["TRACE_FILE"], "a") as f:
+            f.write(json.dumps(row) + "\\n")
+
+
+ev3core.plugins().register(Trace(), name="test-trace")
+"""
+
+
+def _distill_outputs(out):
+    def strip(obj):
+        if isinstance(obj, dict):
+            return {
+                k: strip(v) for k, v in obj.items() if k not in ("wall_seconds", "resumed_from")
+            }
+        if isinstance(obj, list):
+            return [strip(v) for v in obj]
+        return obj
+
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    return strip(json.loads((out / "summary.json").read_text())), strip(rows)
+
+
+def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
+    """Ctrl-C a real `ev3 run` distillation, resume it: the same summary, metrics and final
+    engine state (bit-identical) as a run that never stopped; user lifecycle plugins see
+    every EV3 step, growth and the second pass included."""
+    import signal
+    import time
+
+    from ev3core._checkpoint import list_checkpoints
+
+    pipe = tmp_path / "pipe.py"
+    pipe.write_text(RESUMABLE_PIPELINE)
+    ev3 = str(Path(sys.executable).parent / "ev3")
+    common = ["run", str(pipe), "--steps", "10", "--seed", "1", "--checkpoint-every", "1"]
+
+    def start(out, trace, *extra):
+        return subprocess.Popen(
+            [ev3, *common, "--out", str(out), *extra],
+            env=_env(TRACE_FILE=str(trace)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+    straight = start(tmp_path / "straight", tmp_path / "straight.trace")
+    stopped_dir = tmp_path / "stopped"
+    proc = start(stopped_dir, tmp_path / "stopped.trace")
+    try:
+        deadline = time.monotonic() + 600
+        # step 0 is checkpointed at once; interrupt once a few EV3 steps are done
+        while (
+            max((int(m.stem[5:]) for m in list_checkpoints(stopped_dir / "checkpoint")), default=0)
+            < 2
+        ):
+            assert proc.poll() is None, proc.communicate()
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=600)
+        assert proc.returncode == 130, err[-3000:]
+        assert "interrupted at step" in err and f"ev3 run --resume {stopped_dir}" in err
+        assert "Traceback" not in err
+        assert not (stopped_dir / "summary.json").exists()
+        stopped_at = json.loads(list_checkpoints(stopped_dir / "checkpoint")[-1].read_text())
+        assert 2 <= stopped_at["step"] < 10
+
+        resumed = subprocess.run(
+            [ev3, "run", "--resume", str(stopped_dir)],
+            env=_env(TRACE_FILE=str(tmp_path / "resumed.trace")),
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert f"resuming {stopped_dir} at EV3 iteration {stopped_at['step']} of 10" in (
+            resumed.stderr
+        )
+        _, err = straight.communicate(timeout=600)
+        assert straight.returncode == 0, err[-3000:]
+    finally:
+        for p in (straight, proc):
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    a_summary, a_rows = _distill_outputs(tmp_path / "straight")
+    b_summary, b_rows = _distill_outputs(stopped_dir)
+    assert a_rows == b_rows
+    assert a_summary == b_summary  # includes the final engine state's SHA-256
+    assert (
+        json.loads((stopped_dir / "summary.json").read_text())["resumed_from"]
+        == (stopped_at["step"])
+    )
+    assert (tmp_path / "straight" / "student.eqx").read_bytes() == (
+        stopped_dir / "student.eqx"
+    ).read_bytes()
+    # the run grew and reached its second pass, so resuming rebuilt a grown architecture
+    assert a_summary["ev3_student"]["counts"]["grown"] >= 1
+    assert a_rows[-1]["pass"] == 2
+    assert a_summary["ev3_student"]["params"] > a_summary["ev3_student"]["start_params"]
+    # lifecycle hooks: every EV3 step seen once, inside run_start/run_end segments
+    trace = [json.loads(x) for x in (tmp_path / "straight.trace").read_text().splitlines()]
+    assert [t["step"] for t in trace if t["event"] == "step"] == list(range(1, 11))
+    starts = [t for t in trace if t["event"] == "start"]
+    ends = [t for t in trace if t["event"] == "end"]
+    assert len(starts) == len(ends) >= 2  # growth and the new pass happen between segments
+    assert sum(t["num_steps"] for t in starts) == 10
+    resumed_trace = [json.loads(x) for x in (tmp_path / "resumed.trace").read_text().splitlines()]
+    assert [t["step"] for t in resumed_trace if t["event"] == "step"] == list(
+        range(stopped_at["step"] + 1, 11)
+    )

@@ -254,3 +254,35 @@ def test_selection_prefers_candidates_that_keep_the_constraints():
     # when no candidate keeps them, the best one is still the winner (decide will refuse it)
     scores = jnp.stack([bigger, bigger, cur, cur], axis=1)
     assert int(sched.select(scores, jnp.array([False, True]), state, history)) == 1
+
+
+def test_engine_names_objectives_and_logs_batch_level_metrics():
+    """Built into an engine, constraints may name objectives without `objectives=`, and the
+    logged value of a batch-level objective is the metric itself (not a mean of encodings)."""
+    from ev3core._engine import _sample
+
+    data, _ = smoke_data(jax.random.key(0), n=4096)
+    p = ev3core.load_plugins(autoload=False)
+    f1 = ev3core.F1Score()
+    sched = EV3Scheduler(decide_alpha=1.645, constraints=[Constraint("accuracy", max_drop=0.005)])
+    with pytest.raises(ConfigurationError, match="named"):
+        sched.init(2)  # unbound, the names are unknown
+    engine = smoke_pipeline(
+        plugins=p, scheduler=sched, assessors=["accuracy", f1], decide_size=1024
+    ).build()
+    objectives = engine.scheduler.objectives
+    assert [o.name for o in objectives] == ["accuracy", "f1"]
+    assert objectives[0].metric is None and objectives[1].metric == f1
+    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    before = state
+    state, info = engine.step(state, data)
+    # The decide batch the step drew, replayed: the logged F1 of the current model is F1.
+    k_decide = jax.random.split(before.key, 4)[3]
+    x, y = _sample(data.decide, k_decide, engine.decide_size)
+    model = before.model
+    cells = f1(model, (x, y))
+    expect_f1 = float(f1.metric(cells, jnp.ones_like(cells)))
+    np.testing.assert_allclose(float(info.decide_mean[1, CURRENT]), expect_f1, rtol=1e-6)
+    assert abs(float(jnp.mean(cells)) - expect_f1) > 0.05  # the mean of encodings differs
+    acc = jnp.mean(jnp.argmax(jax.vmap(model)(x), -1) == y)
+    np.testing.assert_allclose(float(info.decide_mean[0, CURRENT]), float(acc), rtol=1e-6)

@@ -18,6 +18,9 @@ from ._experiment import (
     distill_experiment as distill_experiment,
 )
 from ._experiment import (
+    load_resume_point as load_resume_point,
+)
+from ._experiment import (
     run_baseline as run_baseline,
 )
 from ._experiment import (
@@ -54,6 +57,9 @@ from ._models import (
     max_abs_output_difference as max_abs_output_difference,
 )
 from ._models import (
+    model_from_description as model_from_description,
+)
+from ._models import (
     widen as widen,
 )
 
@@ -76,7 +82,9 @@ __all__ = [
     "grow_state",
     "kd_loss",
     "load_dataset",
+    "load_resume_point",
     "max_abs_output_difference",
+    "model_from_description",
     "run_baseline",
     "run_ev3",
     "train_teacher",

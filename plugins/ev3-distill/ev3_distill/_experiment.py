@@ -35,11 +35,21 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ev3core import Accuracy, Data, EV3Scheduler, GradientProposer, Pipeline
-from ev3core.errors import ConfigurationError
+from ev3core import (
+    Accuracy,
+    Data,
+    EV3Scheduler,
+    GradientProposer,
+    Lexicographic,
+    NegCrossEntropy,
+    Objective,
+    Pipeline,
+    hookimpl,
+)
+from ev3core.errors import ConfigurationError, RunInterrupted
 
 from ._data import DATASETS, Splits, load_dataset
-from ._growth import GrowthPolicy, StudentArchive, grow_state
+from ._growth import GrowthPolicy, StudentArchive, _streak, grow_state
 from ._losses import DistillLoss, LabelLoss
 from ._models import CNN, MLP, count_params
 from ._train import accuracy, logits_of, shift_augmented_loss, train
@@ -79,6 +89,11 @@ class DistillConfig:
     learning_rates: tuple[float, ...] = (3e-3, 1e-2)
     assess_alpha: float = 0.5
     decide_alpha: float = 1.0
+    # Decide on accuracy first; among moves that lose at most `accuracy_tolerance` of it,
+    # a significant gain in held-out log-likelihood also counts (ties on accuracy are common
+    # once the student is good: a 270-example decide set moves in steps of 0.0037).
+    tie_break: bool = True
+    accuracy_tolerance: float = 0.005
     teacher_steps: int | None = None  # default per data set
     baseline_temperature: float = 4.0
     baseline_weight: float = 0.9
@@ -142,7 +157,8 @@ def default_pipeline(
 
     Losses: the label loss, and for teacher 0 every (temperature, weight) pair; later teachers
     (archived students) get one family each over the temperatures at the largest weight.
-    Optimizers: Adam at each learning rate.
+    Optimizers: Adam at each learning rate. Assessors: accuracy and, with `cfg.tie_break`,
+    negative cross-entropy, ranked lexicographically (`ev3core.Lexicographic`).
     """
     losses: list[Any] = [LabelLoss()]
     for t in cfg.temperatures:
@@ -151,6 +167,12 @@ def default_pipeline(
     for j in range(1, num_teachers):
         for t in cfg.temperatures:
             losses.append(DistillLoss(t, max(cfg.weights), teacher=j, teacher_name=f"student{j}"))
+    lex: dict[str, Any] = {}
+    if cfg.tie_break:
+        lex = {
+            "priority": Lexicographic(order=[0, 1], tolerances=[cfg.accuracy_tolerance, 0.0]),
+            "objectives": [Objective("accuracy"), Objective("neg_cross_entropy")],
+        }
     return Pipeline(
         proposers=[
             GradientProposer(
@@ -161,8 +183,8 @@ def default_pipeline(
                 optimizer_names=[f"adam{lr:g}" for lr in cfg.learning_rates],
             )
         ],
-        assessors=[Accuracy()],
-        scheduler=EV3Scheduler(assess_alpha=cfg.assess_alpha, decide_alpha=cfg.decide_alpha),
+        assessors=[Accuracy(), NegCrossEntropy()] if cfg.tie_break else [Accuracy()],
+        scheduler=EV3Scheduler(assess_alpha=cfg.assess_alpha, decide_alpha=cfg.decide_alpha, **lex),
         assess_size=assess_size,
         decide_size=decide_size,
         history_size=64,
@@ -214,6 +236,205 @@ class EV3Result:
     start_params: int
     start_test_accuracy: float
     gradient_evaluations: int
+    resumed_from: int | None = None
+
+    @property
+    def path_steps(self) -> int:
+        """Optimizer steps along the final student's own lineage (accepted trajectories)."""
+        return int(self.metrics[-1]["path_steps"]) if self.metrics else 0
+
+
+@dataclasses.dataclass
+class ResumePoint:
+    """Where an interrupted `run_ev3` continues: the engine state and the host-side record
+    saved with it (the `distill` entry of the checkpoint's metadata)."""
+
+    state: Any
+    record: dict[str, Any]
+    teachers: list[Any]  # the extra (archived-student) teachers of the current pass
+    archive: dict[int, tuple[float, int, Any]]  # params -> (decide accuracy, iteration, model)
+
+
+def _count(rows: list[dict[str, Any]]) -> dict[str, int]:
+    counts = {"accepted": 0, "kept": 0, "rolled_back": 0, "significant": 0, "grown": 0}
+    for r in rows:
+        counts[r["choice"]] += 1
+        counts["significant"] += bool(r["significant"])
+        counts["grown"] += bool(r["grown"])
+    return counts
+
+
+class _Job:
+    """The host side of one EV3 distillation run.
+
+    Its `ev3_after_step` hook (registered with the other plugins for each `ev3core.run`
+    segment) turns every step into a metrics row and offers the student to the archive; its
+    `record()` is what the checkpoint's metadata stores so that a run can be resumed.
+    """
+
+    def __init__(self, splits: Splits, cfg: DistillConfig, out: Path | None, on_iteration):
+        self.splits = splits
+        self.cfg = cfg
+        self.out = out
+        self.on_iteration = on_iteration
+        self.rows: list[dict[str, Any]] = []
+        self.archive = StudentArchive()
+        self.archive_iteration: dict[int, int] = {}
+        self.current_pass = 1
+        self.teacher_files: list[str] = []
+        self.teacher_models: list[Any] = []
+        self.labels: list[str] = []
+        self.proposal_steps = 0  # gradient steps per EV3 iteration over all candidates
+        self.path = {"current": 0, "stable": 0}  # optimizer steps along each incumbent's lineage
+        self.explored = 0
+        self.baseline_at: dict[int, float] = {}
+        self.pipeline_file: str | None = None
+        self.t0 = time.perf_counter()
+        self.wall_before = 0.0  # wall time of the run before it was resumed
+
+    # -- lifecycle hook: one row per EV3 step
+    @hookimpl
+    def ev3_after_step(self, state: Any, info: Any) -> None:
+        info = jax.device_get(info)
+        it = int(state.step)
+        choice = int(info.choice)
+        self.explored += self.proposal_steps
+        # The winner's trajectory started from the current model; a significant winner
+        # also becomes the stable model, a roll back makes the stable model current.
+        winner = self.path["current"] + self.cfg.trajectory
+        stable = winner if bool(info.significant) else self.path["stable"]
+        if bool(info.accepted):
+            self.path["current"] = winner
+        elif bool(info.rolled_back):
+            self.path["current"] = self.path["stable"]
+        self.path["stable"] = stable
+        model = state.model
+        decide_full = accuracy(model, self.splits.decide.x, self.splits.decide.y)
+        if self.archive.offer(model, decide_full):
+            self.archive_iteration[count_params(model)] = it
+        row: dict[str, Any] = {
+            "iteration": it,
+            "gradient_steps": it * self.cfg.trajectory,
+            "path_steps": self.path["current"],
+            "explored_steps": self.explored,
+            "pass": self.current_pass,
+            "choice": CHOICES[choice],
+            "accepted": bool(info.accepted),
+            "rolled_back": bool(info.rolled_back),
+            "significant": bool(info.significant),
+            "winner": self.labels[int(info.winner)],
+            "num_invalid": int(info.num_invalid),
+            "decide_accuracy": float(np.asarray(info.decide_mean)[0, choice]),
+            "decide_accuracy_full": decide_full,
+            "test_accuracy": accuracy(model, self.splits.test.x, self.splits.test.y),
+            "student_params": count_params(model),
+            "student_widths": list(getattr(model, "widths", ())),
+            "grown": None,
+            "baseline_test_accuracy": self.baseline_at.get(it * self.cfg.trajectory),
+            "wall_seconds": self.wall_before + time.perf_counter() - self.t0,
+        }
+        self.rows.append(row)
+        if self.on_iteration is not None:
+            self.on_iteration(row, _count(self.rows))
+
+    # -- what a checkpoint stores besides the engine state
+    def _file_for(self, params: int, iteration: int, model: Any) -> str:
+        name = f"students/p{params}-it{iteration}.eqx"
+        if self.out is not None and not (self.out / name).exists():
+            (self.out / "students").mkdir(exist_ok=True)
+            tmp = self.out / (name + ".tmp")
+            eqx.tree_serialise_leaves(tmp, model)
+            os.replace(tmp, self.out / name)
+        return name
+
+    def record(self, state_model: Any, growth: GrowthPolicy | None) -> dict[str, Any]:
+        archive = []
+        for params, (acc, model) in sorted(self.archive.entries.items()):
+            it = self.archive_iteration[params]
+            archive.append(
+                {
+                    "params": params,
+                    "decide_accuracy": acc,
+                    "iteration": it,
+                    "architecture": model.describe(),
+                    "file": self._file_for(params, it, model),
+                }
+            )
+        return {
+            "config": dataclasses.asdict(self.cfg),
+            "pipeline_file": self.pipeline_file,
+            "architecture": state_model.describe() if hasattr(state_model, "describe") else None,
+            "pass": self.current_pass,
+            "teachers": [
+                {"file": f, "architecture": m.describe()}
+                for f, m in zip(self.teacher_files, self.teacher_models)
+            ],
+            "archive": archive,
+            "path": dict(self.path),
+            "explored": self.explored,
+            "last_growth_step": None if growth is None else growth.last_growth_step,
+            "rows": self.rows,
+            "wall_seconds": self.wall_before + time.perf_counter() - self.t0,
+        }
+
+
+def load_resume_point(
+    directory: str | os.PathLike[str],
+    splits: Splits,
+    cfg: DistillConfig,
+    engine_for: Callable[[int], Any],
+) -> ResumePoint:
+    """The newest usable checkpoint of a distillation run in `directory` (its `checkpoint/`).
+
+    The checkpoint's metadata records the student's (grown) architecture and the number of
+    teachers, so the `like` state is rebuilt before the leaves are read; the archived
+    students and extra teachers are read from `students/`.
+    """
+    from ev3core import load_checkpoint
+    from ev3core._checkpoint import list_checkpoints
+    from ev3core.errors import CheckpointError
+
+    from ._models import model_from_description
+
+    directory = Path(directory)
+    manifests = list_checkpoints(directory / "checkpoint")
+    errors = []
+    for manifest in reversed(manifests):
+        try:
+            record = json.loads(manifest.read_text())["metadata"]["distill"]
+            key = jax.random.key(0)
+            like_model = model_from_description(record["architecture"], key=key)
+            engine = engine_for(1 + len(record["teachers"]))
+            like = engine.init(like_model, key)
+            state, _ = load_checkpoint(manifest, like=like)
+        except (OSError, ValueError, KeyError, TypeError, CheckpointError) as exc:
+            errors.append(f"{manifest.name}: {exc}")
+            continue
+
+        def load(entry: dict[str, Any]) -> Any:
+            like = model_from_description(entry["architecture"], key=jax.random.key(0))
+            return eqx.tree_deserialise_leaves(directory / entry["file"], like)
+
+        teachers = [load(t) for t in record["teachers"]]
+        archive = {
+            int(e["params"]): (float(e["decide_accuracy"]), int(e["iteration"]), load(e))
+            for e in record["archive"]
+        }
+        return ResumePoint(state=state, record=record, teachers=teachers, archive=archive)
+    raise CheckpointError(
+        f"--resume {directory}: no usable distillation checkpoint in {directory / 'checkpoint'}"
+        + (f" ({'; '.join(errors)})" if errors else "")
+        + ". Pass the --out directory of an earlier `ev3 run`, or start a new run."
+    )
+
+
+def _segment_length(growth: GrowthPolicy | None, state: Any, model_at_cap: bool) -> int | None:
+    """Steps that can run before the growth trigger could fire (`None`: it cannot)."""
+    if growth is None or model_at_cap:
+        return None
+    step = int(state.step)
+    streak = int(_streak(state.history))
+    return max(1, growth.patience - streak, growth.patience - (step - growth.last_growth_step))
 
 
 def run_ev3(
@@ -226,8 +447,31 @@ def run_ev3(
     student: Any = None,
     growth: GrowthPolicy | None | str = "default",
     on_iteration: Callable[[dict[str, Any], dict[str, int]], None] | None = None,
+    plugins: Any = None,
+    out: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    keep: int = 3,
+    resume: ResumePoint | None = None,
+    baseline_curve: list[tuple[int, float]] | None = None,
+    pipeline_file: str | None = None,
 ) -> EV3Result:
-    """EV3 distillation with growth and multi-pass teachers; one metrics row per iteration."""
+    """EV3 distillation with growth and multi-pass teachers; one metrics row per iteration.
+
+    The steps run through `ev3core.run` in segments, so every lifecycle plugin (`plugins`,
+    default `ev3core.plugins()`) sees `ev3_run_start`, `ev3_after_step` and `ev3_run_end`.
+    Between segments the host grows the student (`growth`) and starts new passes; a segment
+    is never longer than the number of steps before the growth trigger could fire, so growth
+    happens at exactly the step it would if it were checked after every step.
+
+    With `out`, a `Checkpointer` writes `out/checkpoint/` every `checkpoint_every` steps and
+    at the end of each segment (metadata: the student's architecture, the pass, the archive,
+    the metrics rows), and archived students go to `out/students/`; `resume` (from
+    `load_resume_point`) continues such a run with the same results as never stopping.
+    Ctrl-C raises `ev3core.errors.RunInterrupted` after checkpointing.
+    """
+    from ev3core import Checkpointer, run
+    from ev3core import plugins as default_plugins
+
     k_student, k_init, k_grow = jax.random.split(key, 3)
     if student is None:
         student = make_student(splits, cfg, k_student)
@@ -243,6 +487,8 @@ def run_ev3(
             if cfg.grow
             else None
         )
+    assert growth is None or isinstance(growth, GrowthPolicy)
+    multipass = not isinstance(pipeline, Pipeline)
 
     def build(num_teachers: int):
         if pipeline is None:
@@ -255,91 +501,132 @@ def run_ev3(
             pipe = pipeline(num_teachers, cfg)
         return pipe.build()
 
-    teachers = [teacher]
-    data = _make_data(splits, teachers)
-    engine = build(1)
-    engine.check_data(data)
-    state = engine.init(student, k_init)
-    labels = engine.labels()
-    archive = StudentArchive()
-    counts = {"accepted": 0, "kept": 0, "rolled_back": 0, "significant": 0, "grown": 0}
-    metrics: list[dict[str, Any]] = []
-    growth_events: list[dict[str, Any]] = []
+    out = None if out is None else Path(out)
+    job = _Job(splits, cfg, out, on_iteration)
+    job.baseline_at = dict(baseline_curve or [])
+    job.pipeline_file = pipeline_file
     start_params = count_params(student)
     start_test = accuracy(student, splits.test.x, splits.test.y)
+    if resume is None:
+        engine = build(1)
+        state = engine.init(student, k_init)
+    else:
+        rec = resume.record
+        engine = build(1 + len(resume.teachers))
+        state = resume.state
+        job.rows = list(rec["rows"])
+        job.current_pass = int(rec["pass"])
+        job.teacher_files = [t["file"] for t in rec["teachers"]]
+        job.teacher_models = list(resume.teachers)
+        job.path = {k: int(v) for k, v in rec["path"].items()}
+        job.explored = int(rec["explored"])
+        job.wall_before = float(rec["wall_seconds"])
+        for params, (acc, it, model) in resume.archive.items():
+            job.archive.entries[params] = (acc, model)
+            job.archive_iteration[params] = it
+        if growth is not None and rec["last_growth_step"] is not None:
+            growth.last_growth_step = int(rec["last_growth_step"])
+    teachers = [teacher, *job.teacher_models]
+    data = _make_data(splits, teachers)
+    engine.check_data(data)
+    job.labels = list(engine.labels())
+    job.proposal_steps = sum(p.num_candidates * getattr(p, "steps", 0) for p in engine.proposers)
+
+    plugins = default_plugins() if plugins is None else plugins
+    names = [plugins.register(job, name="ev3_distill.job")]
+    if out is not None:
+        checkpointer = Checkpointer(
+            out / "checkpoint",
+            every=checkpoint_every,
+            keep=keep,
+            metadata=lambda: {
+                "cli": {"experiment": "distill"},
+                "distill": job.record(checkpointed_model[0], growth),
+            },
+        )
+        names.append(plugins.register(checkpointer, name="ev3_distill.checkpointer"))
+    checkpointed_model = [state.model]  # the architecture of the state being run (for metadata)
+    if out is not None and resume is None:
+        checkpointer.save(state)  # step 0: a run interrupted at once can still be resumed
     pass_len = -(-cfg.steps // cfg.passes)
-    t0 = time.perf_counter()
-    current_pass = 1
-    evaluations = 0
-    for it in range(cfg.steps):
-        if it > 0 and it % pass_len == 0 and not isinstance(pipeline, Pipeline):
-            # A new pass: the best archived students join as extra teachers.
-            current_pass += 1
-            extra = [m for _, _, m in archive.best(cfg.extra_teachers)]
-            teachers = [teacher, *extra]
-            data = _make_data(splits, teachers)
-            engine = build(len(teachers))
-            engine.check_data(data)
-            labels = engine.labels()
-            state = grow_state(engine, state, state.model, state.stable_model)
-            logger.info("ev3_distill: pass %d with %d teacher(s)", current_pass, len(teachers))
-        state, info = engine.step(state, data)
-        info = jax.device_get(info)
-        evaluations += sum(p.num_candidates * getattr(p, "steps", 0) for p in engine.proposers)
-        choice = int(info.choice)
-        counts[CHOICES[choice]] += 1
-        counts["significant"] += bool(info.significant)
-        model = state.model
-        decide_full = accuracy(model, splits.decide.x, splits.decide.y)
-        test_acc = accuracy(model, splits.test.x, splits.test.y)
-        archive.offer(model, decide_full)
-        row: dict[str, Any] = {
-            "iteration": it + 1,
-            "gradient_steps": (it + 1) * cfg.trajectory,
-            "pass": current_pass,
-            "choice": CHOICES[choice],
-            "accepted": bool(info.accepted),
-            "rolled_back": bool(info.rolled_back),
-            "significant": bool(info.significant),
-            "winner": labels[int(info.winner)],
-            "num_invalid": int(info.num_invalid),
-            "decide_accuracy": float(np.asarray(info.decide_mean)[0, choice]),
-            "decide_accuracy_full": decide_full,
-            "test_accuracy": test_acc,
-            "student_params": count_params(model),
-            "student_widths": list(getattr(model, "widths", ())),
-            "grown": None,
-            "wall_seconds": time.perf_counter() - t0,
-        }
-        if growth is not None:
-            k_grow, sub = jax.random.split(k_grow)
-            state, op = growth.maybe_grow(engine, state, sub)
-            if op is not None:
-                counts["grown"] += 1
-                row["grown"] = op
-                row["student_params_after"] = count_params(state.model)
-                growth_events.append(
-                    {
-                        "iteration": it + 1,
-                        "gradient_steps": row["gradient_steps"],
-                        "op": op,
-                        "params": row["student_params_after"],
-                    }
+    boundary = state  # the last state that a checkpoint holds (a segment boundary)
+    try:
+        while True:
+            step = int(state.step)
+            if growth is not None and step > 0:
+                state, op = growth.maybe_grow(engine, state, jax.random.fold_in(k_grow, step))
+                if op is not None:
+                    row = job.rows[-1]
+                    row["grown"] = op
+                    row["student_params_after"] = count_params(state.model)
+                    row["student_widths_after"] = list(getattr(state.model, "widths", ()))
+                    logger.info("ev3_distill: %s at iteration %d", op, step)
+            want = min(cfg.passes, step // pass_len + 1) if multipass else 1
+            if want != job.current_pass:
+                # A new pass: the best archived students join as extra teachers.
+                job.current_pass = want
+                best = job.archive.best(cfg.extra_teachers)
+                job.teacher_models = [m for _, _, m in best]
+                job.teacher_files = [
+                    job._file_for(p, job.archive_iteration[p], m) for p, _, m in best
+                ]
+                teachers = [teacher, *job.teacher_models]
+                data = _make_data(splits, teachers)
+                engine = build(len(teachers))
+                engine.check_data(data)
+                job.labels = list(engine.labels())
+                job.proposal_steps = sum(
+                    p.num_candidates * getattr(p, "steps", 0) for p in engine.proposers
                 )
-                logger.info("ev3_distill: %s at iteration %d", op, it + 1)
-        metrics.append(row)
-        if on_iteration is not None:
-            on_iteration(row, counts)
+                state = grow_state(engine, state, state.model, state.stable_model)
+                logger.info("ev3_distill: pass %d with %d teacher(s)", want, len(teachers))
+            if step >= cfg.steps:
+                break
+            at_cap = growth is None or growth.next_model(state.model, k_grow) is None
+            n = cfg.steps - step
+            if multipass and want < cfg.passes:
+                n = min(n, want * pass_len - step)
+            wait = _segment_length(growth, state, at_cap)
+            if wait is not None:
+                n = min(n, wait)
+            checkpointed_model[0] = state.model
+            state, _ = run(engine, state, data, n, plugins=plugins)
+            boundary = state
+    except RunInterrupted:
+        raise
+    except KeyboardInterrupt:
+        # Ctrl-C between two `ev3core.run` segments (growing, starting a pass, compiling):
+        # the checkpoint of the last segment boundary is the state to resume from.
+        raise RunInterrupted(
+            f"ev3_distill: interrupted between EV3 segments at step {int(boundary.step)}; "
+            "the checkpoint of that step is kept.",
+            state=boundary,
+            steps_done=int(boundary.step) - (0 if resume is None else int(resume.state.step)),
+        ) from None
+    finally:
+        for name in names:
+            if name is not None:
+                plugins.pm.unregister(name=name)
     return EV3Result(
         state=state,
         engine=engine,
-        metrics=metrics,
-        growth=growth_events,
-        archive=archive,
-        counts=counts,
+        metrics=job.rows,
+        growth=[
+            {
+                "iteration": r["iteration"],
+                "gradient_steps": r["gradient_steps"],
+                "op": r["grown"],
+                "params": r["student_params_after"],
+            }
+            for r in job.rows
+            if r["grown"]
+        ],
+        archive=job.archive,
+        counts=_count(job.rows),
         start_params=start_params,
         start_test_accuracy=start_test,
-        gradient_evaluations=evaluations,
+        gradient_evaluations=job.explored,
+        resumed_from=None if resume is None else int(resume.state.step),
     )
 
 
@@ -433,7 +720,7 @@ def write_report(
     if baseline_params is not None:
         ax2.axhline(baseline_params, color="C1", ls="-", label="baseline student")
     ax2.set_ylabel("parameters")
-    ax2.set_xlabel("gradient steps (along the accepted trajectory)")
+    ax2.set_xlabel("gradient steps (budget: one trajectory charged per EV3 iteration)")
     ax2.legend(loc="lower right", fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -441,34 +728,19 @@ def write_report(
     plt.close(fig)
 
 
-def _save_final(out: Path, state: Any, engine: Any, cfg: DistillConfig) -> str:
-    model = state.model
-    meta = {
-        "experiment": "distill",
-        "config": dataclasses.asdict(cfg),
-        "architecture": model.describe() if hasattr(model, "describe") else None,
-        "labels": list(engine.labels()),
-    }
-    eqx.tree_serialise_leaves(out / "student.eqx", model)
-    try:
-        from ev3core import save_checkpoint
-    except ImportError:  # older ev3core without checkpoints
-        save_checkpoint = None
-    if save_checkpoint is not None:
-        save_checkpoint(out / "checkpoint", state, metadata=meta, keep=1)
-        return "checkpoint"
-    eqx.tree_serialise_leaves(out / "checkpoint.eqx", state)
-    return "checkpoint.eqx"
-
-
 class _Bar:
-    def __init__(self, total: int, enabled: bool):
+    def __init__(self, total: int, enabled: bool, initial: int = 0):
         self.bar = None
         if enabled:
             from tqdm.auto import tqdm
 
             self.bar = tqdm(
-                total=total, desc="EV3 distill", unit="it", file=sys.stderr, dynamic_ncols=True
+                total=total,
+                initial=initial,
+                desc="EV3 distill",
+                unit="it",
+                file=sys.stderr,
+                dynamic_ncols=True,
             )
 
     def __call__(self, row: dict[str, Any], counts: dict[str, int]) -> None:
@@ -492,6 +764,35 @@ class _Bar:
 
 
 # ---------------------------------------------------------------------------- main job
+def _teacher_like(splits: Splits, key: jax.Array) -> Any:
+    """A teacher with the architecture `train_teacher` builds (to load saved leaves into)."""
+    if splits.name == "digits":
+        return MLP(splits.in_features, splits.num_classes, (256, 256), key=key)
+    return CNN(splits.in_shape, splits.num_classes, (32, 32), hidden=128, key=key)
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _resume_record(directory: Path) -> dict[str, Any]:
+    """The `distill` metadata of the newest checkpoint manifest in `directory/checkpoint`."""
+    from ev3core._checkpoint import list_checkpoints
+    from ev3core.errors import CheckpointError
+
+    for manifest in reversed(list_checkpoints(directory / "checkpoint")):
+        try:
+            return json.loads(manifest.read_text())["metadata"]["distill"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    raise CheckpointError(
+        f"--resume {directory}: no distillation checkpoint in {directory / 'checkpoint'}. Pass "
+        "the --out directory of an earlier `ev3 run`."
+    )
+
+
 def distill_experiment(
     *,
     steps: int | None = None,
@@ -500,6 +801,10 @@ def distill_experiment(
     dataset: str | None = None,
     pipeline: str | os.PathLike[str] | None = None,
     progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    keep: int = 3,
+    plugins: Any = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Run the distillation job and write its outputs; returns the summary.
@@ -512,30 +817,61 @@ def distill_experiment(
     - `dataset`: `"digits"` (default) or `"mnist1d"`.
     - `pipeline`: path of a user's pipeline file (see `load_pipeline_file`).
     - `progress`: show a progress bar on stderr.
+    - `resume`: the output directory of an interrupted run: continue it from its newest
+      checkpoint (its recorded options are used; the final outputs are those of a run that
+      never stopped, up to wall times).
+    - `checkpoint_every`, `keep`: checkpoint period (EV3 steps) and checkpoints kept.
+    - `plugins`: the `ev3core.Plugins` whose lifecycle hooks see the EV3 steps (default
+      `ev3core.plugins()`).
     - `options`: any other `DistillConfig` field (unknown names are an error).
+
+    **Raises:** `ev3core.errors.RunInterrupted` after Ctrl-C (the checkpoint is written first).
     """
     t_start = time.perf_counter()
-    user: dict[str, Any] = {}
-    if pipeline is not None:
-        user = load_pipeline_file(pipeline)
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
         raise ConfigurationError(
             f"distill experiment: unknown option(s) {unknown}; known: {sorted(fields)}."
         )
-    cfg_kwargs = {**user.get("config", {}), **{k: v for k, v in options.items() if v is not None}}
-    if steps is not None:
-        cfg_kwargs["steps"] = int(steps)
-    if dataset is not None:
-        cfg_kwargs["dataset"] = dataset
-    cfg_kwargs["seed"] = int(seed)
-    cfg = DistillConfig(**cfg_kwargs)
-    if out is None:
-        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
-        out = Path("runs") / stamp
-    out = Path(out)
+    record: dict[str, Any] | None = None
+    if resume is not None:
+        out = Path(resume)
+        record = _resume_record(out)
+        recorded = DistillConfig(**record["config"])
+        if steps is not None and int(steps) != recorded.steps:
+            raise ConfigurationError(
+                f"--resume {out}: that run was started with --steps {recorded.steps}; resuming "
+                f"continues it as it was (drop --steps {steps}), or start a new run."
+            )
+        pipeline = record.get("pipeline_file")
+        cfg = recorded
+        user = load_pipeline_file(pipeline) if pipeline is not None else {}
+    else:
+        user = load_pipeline_file(pipeline) if pipeline is not None else {}
+        cfg_kwargs = {
+            **user.get("config", {}),
+            **{k: v for k, v in options.items() if v is not None},
+        }
+        if steps is not None:
+            cfg_kwargs["steps"] = int(steps)
+        if dataset is not None:
+            cfg_kwargs["dataset"] = dataset
+        cfg_kwargs["seed"] = int(seed)
+        cfg = DistillConfig(**cfg_kwargs)
+        if out is None:
+            stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+            out = Path("runs") / stamp
+        out = Path(out)
+        if (out / "checkpoint").is_dir() and any((out / "checkpoint").iterdir()):
+            from ev3core.errors import CheckpointError
+
+            raise CheckpointError(
+                f"--out {out} already holds a distillation run. Continue it with "
+                f"`ev3 run --resume {out}`, or pass an empty directory."
+            )
     out.mkdir(parents=True, exist_ok=True)
+    pipeline_file = None if pipeline is None else str(Path(pipeline).resolve())
 
     key = jax.random.key(cfg.seed)
     k_teacher, k_ev3, k_base = jax.random.split(key, 3)
@@ -546,30 +882,84 @@ def distill_experiment(
         f"{cfg.steps} EV3 iterations x {cfg.trajectory} gradient steps -> {out}"
     )
 
-    t = time.perf_counter()
-    teacher = train_teacher(splits, k_teacher, cfg.teacher_steps)
-    teacher_acc = accuracy(teacher, splits.test.x, splits.test.y)
-    teacher_time = time.perf_counter() - t
-    say(
-        f"teacher: {count_params(teacher)} parameters, test accuracy {teacher_acc:.4f} "
-        f"({teacher_time:.1f} s)"
-    )
-
-    baseline_model, baseline_curve, baseline_time = None, [], 0.0
-    if cfg.baseline:
-        t = time.perf_counter()
-        baseline_model, baseline_curve = run_baseline(splits, teacher, cfg, k_base)
-        baseline_time = time.perf_counter() - t
+    def teacher_and_baseline() -> tuple[Any, dict[str, Any], dict[str, Any] | None]:
+        # The teacher and the baseline are saved once done, so a resumed run reuses them.
+        if (out / "teacher.json").is_file() and (out / "teacher.eqx").is_file():
+            teacher = eqx.tree_deserialise_leaves(
+                out / "teacher.eqx", _teacher_like(splits, k_teacher)
+            )
+            teacher_info = json.loads((out / "teacher.json").read_text())
+            say(f"teacher: loaded from {out / 'teacher.eqx'}")
+        else:
+            t = time.perf_counter()
+            teacher = train_teacher(splits, k_teacher, cfg.teacher_steps)
+            teacher_info = {
+                "test_accuracy": accuracy(teacher, splits.test.x, splits.test.y),
+                "params": count_params(teacher),
+                "architecture": teacher.describe(),
+                "wall_seconds": time.perf_counter() - t,
+            }
+            eqx.tree_serialise_leaves(out / "teacher.eqx", teacher)
+            _write_json(out / "teacher.json", teacher_info)
+        teacher_acc = teacher_info["test_accuracy"]
         say(
-            f"plain distillation baseline: test accuracy {baseline_curve[-1][1]:.4f} "
-            f"({baseline_time:.1f} s)"
+            f"teacher: {teacher_info['params']} parameters, test accuracy {teacher_acc:.4f} "
+            f"({teacher_info['wall_seconds']:.1f} s)"
         )
 
-    bar = _Bar(cfg.steps, progress)
+        baseline: dict[str, Any] | None = None
+        if cfg.baseline:
+            if (out / "baseline.json").is_file():
+                baseline = json.loads((out / "baseline.json").read_text())
+            else:
+                t = time.perf_counter()
+                baseline_model, curve = run_baseline(splits, teacher, cfg, k_base)
+                baseline = {
+                    "method": f"plain distillation: DistillLoss(T={cfg.baseline_temperature:g}, "
+                    f"w={cfg.baseline_weight:g}), adam({cfg.baseline_learning_rate:g}), fixed size",
+                    "test_accuracy": curve[-1][1],
+                    "params": count_params(baseline_model),
+                    "architecture": baseline_model.describe(),
+                    "gradient_steps": cfg.steps * cfg.trajectory,
+                    "wall_seconds": time.perf_counter() - t,
+                    "curve": curve,
+                }
+                _write_json(out / "baseline.json", baseline)
+            say(
+                f"plain distillation baseline: test accuracy {baseline['test_accuracy']:.4f} "
+                f"({baseline['wall_seconds']:.1f} s)"
+            )
+        return teacher, teacher_info, baseline
+
+    try:
+        teacher, teacher_info, baseline = teacher_and_baseline()
+    except KeyboardInterrupt:
+        raise RunInterrupted("interrupted while training the teacher or the baseline") from None
+    teacher_acc = teacher_info["test_accuracy"]
+    baseline_curve = [] if baseline is None else [tuple(c) for c in baseline["curve"]]
+
+    pipe = user.get("pipeline")
     growth: Any = user.get("growth", "default")
     student = None
     if "student" in user:
         student = user["student"](jax.random.fold_in(k_ev3, 1), splits)
+    point = None
+    if record is not None:
+
+        def engine_for(num_teachers: int) -> Any:
+            if pipe is None:
+                return default_pipeline(
+                    num_teachers,
+                    cfg,
+                    assess_size=len(splits.assess),
+                    decide_size=len(splits.decide),
+                ).build()
+            return (pipe if isinstance(pipe, Pipeline) else pipe(num_teachers, cfg)).build()
+
+        point = load_resume_point(out, splits, cfg, engine_for)
+        point.record.setdefault("pipeline_file", pipeline_file)
+        say(f"ev3 run: resuming {out} at EV3 iteration {int(point.state.step)} of {cfg.steps}")
+    bar = _Bar(cfg.steps, progress, initial=0 if point is None else int(point.state.step))
     t = time.perf_counter()
     try:
         result = run_ev3(
@@ -577,10 +967,17 @@ def distill_experiment(
             teacher,
             cfg,
             k_ev3,
-            pipeline=user.get("pipeline"),
+            pipeline=pipe,
             student=student,
             growth=growth,
             on_iteration=bar,
+            plugins=plugins,
+            out=out,
+            checkpoint_every=checkpoint_every,
+            keep=keep,
+            resume=point,
+            baseline_curve=baseline_curve,
+            pipeline_file=pipeline_file,
         )
     finally:
         bar.close()
@@ -588,28 +985,31 @@ def distill_experiment(
     final = result.state.model
     ev3_acc = accuracy(final, splits.test.x, splits.test.y)
 
-    base_at = dict(baseline_curve)
     with open(out / "metrics.jsonl", "w") as f:
         for row in result.metrics:
-            row = dict(row)
-            row["baseline_test_accuracy"] = base_at.get(row["gradient_steps"])
             f.write(json.dumps(row) + "\n")
-    ckpt = _save_final(out, result.state, result.engine, cfg)
+    eqx.tree_serialise_leaves(out / "student.eqx", final)
+    from ev3core._checkpoint import state_digest
+
     K = result.engine.num_candidates
+    budget = cfg.steps * cfg.trajectory
     summary = {
         "experiment": "distill",
         "dataset": cfg.dataset,
         "seed": cfg.seed,
         "splits": splits.sizes(),
         "ev3_iterations": cfg.steps,
-        "gradient_steps": cfg.steps * cfg.trajectory,
+        "gradient_steps": budget,
+        "budget": (
+            f"{budget} gradient steps = {cfg.steps} EV3 iterations x {cfg.trajectory}: the "
+            "winner's trajectory of every iteration is charged, accepted or not; the baseline "
+            "gets the same number of optimizer steps. The EV3 student's own lineage took "
+            f"{result.path_steps} of them (rejected trajectories do not move it); all "
+            f"{K} candidates together explored {result.gradient_evaluations}."
+        ),
+        "ev3_path_steps": result.path_steps,
         "ev3_gradient_evaluations": result.gradient_evaluations,
-        "teacher": {
-            "test_accuracy": teacher_acc,
-            "params": count_params(teacher),
-            "architecture": teacher.describe(),
-            "wall_seconds": teacher_time,
-        },
+        "teacher": {k: v for k, v in teacher_info.items()},
         "ev3_student": {
             "test_accuracy": ev3_acc,
             "stable_test_accuracy": accuracy(
@@ -623,31 +1023,25 @@ def distill_experiment(
             "counts": result.counts,
             "growth": result.growth,
             "archive": result.archive.summary(),
-            "wall_seconds": ev3_time,
+            "state_sha256": state_digest(result.state),
+            "wall_seconds": result.metrics[-1]["wall_seconds"] if result.metrics else ev3_time,
         },
         "baseline_student": None
-        if baseline_model is None
-        else {
-            "method": f"plain distillation: DistillLoss(T={cfg.baseline_temperature:g}, "
-            f"w={cfg.baseline_weight:g}), adam({cfg.baseline_learning_rate:g}), fixed size",
-            "test_accuracy": baseline_curve[-1][1],
-            "params": count_params(baseline_model),
-            "architecture": baseline_model.describe(),
-            "wall_seconds": baseline_time,
-        },
-        "checkpoint": ckpt,
+        if baseline is None
+        else {k: v for k, v in baseline.items() if k != "curve"},
+        "checkpoint": "checkpoint",
+        "resumed_from": result.resumed_from,
         "wall_seconds": time.perf_counter() - t_start,
     }
-    with open(out / "summary.json", "w") as f:
-        json.dump(summary, f, indent=2)
+    _write_json(out / "summary.json", summary)
     write_report(
         out / "report.png",
         result.metrics,
         baseline_curve,
-        baseline_params=None if baseline_model is None else count_params(baseline_model),
+        baseline_params=None if baseline is None else baseline["params"],
         teacher_accuracy=teacher_acc,
         title=f"EV3 distillation on {cfg.dataset} (seed {cfg.seed}): EV3 {ev3_acc:.3f}"
-        + ("" if baseline_model is None else f", baseline {baseline_curve[-1][1]:.3f}")
+        + ("" if baseline is None else f", baseline {baseline['test_accuracy']:.3f}")
         + f", teacher {teacher_acc:.3f}",
     )
     summary["out"] = str(out)

@@ -398,3 +398,32 @@ def _max_abs_diff(a: Any, b: Any, x: Array) -> Array:
 def max_abs_output_difference(a: Any, b: Any, x: Float[Array, "example ..."]) -> float:
     """Largest absolute difference between the outputs of models `a` and `b` on `x`."""
     return float(_max_abs_diff(a, b, jnp.asarray(x)))
+
+
+def model_from_description(description: dict[str, Any], *, key: PRNGKeyArray) -> Any:
+    """A freshly initialised `MLP` or `CNN` with the architecture of `model.describe()`.
+
+    Used to rebuild the structure (the `like` argument) of a saved, possibly grown, student
+    before loading its leaves.
+    """
+    kind = description.get("kind")
+    if kind == "mlp":
+        return MLP(
+            description["in_features"],
+            description["num_classes"],
+            description["widths"],
+            key=key,
+        )
+    if kind == "cnn":
+        return CNN(
+            description["in_shape"],
+            description["num_classes"],
+            description["channels"],
+            kernel_size=description["kernel_size"],
+            hidden=description["hidden"],
+            key=key,
+        )
+    raise ConfigurationError(
+        f"model_from_description: unknown model kind {kind!r} in {description!r}; expected "
+        "the output of MLP.describe() or CNN.describe()."
+    )

@@ -1,0 +1,141 @@
+"""Candidate sharding with `jax.sharding`: one mesh axis named `"candidate"`.
+
+The engine never moves parameters between devices by hand. It states *where* arrays live
+(`NamedSharding` / `with_sharding_constraint`) and lets XLA's SPMD partitioner do the rest;
+assessment and the winner's extraction are written with `jax.shard_map`, so they provably run
+where the candidates are and only scores (and then the winner's parameters) cross devices.
+
+Layout rule (also used for multi-host runs, where the mesh spans every process's devices):
+
+* the candidates, padded to a multiple of the number of candidate shards, are split on their
+  leading axis;
+* a leaf of a proposer state is split on its leading axis when that axis is a positive
+  multiple of the number of shards (per-candidate optimizer states, for instance); any other
+  leaf is replicated;
+* everything else (current and stable parameters, scheduler state, history, key, data) is
+  replicated.
+
+The layout only decides where work happens: a jitted program computes the same values
+whatever the shardings of its inputs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from jaxtyping import Array, PyTree
+
+from .errors import ConfigurationError
+
+#: The name of the mesh axis over which candidates are split.
+CANDIDATE_AXIS = "candidate"
+
+
+def candidate_mesh(devices: Sequence[Any] | None = None) -> Mesh:
+    """A one-axis mesh named `"candidate"` over `devices` (default: every device of every
+    process, `jax.devices()`).
+
+    ```python
+    import ev3core
+    mesh = ev3core.candidate_mesh()  # all devices
+    ```
+    """
+    devs = list(jax.devices() if devices is None else devices)
+    if not devs:
+        raise ConfigurationError("candidate_mesh: got an empty list of devices.")
+    return Mesh(np.asarray(devs, dtype=object), (CANDIDATE_AXIS,))
+
+
+def check_mesh(mesh: Any) -> Mesh:
+    if not isinstance(mesh, Mesh):
+        raise ConfigurationError(
+            f"mesh={mesh!r} is not a jax.sharding.Mesh. Build one with "
+            "ev3core.candidate_mesh() or jax.sharding.Mesh(devices, ('candidate',))."
+        )
+    if CANDIDATE_AXIS not in mesh.axis_names:
+        raise ConfigurationError(
+            f"The mesh has axes {tuple(mesh.axis_names)} but no {CANDIDATE_AXIS!r} axis, over "
+            "which the engine splits its candidates. Name one mesh axis 'candidate', e.g. "
+            "ev3core.candidate_mesh(devices)."
+        )
+    return mesh
+
+
+def num_shards(mesh: Mesh) -> int:
+    """Number of candidate shards (size of the mesh's `"candidate"` axis)."""
+    return int(mesh.shape[CANDIDATE_AXIS])
+
+
+def padded_size(k: int, shards: int) -> int:
+    """`k` rounded up to a multiple of `shards` (the candidates are padded to this size)."""
+    return -(-k // shards) * shards
+
+
+def _leading_spec(x: Any, shards: int) -> P:
+    shape = jnp.shape(x)
+    if len(shape) >= 1 and shape[0] > 0 and shape[0] % shards == 0:
+        return P(CANDIDATE_AXIS)
+    return P()
+
+
+def state_specs(state: Any, mesh: Mesh) -> Any:
+    """The `PartitionSpec` of every array leaf of an engine `State` (see the module rule)."""
+    shards = num_shards(mesh)
+    specs = jax.tree.map(lambda _: P(), state)
+    per_candidate = jax.tree.map(lambda x: _leading_spec(x, shards), state.proposer_states)
+    return _replace_proposer_states(specs, per_candidate)
+
+
+def _replace_proposer_states(state: Any, proposer_states: Any) -> Any:
+    return eqx.tree_at(lambda s: s.proposer_states, state, proposer_states,
+                       is_leaf=lambda x: x is None)
+
+
+def constrain(tree: PyTree[Any], mesh: Mesh, specs: PyTree[Any]) -> PyTree[Any]:
+    """`with_sharding_constraint` leaf-wise (inside a jitted function)."""
+    return jax.tree.map(
+        lambda x, s: jax.lax.with_sharding_constraint(x, NamedSharding(mesh, s)), tree, specs
+    )
+
+
+def _put(x: Any, sharding: NamedSharding) -> Array:
+    """A global array with `sharding` from an array every process holds in full."""
+    if isinstance(x, jax.Array) and x.sharding == sharding:
+        return x
+    if jax.dtypes.issubdtype(jnp.result_type(x), jax.dtypes.prng_key):
+        impl = jax.random.key_impl(x)
+        return jax.random.wrap_key_data(_put(jax.random.key_data(x), sharding), impl=impl)
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    host = np.asarray(jax.device_get(x))
+    return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
+
+
+def shard_state(state: Any, mesh: Mesh) -> Any:
+    """Place an engine `State` on `mesh` by the layout rule (per-candidate proposer states
+    split over the `"candidate"` axis, the rest replicated).
+
+    Works in multi-process runs too: every process passes the same (full) state, for instance
+    from `engine.init` with the same key, or from `load_checkpoint`.
+    """
+    mesh = check_mesh(mesh)
+    specs = state_specs(state, mesh)
+    return jax.tree.map(lambda x, s: _put(x, NamedSharding(mesh, s)), state, specs)
+
+
+def replicate(tree: PyTree[Any], mesh: Mesh) -> PyTree[Any]:
+    """Copy every array leaf of `tree` (e.g. an `ev3core.Data`) to every device of `mesh`.
+
+    In a multi-process run every process passes the same arrays (for instance generated from
+    the same key); the result is one global array per leaf.
+    """
+    mesh = check_mesh(mesh)
+    everywhere = NamedSharding(mesh, P())
+    return jax.tree.map(lambda x: _put(x, everywhere) if eqx.is_array(x) else x, tree)

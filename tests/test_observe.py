@@ -1,0 +1,281 @@
+"""Observability: progress bar, JSON-lines logger, TensorBoard plugin, `ev3 plugins` and tracing.
+
+The `ev3` command runs for real (the installed console script next to this interpreter), and
+the TensorBoard plugin is the installed `ev3-tensorboard` distribution found through its entry
+point; its event files are read back by decoding the TFRecord framing and the protobufs.
+"""
+
+import importlib.metadata
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ev3core
+from ev3core.errors import ConfigurationError
+
+EV3 = str(Path(sys.executable).parent / "ev3")
+NAMES = ("accuracy", "neg_cross_entropy")
+
+
+def _tiny():
+    x = jax.random.normal(jax.random.key(0), (256, 2))
+    y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
+    data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
+    model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
+    return data, model
+
+
+@pytest.fixture(scope="module")
+def setup():
+    """One engine (compiled once for the whole module), its data and an initial state."""
+    data, model = _tiny()
+    proposer = ev3core.GradientProposer(
+        losses=[ev3core.CrossEntropy()], optimizers=[optax.sgd(0.1), optax.sgd(0.01)],
+        steps=3, batch_size=8,
+    )
+    engine = ev3core.Pipeline([proposer], assessors=list(NAMES), assess_size=16,
+                              decide_size=32, plugins=ev3core.load_plugins(autoload=False)
+                              ).build()
+    return engine, data, engine.init(model, jax.random.key(2))
+
+
+def _run(setup, observers, steps, state=None, chunk=1):
+    engine, data, init = setup
+    plugins = ev3core.load_plugins(extra=observers, autoload=False)
+    return ev3core.run(engine, init if state is None else state, data, steps, plugins=plugins,
+                       chunk=chunk)
+
+
+def _read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+# ----------------------------------------------------------------------- progress bar
+def test_progress_lines_and_counts_match_the_infos(setup):
+    out = io.StringIO()  # not a terminal: plain lines every `every` steps
+    bar = ev3core.ProgressBar(every=2, file=out, desc="t")
+    _, infos = _run(setup, [bar], 5)
+    lines = out.getvalue().splitlines()
+    assert [ln.split()[2] for ln in lines] == ["2/5", "4/5", "5/5"]
+    choice = np.asarray(infos.choice)
+    assert bar.counts == {
+        "accepted": int(np.sum(choice == ev3core.WINNER)),
+        "kept": int(np.sum(choice == ev3core.CURRENT)),
+        "rolled_back": int(np.sum(choice == ev3core.STABLE)),
+        "significant": int(np.sum(infos.significant)),
+        "masked": int(np.sum(infos.num_invalid)),
+    }
+    c = bar.counts
+    assert lines[-1].endswith(f"accepted {c['accepted']}  kept {c['kept']}  rolled back "
+                              f"{c['rolled_back']}  significant {c['significant']}")
+    last = float(infos.decide_mean[-1, 0, choice[-1]])
+    assert f"decide {last:.4f}" in lines[-1]
+
+
+def test_progress_bar_style_draws_tqdm_and_disable_draws_nothing(setup, monkeypatch):
+    out = io.StringIO()
+    bar = ev3core.ProgressBar(file=out, style="bar", desc="ev3bar")
+    _run(setup, [bar], 3)
+    text = out.getvalue()
+    assert "ev3bar" in text and "3/3" in text and "accepted" in text and "\r" in text
+
+    monkeypatch.setenv("EV3_NO_PROGRESS", "1")
+    quiet_out = io.StringIO()
+    quiet = ev3core.ProgressBar(file=quiet_out, style="bar")
+    _run(setup, [quiet], 3)
+    assert quiet_out.getvalue() == ""
+    assert sum(quiet.counts[k] for k in ("accepted", "kept", "rolled_back")) == 3  # still counts
+    with pytest.raises(ConfigurationError, match="every"):
+        ev3core.ProgressBar(every=0)
+
+
+# ----------------------------------------------------------------------- JSON lines
+def test_jsonl_logger_writes_one_line_per_step(setup, tmp_path):
+    engine = setup[0]
+    path = tmp_path / "logs" / "steps.jsonl"
+    _, infos = _run(setup, [ev3core.JsonlLogger(path, every=3)], 4)
+    rows = _read_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3]
+    labels = engine.labels()
+    for i, r in enumerate(rows):
+        assert r["choice"] == ["winner", "current", "stable"][int(infos.choice[i])]
+        assert r["accepted"] == bool(infos.accepted[i])
+        assert r["rolled_back"] == bool(infos.rolled_back[i])
+        assert r["significant"] == bool(infos.significant[i])
+        assert r["num_invalid"] == int(infos.num_invalid[i])
+        assert r["winner_label"] == labels[int(infos.winner[i])]
+        assert set(r["decide_mean"]) == set(NAMES) == set(r["priorities"])
+        for o, name in enumerate(NAMES):
+            got = [r["decide_mean"][name][k] for k in ("winner", "current", "stable")]
+            np.testing.assert_allclose(got, infos.decide_mean[i, o], rtol=1e-6)
+            assert r["priorities"][name] == pytest.approx(float(infos.priorities[i, o]))
+
+
+def test_jsonl_logger_appends_on_resume_without_duplicate_steps(setup, tmp_path):
+    path = tmp_path / "steps.jsonl"
+    state2, _ = _run(setup, [ev3core.JsonlLogger(path)], 2)
+    _run(setup, [ev3core.JsonlLogger(path)], 2, state=state2)  # a "crash" after step 3 ...
+    assert [r["step"] for r in _read_jsonl(path)] == [0, 1, 2, 3]
+    with open(path, "a") as f:
+        f.write('{"step": 4, "cho')  # ... that tore the last line
+    _, infos = _run(setup, [ev3core.JsonlLogger(path)], 3, state=state2)  # resume at step 2
+    rows = _read_jsonl(path)
+    assert [r["step"] for r in rows] == [0, 1, 2, 3, 4]
+    assert [r["accepted"] for r in rows[2:]] == [bool(a) for a in infos.accepted]
+
+
+# ----------------------------------------------------------------------- TensorBoard
+def _events(logdir):
+    """(tag -> {step: value}, session-log steps) from every event file under `logdir`."""
+    from tensorboardX.proto import event_pb2
+
+    scalars, sessions = {}, []
+    files = sorted(Path(logdir).rglob("events.out.tfevents.*"))
+    assert files, f"no event file under {logdir}"
+    for f in files:
+        raw, i = f.read_bytes(), 0
+        while i < len(raw):
+            (n,) = struct.unpack("<Q", raw[i:i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            i += 12 + n + 4  # length, its CRC, the record, its CRC
+            if event.HasField("session_log"):
+                sessions.append(event.step)
+            for v in event.summary.value:
+                scalars.setdefault(v.tag, {})[event.step] = v.simple_value
+    return scalars, sessions
+
+
+def test_tensorboard_plugin_is_installed_and_logs_scalars(setup, tmp_path):
+    [ep] = [e for e in importlib.metadata.entry_points(group="ev3") if e.name == "tensorboard"]
+    assert ep.dist.name == "ev3-tensorboard"
+    from ev3_tensorboard import TensorBoardLogger
+
+    state3, infos = _run(setup, [TensorBoardLogger(tmp_path / "tb")], 3)
+    scalars, _ = _events(tmp_path / "tb")
+    for o, name in enumerate(NAMES):
+        for j, which in enumerate(("winner", "current", "stable")):
+            got = scalars[f"decide/{name}/{which}"]
+            np.testing.assert_allclose([got[s] for s in range(3)], infos.decide_mean[:, o, j],
+                                       rtol=1e-6)
+    assert scalars["decision/accepted"] == {s: float(infos.accepted[s]) for s in range(3)}
+    assert scalars["totals/accepted"][2] == float(np.sum(infos.accepted))
+    assert scalars["priority/accuracy"][0] == pytest.approx(float(infos.priorities[0, 0]))
+    # a resumed run marks the resume point so TensorBoard purges later events of the old run
+    _run(setup, [TensorBoardLogger(tmp_path / "tb")], 1, state=state3)
+    scalars, sessions = _events(tmp_path / "tb")
+    assert 3 in scalars["decision/accepted"] and 3 in sessions
+
+
+# ----------------------------------------------------------------------- tracing
+class _Wrapper:
+    @ev3core.hookimpl(wrapper=True)
+    def ev3_assess(self, assessors):
+        return (yield)
+
+
+def test_trace_shows_registrations_and_hook_calls_in_order(setup):
+    lines = []
+    p = ev3core.load_plugins(autoload=False)
+    stop = p.trace(lines.append)
+    assert p.tracing
+    p.register(_Wrapper(), name="wrapper")
+    ev3core.Pipeline([setup[0].proposers[0]], ["accuracy"],
+                     plugins=p).build()
+    text = "".join(lines)
+    assert "register plugin wrapper: ev3_assess" in text
+    assert "ev3_register_assessors() [ev3core.builtins] -> ['accuracy'," in text
+    assert "ev3_explore(pipeline=Pipeline, proposers=(GradientProposer,))" in text
+    assert "ev3_assess(pipeline=Pipeline, assessors=(Accuracy,)) -> calls wrapper, " \
+           "ev3core.builtins" in text
+    assert text.index("ev3_explore(") < text.index("ev3_assess(") < text.index("ev3_adapt(")
+    stop()
+    n = len(lines)
+    ev3core.Pipeline([setup[0].proposers[0]], ["accuracy"], plugins=p).build()
+    assert len(lines) == n and not p.tracing
+
+
+# ----------------------------------------------------------------------- the command
+def _env(**extra):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EV3_")}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def broken_site(tmp_path_factory):
+    """A site directory with an installed (dist-info) plugin whose import fails."""
+    site = tmp_path_factory.mktemp("site")
+    dist = site / "ev3_halfbaked-0.2.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ev3-halfbaked\nVersion: 0.2\n")
+    (dist / "entry_points.txt").write_text("[ev3]\nhalfbaked = ev3_halfbaked_mod\n")
+    (site / "ev3_halfbaked_mod.py").write_text("raise ImportError('needs a missing library')\n")
+    return site
+
+
+def test_ev3_plugins_json_lists_plugins_hooks_components_and_failures(broken_site):
+    res = subprocess.run([EV3, "plugins", "--json"], capture_output=True, text=True,
+                         timeout=120, env=_env(PYTHONPATH=str(broken_site),
+                                               EV3_TRACE_PLUGINS="1"))
+    assert res.returncode == 0, res.stderr
+    report = json.loads(res.stdout)  # the trace goes to stderr, stdout stays JSON
+    by_name = {p["name"]: p for p in report["plugins"]}
+    builtins = by_name["ev3core.builtins"]
+    assert builtins["distribution"] == "ev3core" and builtins["version"] == ev3core.__version__
+    assert {"kind": "proposer", "name": "gradient"} in builtins["components"]
+    assert {"kind": "bound", "name": "paired"} in builtins["components"]
+    tb = by_name["tensorboard"]
+    assert (tb["distribution"], tb["version"]) == ("ev3-tensorboard", "0.1.0")
+    assert tb["hooks"] == ["ev3_after_step", "ev3_run_end", "ev3_run_start"]
+    assert tb["components"] == []
+    [failure] = report["failures"]
+    assert (failure["name"], failure["distribution"], failure["stage"]) == (
+        "halfbaked", "ev3-halfbaked", "import")
+    assert "needs a missing library" in failure["error"]
+    assert "ev3 trace: register plugin ev3core.builtins (ev3core" in res.stderr
+    assert "ev3_register_proposers() [ev3core.builtins] -> ['gradient']" in res.stderr
+
+
+def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
+    res = subprocess.run([EV3, "plugins", "--trace"], capture_output=True, text=True,
+                         timeout=120, env=_env(PYTHONPATH=str(broken_site)))
+    assert res.returncode == 0, res.stderr
+    err = res.stderr
+    for hook in ("ev3_explore(", "ev3_assess(", "ev3_adapt("):
+        assert f"ev3 trace: {hook}pipeline=Pipeline" in err
+    assert "ev3_adapt returned EV3Scheduler" in err
+    assert "ev3core.builtins  [ev3core " in res.stdout
+    assert "  proposer: gradient" in res.stdout
+    assert "FAILED halfbaked (from ev3-halfbaked) during import: ImportError" in res.stdout
+
+
+def test_ev3_run_no_progress_jsonl_and_tensorboard_env(tmp_path):
+    log = tmp_path / "steps.jsonl"
+    res = subprocess.run(
+        [EV3, "run", "--smoke", "--steps", "3", "--examples", "2048", "--no-progress",
+         "--log-jsonl", str(log)],
+        capture_output=True, text=True, timeout=300,
+        env=_env(EV3_TENSORBOARD_LOGDIR=str(tmp_path / "tb")),
+    )
+    assert res.returncode == 0, res.stderr
+    assert "ev3 smoke step" not in res.stderr + res.stdout  # no progress shown
+    summary = json.loads(res.stdout)  # stdout holds only the summary
+    rows = _read_jsonl(log)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert sum(r["accepted"] for r in rows) == summary["accepted"]
+    assert sum(r["choice"] == "current" for r in rows) == summary["kept"]
+    scalars, _ = _events(tmp_path / "tb")  # the installed plugin, switched on by the env var
+    assert sorted(scalars["decision/accepted"]) == [0, 1, 2]
+    assert [scalars["decision/accepted"][s] for s in range(3)] == [
+        float(r["accepted"]) for r in rows]
