@@ -84,6 +84,17 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
             )
         resume = {"resume": args.resume}
     experiment = default_plugins().get("experiment", name)
+    if getattr(args, "log_jsonl", None):
+        # The experiment's EV3 steps go through `ev3core.run` with these plugins, so the
+        # JSONL logger sees every step (the distill experiment takes `plugins=`).
+        from ._observe import JsonlLogger
+
+        plugins = default_plugins()
+        plugins.register(
+            JsonlLogger(args.log_jsonl, every=getattr(args, "print_every", 1) or 1),
+            name="ev3core.cli-jsonl",
+        )
+        resume["plugins"] = plugins
     try:
         summary = experiment(
             steps=args.steps,

@@ -353,7 +353,7 @@ def test_a_model_identical_to_the_reference_is_exactly_tied(bound):
     interval = jax.jit(lambda s, k: bound.interval(mean_of(0), s, 1, jnp.float32(4.0), k))
     decide = jax.jit(lambda s: sch.decide(s, jnp.bool_(True), state, hist))
     for trial in range(20):
-        n = 270 if trial % 2 else int(rng.integers(100, 3000))
+        n = 270 if trial % 2 else (137, 1500, 2999)[trial // 2 % 3]  # few shapes: few compiles
         cur = (rng.random(n) < 0.9).astype(np.float32) if trial % 2 else rng.normal(size=n)
         win = np.where(rng.random(n) < 0.1, 1.0 - cur, cur) if trial % 2 else cur + 0.1
         scores = jnp.asarray(np.stack([win, cur, cur]).astype(np.float32))[None]

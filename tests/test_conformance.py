@@ -348,26 +348,10 @@ def test_registered_proposers_together_in_one_engine():
 
 
 # --------------------------------------------------------------------------- a real install
-def test_template_installs_with_pip_and_passes_the_kit(tmp_path):
+def test_template_installs_with_pip_and_passes_the_kit(tmp_path, pip_install_target):
     """`pip install` the template into a fresh target directory; a new interpreter finds it
     through its entry point and its assessor passes the kit."""
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(ROOT / "plugins" / "ev3-template"),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    target = pip_install_target(tmp_path / "site", ROOT / "plugins" / "ev3-template")
     assert (target / "ev3_template" / "plugin.py").is_file()
     code = textwrap.dedent(
         """

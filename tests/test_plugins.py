@@ -25,15 +25,9 @@ PLUGIN_DIRS = [HERE / "plugins" / "ev3-testplugin", HERE / "plugins" / "ev3-brok
 
 
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory) -> Path:
+def installed(tmp_path_factory, pip_install_target) -> Path:
     """`pip install` the two test plugin distributions into a fresh target directory."""
-    target = tmp_path_factory.mktemp("site")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(target), *map(str, PLUGIN_DIRS)],
-        check=True,
-        capture_output=True,
-    )
+    target = pip_install_target(tmp_path_factory.mktemp("site"), *PLUGIN_DIRS)
     assert (target / "ev3_testplugin").is_dir()
     return target
 
