@@ -5,7 +5,8 @@ For each data set (digits, MNIST-1D) and seed: split the data with the seed, tra
 student size cap (MLP with two hidden layers of 32 units):
 
 - `ev3`: EV3 distillation (`ev3_distill.run_ev3`, the `ev3 run` defaults): starts at one
-  hidden layer of 4 units and grows, candidates over losses x optimizers, two passes;
+  hidden layer of 8 units and grows, candidates over losses x optimizers, two passes,
+  decisions on held-out log-likelihood under an accuracy constraint;
 - `plain_kd`: one distillation loss (T = 4, weight 0.9), Adam, the student at the cap;
 - `labels_only`: cross-entropy on the labels, Adam, the student at the cap.
 

@@ -335,6 +335,8 @@ def test_ev3_run_end_to_end(tmp_path):
             "3",
             "--out",
             str(out),
+            "--log-jsonl",
+            str(tmp_path / "steps.jsonl"),
         ],
         env=_env(),
         capture_output=True,
@@ -344,23 +346,27 @@ def test_ev3_run_end_to_end(tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     assert "EV3 distill" in res.stderr  # the progress bar
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    # --log-jsonl reaches the experiment: one line per EV3 step, across growth/pass segments
+    logged = [json.loads(line) for line in (tmp_path / "steps.jsonl").read_text().splitlines()]
+    assert [r["accepted"] for r in logged] == [r["accepted"] for r in rows]
+    assert [r["winner_label"] for r in logged] == [r["winner"] for r in rows]
     assert [r["iteration"] for r in rows] == [1, 2, 3, 4]
-    assert [r["gradient_steps"] for r in rows] == [50, 100, 150, 200]
+    assert [r["gradient_steps"] for r in rows] == [100, 200, 300, 400]
     for r in rows:
         assert r["choice"] in ("accepted", "kept", "rolled_back")
         assert 0.0 <= r["test_accuracy"] <= 1.0 and 0.0 <= r["decide_accuracy"] <= 1.0
-        assert r["student_params"] >= 310
+        assert r["student_params"] >= 610
         assert r["baseline_test_accuracy"] is not None
     assert rows[-1]["pass"] == 2  # the second pass (archived student as extra teacher) ran
     summary = json.loads((out / "summary.json").read_text())
     assert summary["experiment"] == "distill" and summary["dataset"] == "digits"
-    assert summary["gradient_steps"] == 200
+    assert summary["gradient_steps"] == 400
     assert summary["teacher"]["test_accuracy"] >= 0.97
     assert summary["teacher"]["params"] > summary["baseline_student"]["params"]
     ev3s = summary["ev3_student"]
-    assert ev3s["start_params"] == 310
+    assert ev3s["start_params"] == 610
     assert ev3s["params"] == rows[-1].get("student_params_after", rows[-1]["student_params"])
-    assert 0.3 < ev3s["test_accuracy"] <= 1.0  # 200 steps from a 4-unit student: it learned
+    assert 0.3 < ev3s["test_accuracy"] <= 1.0  # 400 steps from an 8-unit student: it learned
     assert 0.5 < summary["baseline_student"]["test_accuracy"] <= 1.0
     assert summary["baseline_student"]["params"] == 3466  # the size cap, 64-32-32-10
     assert sum(ev3s["counts"][k] for k in ("accepted", "kept", "rolled_back")) == 4
@@ -371,14 +377,14 @@ def test_ev3_run_end_to_end(tmp_path):
     # moved only on accepted ones; all candidates together explored K times more
     K = ev3s["candidates_per_iteration"]
     accepted = [r for r in rows if r["accepted"]]
-    assert summary["ev3_path_steps"] == rows[-1]["path_steps"] <= 200
+    assert summary["ev3_path_steps"] == rows[-1]["path_steps"] <= 400
     if not any(r["rolled_back"] for r in rows):
-        assert summary["ev3_path_steps"] == 50 * len(accepted)
+        assert summary["ev3_path_steps"] == 100 * len(accepted)
     per_pass = {1: 5 * 2, 2: K}  # (label loss + 2x2 KD losses) x 2 lrs; pass 2 adds 2 losses
     assert (
         summary["ev3_gradient_evaluations"]
         == rows[-1]["explored_steps"]
-        == 50 * sum(per_pass[r["pass"]] for r in rows)
+        == 100 * sum(per_pass[r["pass"]] for r in rows)
     )
     # the final checkpoint is the whole engine state, with the (grown) architecture recorded
     # for --resume; the student reloads from its leaves
@@ -475,7 +481,7 @@ import optax
 import ev3core
 from ev3_distill import GrowthPolicy, LabelLoss, DistillLoss
 
-config = {"trajectory": 5, "teacher_steps": 100, "baseline": False, "passes": 1}
+config = {"trajectory": 5, "teacher_steps": 100, "baseline": False, "passes": 1, "start_width": 4}
 growth = GrowthPolicy(patience=1, max_width=8, max_depth=1)
 
 
@@ -523,7 +529,7 @@ import optax
 import ev3core
 from ev3_distill import GrowthPolicy, LabelLoss, DistillLoss
 
-config = {"trajectory": 5, "teacher_steps": 150, "passes": 2, "extra_teachers": 1}
+config = {"trajectory": 5, "teacher_steps": 150, "passes": 2, "extra_teachers": 1, "start_width": 4}
 growth = GrowthPolicy(patience=1, max_width=8, max_depth=1, factor=2.0)
 
 

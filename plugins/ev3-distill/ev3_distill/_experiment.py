@@ -3,8 +3,9 @@
 1. Train a teacher on the train split (digits: an MLP 64-256-256-10; MNIST-1D: a 1-D CNN).
 2. Distil into a student that starts tiny and grows, with EV3: candidates are short optax
    trajectories over a grid of distillation losses (temperatures x mixing weights, one
-   family per teacher) plus the label loss, times optimizers; accuracy on the assess split
-   picks the winner, accuracy on the decide split accepts or rejects it; after `patience`
+   family per teacher) plus the label loss, times optimizers; held-out log-likelihood on the
+   assess split picks the winner, on the decide split it accepts or rejects it (under an
+   accuracy constraint); after `patience`
    non-significant decisions the student grows (function-preserving by default). With
    `passes > 1`, each later pass adds the best archived students as extra teachers.
 3. At the same number of gradient steps, a plain distillation baseline: one loss, one
@@ -21,6 +22,7 @@ import dataclasses
 import datetime
 import json
 import logging
+import math
 import os
 import runpy
 import sys
@@ -37,6 +39,7 @@ import optax
 
 from ev3core import (
     Accuracy,
+    Constraint,
     Data,
     EV3Scheduler,
     GradientProposer,
@@ -57,6 +60,7 @@ from ._train import accuracy, logits_of, shift_augmented_loss, train
 logger = logging.getLogger("ev3_distill")
 
 CHOICES = {0: "accepted", 1: "kept", 2: "rolled_back"}
+BASELINE_CHUNK = 50  # see `run_baseline`
 
 
 @dataclasses.dataclass
@@ -71,11 +75,14 @@ class DistillConfig:
 
     dataset: str = "digits"
     seed: int = 0
-    steps: int = 60  # EV3 iterations
-    trajectory: int = 50  # optimizer steps per candidate per iteration
+    steps: int = 30  # EV3 iterations
+    trajectory: int = 100  # optimizer steps per candidate per iteration
     batch_size: int = 32
+    # `GradientProposer(on_reject=...)`: "copy" gives every candidate of the accepted
+    # optimizer the accepted Adam state (moments that match the new current parameters).
+    on_reject: str = "copy"
     student: str = "mlp"  # "mlp" or "cnn"
-    start_width: int = 4
+    start_width: int = 8
     max_width: int = 32
     max_depth: int = 2
     patience: int = 2
@@ -94,6 +101,12 @@ class DistillConfig:
     # once the student is good: a 270-example decide set moves in steps of 0.0037).
     tie_break: bool = True
     accuracy_tolerance: float = 0.005
+    # What decides: "nll" (held-out log-likelihood, `NegCrossEntropy`, under the accuracy
+    # constraint `accuracy_max_drop` when not None) or "lexicographic" (accuracy first with
+    # `accuracy_tolerance`, log-likelihood as the tie-break; `tie_break=False`: accuracy only).
+    # See docs/distillation.md ("Decisions") for why log-likelihood is the default.
+    decide_on: str = "nll"
+    accuracy_max_drop: float | None = 0.02
     teacher_steps: int | None = None  # default per data set
     baseline_temperature: float = 4.0
     baseline_weight: float = 0.9
@@ -108,6 +121,11 @@ class DistillConfig:
             )
         if self.student not in ("mlp", "cnn"):
             raise ConfigurationError(f"student={self.student!r}: use 'mlp' or 'cnn'.")
+        if self.decide_on not in ("nll", "lexicographic"):
+            raise ConfigurationError(
+                f"decide_on={self.decide_on!r}: use 'nll' (held-out log-likelihood under the "
+                "accuracy constraint) or 'lexicographic' (accuracy, then log-likelihood)."
+            )
         if self.steps < 1 or self.trajectory < 1 or self.passes < 1:
             raise ConfigurationError(
                 f"steps={self.steps}, trajectory={self.trajectory} and passes={self.passes} "
@@ -157,8 +175,11 @@ def default_pipeline(
 
     Losses: the label loss, and for teacher 0 every (temperature, weight) pair; later teachers
     (archived students) get one family each over the temperatures at the largest weight.
-    Optimizers: Adam at each learning rate. Assessors: accuracy and, with `cfg.tie_break`,
-    negative cross-entropy, ranked lexicographically (`ev3core.Lexicographic`).
+    Optimizers: Adam at each learning rate. Assessors: accuracy and negative cross-entropy.
+    With `cfg.decide_on == "nll"` (default) the held-out log-likelihood decides (the paired
+    bound makes this continuous score far more powerful than accuracy), under
+    `Constraint("accuracy", max_drop=cfg.accuracy_max_drop)`; with `"lexicographic"`,
+    accuracy first and, with `cfg.tie_break`, log-likelihood (`ev3core.Lexicographic`).
     """
     losses: list[Any] = [LabelLoss()]
     for t in cfg.temperatures:
@@ -168,7 +189,15 @@ def default_pipeline(
         for t in cfg.temperatures:
             losses.append(DistillLoss(t, max(cfg.weights), teacher=j, teacher_name=f"student{j}"))
     lex: dict[str, Any] = {}
-    if cfg.tie_break:
+    if cfg.decide_on == "nll":
+        lex = {
+            "objective": 1,
+            "objectives": [Objective("accuracy"), Objective("neg_cross_entropy")],
+            "constraints": []
+            if cfg.accuracy_max_drop is None
+            else [Constraint("accuracy", max_drop=cfg.accuracy_max_drop)],
+        }
+    elif cfg.tie_break:
         lex = {
             "priority": Lexicographic(order=[0, 1], tolerances=[cfg.accuracy_tolerance, 0.0]),
             "objectives": [Objective("accuracy"), Objective("neg_cross_entropy")],
@@ -180,10 +209,13 @@ def default_pipeline(
                 optimizers=[optax.adam(lr) for lr in cfg.learning_rates],
                 steps=cfg.trajectory,
                 batch_size=cfg.batch_size,
+                on_reject=cfg.on_reject,
                 optimizer_names=[f"adam{lr:g}" for lr in cfg.learning_rates],
             )
         ],
-        assessors=[Accuracy(), NegCrossEntropy()] if cfg.tie_break else [Accuracy()],
+        assessors=[Accuracy(), NegCrossEntropy()]
+        if (cfg.tie_break or cfg.decide_on == "nll")
+        else [Accuracy()],
         scheduler=EV3Scheduler(assess_alpha=cfg.assess_alpha, decide_alpha=cfg.decide_alpha, **lex),
         assess_size=assess_size,
         decide_size=decide_size,
@@ -655,6 +687,11 @@ def run_baseline(
         loss = DistillLoss(cfg.baseline_temperature, cfg.baseline_weight)
         data = (x, y, _teacher_columns([teacher], x))
     curve: list[tuple[int, float]] = []
+    # `train` draws one batch key per evaluation chunk, so the chunk length fixes the batch
+    # stream: chunks of gcd(trajectory, 50) steps keep the baseline's batches (hence its
+    # results) independent of EV3's trajectory length (any multiple of 50), and the curve
+    # still has a point at every EV3 iteration.
+    chunk = math.gcd(cfg.trajectory, BASELINE_CHUNK)
     model = train(
         model,
         loss,
@@ -663,8 +700,10 @@ def run_baseline(
         steps=cfg.steps * cfg.trajectory,
         batch_size=cfg.batch_size,
         key=k_train,
-        eval_every=cfg.trajectory,
-        on_eval=lambda done, m: curve.append((done, accuracy(m, splits.test.x, splits.test.y))),
+        eval_every=chunk,
+        on_eval=lambda done, m: curve.append((done, accuracy(m, splits.test.x, splits.test.y)))
+        if done % cfg.trajectory == 0 or done == cfg.steps * cfg.trajectory
+        else None,
     )
     return model, curve
 
@@ -811,7 +850,7 @@ def distill_experiment(
 
     **Arguments:**
 
-    - `steps`: EV3 iterations (default 60; each is `trajectory` = 50 gradient steps).
+    - `steps`: EV3 iterations (default 30; each is `trajectory` = 100 gradient steps).
     - `seed`: seeds the splits, the teacher, the students and EV3.
     - `out`: output directory (default `runs/<UTC timestamp>/`).
     - `dataset`: `"digits"` (default) or `"mnist1d"`.
