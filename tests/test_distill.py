@@ -420,25 +420,10 @@ def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- entry point
-def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path):
-    target = tmp_path / "site"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--target",
-            str(target),
-            str(PLUGIN_DIR),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
+def test_plugin_is_found_through_its_entry_point_after_a_real_install(
+    tmp_path, pip_install_target
+):
+    target = pip_install_target(tmp_path / "site", PLUGIN_DIR)
     assert (target / "ev3_distill" / "plugin.py").is_file()
     code = textwrap.dedent("""
         import json, ev3core, ev3_distill
