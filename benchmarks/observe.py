@@ -35,11 +35,19 @@ def main() -> None:
     x = jax.random.normal(jax.random.key(0), (4096, 2))
     y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
     data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
-    proposer = ev3core.GradientProposer(losses=[ev3core.CrossEntropy()],
-                                        optimizers=[optax.sgd(0.1), optax.sgd(0.01)],
-                                        steps=5, batch_size=32)
-    engine = ev3core.Pipeline([proposer], ["accuracy"], assess_size=64, decide_size=512,
-                              plugins=ev3core.load_plugins(autoload=False)).build()
+    proposer = ev3core.GradientProposer(
+        losses=[ev3core.CrossEntropy()],
+        optimizers=[optax.sgd(0.1), optax.sgd(0.01)],
+        steps=5,
+        batch_size=32,
+    )
+    engine = ev3core.Pipeline(
+        [proposer],
+        ["accuracy"],
+        assess_size=64,
+        decide_size=512,
+        plugins=ev3core.load_plugins(autoload=False),
+    ).build()
     init = engine.init(eqx.nn.MLP(2, 2, 8, 1, key=jax.random.key(1)), jax.random.key(2))
     devnull = open(os.devnull, "w")  # noqa: SIM115
     tmp = tempfile.mkdtemp()
@@ -73,8 +81,16 @@ def main() -> None:
         print(f"{name:24s} {r['ms_per_step']:8.3f} ms/step  overhead {over:+.3f} ms/step")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"steps": args.steps, "repeats": args.repeats, "backend":
-                       jax.default_backend(), "results": result}, f, indent=2)
+            json.dump(
+                {
+                    "steps": args.steps,
+                    "repeats": args.repeats,
+                    "backend": jax.default_backend(),
+                    "results": result,
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

@@ -258,8 +258,12 @@ def safety(key, trials: int, boot_trials: int, resamples: int) -> list[dict[str,
 SIZE_Q = (0.02, 0.1, 0.3, 1.0)
 SIZE_P0 = (0.6, 0.8, 0.95)
 SIZE_Z = np.round(np.arange(0.0, 6.0001, 0.005), 3)
-SIZE_TESTS = ("paired", "unpaired (Welch difference)", "unpaired (reference, significant)",
-              "unpaired (reference, accept)")
+SIZE_TESTS = (
+    "paired",
+    "unpaired (Welch difference)",
+    "unpaired (reference, significant)",
+    "unpaired (reference, accept)",
+)
 
 
 def unit_z_statistics(key, p0, q, delta):
@@ -279,7 +283,8 @@ def unit_z_statistics(key, p0, q, delta):
     paired = ev3core.PairedBound().interval(mean_utility, scores, 1, one, kb)
     se_p = paired.point[0] - paired.lower[0]
     t_paired = jnp.where(
-        se_p > 0, paired.point[0] / jnp.where(se_p > 0, se_p, 1.0),
+        se_p > 0,
+        paired.point[0] / jnp.where(se_p > 0, se_p, 1.0),
         jnp.where(paired.point[0] > 0, jnp.inf, -jnp.inf),
     )
     marg = ev3core.NormalBound().interval(mean_utility, scores, 1, one, kb)
@@ -320,7 +325,7 @@ def equal_size(key, trials: int) -> dict[str, Any]:
     rates = np.asarray(
         size_trials(jax.random.split(key, trials), arr(0), arr(1), arr(2), jnp.asarray(SIZE_Z))
     )  # [config, test, z]
-    null_rates, better_rates = rates[: len(nulls)], rates[len(nulls):]
+    null_rates, better_rates = rates[: len(nulls)], rates[len(nulls) :]
     out = {}
     for t, name in enumerate(SIZE_TESTS):
         size = null_rates[:, t, :].max(axis=0)  # [z]
@@ -344,8 +349,9 @@ def equal_size(key, trials: int) -> dict[str, Any]:
             "false_acceptance": at(nulls, null_rates),
             "power": at(betters, better_rates),
             "mean_power_correlated": float(power[realistic].mean()),
-            "mean_power_independent": float(power[[j for j, c in enumerate(betters)
-                                                   if c[1] == 1.0]].mean()),
+            "mean_power_independent": float(
+                power[[j for j, c in enumerate(betters) if c[1] == 1.0]].mean()
+            ),
             "false_acceptance_at_nominal_alpha": float(
                 null_rates[:, t, int(np.argmin(np.abs(SIZE_Z - Z)))].max()
             ),
@@ -572,8 +578,10 @@ def print_equal_size(res):
     )
     for name, r in res["tests"].items():
         if r["alpha_at_size_5pct"] is None:
-            print(f"  {name:<33} | {'none':>17} | smallest size on the grid "
-                  f"{r['smallest_size']:.3f}: it cannot be made safe by its alpha")
+            print(
+                f"  {name:<33} | {'none':>17} | smallest size on the grid "
+                f"{r['smallest_size']:.3f}: it cannot be made safe by its alpha"
+            )
             continue
         print(
             f"  {name:<33} | {r['alpha_at_size_5pct']:17.3f} | {r['size']:.3f} | "

@@ -107,7 +107,9 @@ def _compile(engine, state, data):
             "temp_bytes": int(m.temp_size_in_bytes),
             "alias_bytes": int(m.alias_size_in_bytes),
             "peak_bytes": int(
-                m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                m.argument_size_in_bytes
+                + m.output_size_in_bytes
+                + m.temp_size_in_bytes
                 - m.alias_size_in_bytes
             ),
         }
@@ -144,24 +146,27 @@ def measure(workload: str, ks, iters: int, sharded: bool) -> dict:
         n = iters if k <= 16 else max(2, iters // 2)
         step, mem, compile_s = _compile(engine, state, data)
         med = _time(step, engine, state, data, n)
-        rows.append({
-            "K": k,
-            "s_per_iteration": med,
-            "candidates_per_s": k / med,
-            "candidate_optimizer_steps_per_s": k * steps / med,
-            "compile_s": compile_s,
-            "iterations_timed": n,
-            "memory": mem,
-        })
-        print(f"  [{workload}{' x8 devices' if sharded else ''}] K={k:3d}  "
-              f"{med * 1e3:9.2f} ms/iter  {k / med:9.1f} cand/s  "
-              f"peak {mem['peak_bytes'] / 2**20 if mem else float('nan'):8.2f} MiB",
-              flush=True, file=_LOG)
+        rows.append(
+            {
+                "K": k,
+                "s_per_iteration": med,
+                "candidates_per_s": k / med,
+                "candidate_optimizer_steps_per_s": k * steps / med,
+                "compile_s": compile_s,
+                "iterations_timed": n,
+                "memory": mem,
+            }
+        )
+        print(
+            f"  [{workload}{' x8 devices' if sharded else ''}] K={k:3d}  "
+            f"{med * 1e3:9.2f} ms/iter  {k / med:9.1f} cand/s  "
+            f"peak {mem['peak_bytes'] / 2**20 if mem else float('nan'):8.2f} MiB",
+            flush=True,
+            file=_LOG,
+        )
     base = rows[0]["s_per_iteration"] if rows and rows[0]["K"] == 1 else None
     for r in rows:
-        r["ratio_vs_K_single_iterations"] = (
-            r["s_per_iteration"] / (r["K"] * base) if base else None
-        )
+        r["ratio_vs_K_single_iterations"] = r["s_per_iteration"] / (r["K"] * base) if base else None
     mems = [(r["K"], r["memory"]["peak_bytes"]) for r in rows if r["memory"]]
     per_candidate = None
     if len(mems) >= 2:  # slope of peak memory in K (least squares)
@@ -170,8 +175,11 @@ def measure(workload: str, ks, iters: int, sharded: bool) -> dict:
         per_candidate = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum(
             (x - mx) ** 2 for x in xs
         )
-    out = {"rows": rows, "peak_bytes_per_candidate_slope": per_candidate,
-           "devices": len(jax.devices())}
+    out = {
+        "rows": rows,
+        "peak_bytes_per_candidate_slope": per_candidate,
+        "devices": len(jax.devices()),
+    }
     if not sharded and workload == "mlp":
         # The chunking option bounds the trajectories' working set (gradients, activations).
         # With batch 32 the per-candidate memory is dominated by copies of the parameters,
@@ -190,9 +198,13 @@ def measure(workload: str, ks, iters: int, sharded: bool) -> dict:
             "peak_bytes_all_at_once": mem_full["peak_bytes"],
             "peak_bytes_chunked": mem_part["peak_bytes"],
         }
-        print(f"  [mlp, batch 1024] K={k} chunk_size={chunk}: peak "
-              f"{mem_full['peak_bytes'] / 2**20:.1f} MiB -> "
-              f"{mem_part['peak_bytes'] / 2**20:.1f} MiB", flush=True, file=_LOG)
+        print(
+            f"  [mlp, batch 1024] K={k} chunk_size={chunk}: peak "
+            f"{mem_full['peak_bytes'] / 2**20:.1f} MiB -> "
+            f"{mem_part['peak_bytes'] / 2**20:.1f} MiB",
+            flush=True,
+            file=_LOG,
+        )
     return out
 
 
@@ -227,9 +239,12 @@ def main() -> None:
     result = {"one_device": run_all(ks_small, ks_mlp, iters, sharded=False)}
     if not args.no_sharded:
         print("8 virtual devices, candidates sharded (subprocess):", flush=True)
-        env = dict(os.environ,
-                   XLA_FLAGS=(os.environ.get("XLA_FLAGS", "")
-                              + " --xla_force_host_platform_device_count=8").strip())
+        env = dict(
+            os.environ,
+            XLA_FLAGS=(
+                os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+            ).strip(),
+        )
         cmd = [sys.executable, __file__, "--_child", "--iters", str(iters)]
         if args.quick:
             cmd.append("--quick")
@@ -237,13 +252,21 @@ def main() -> None:
         result["eight_devices_sharded"] = json.loads(proc.stdout)
     small = {r["K"]: r for r in result["one_device"]["small"]["rows"]}
     if 16 in small:
-        print(f"ratio t(16) / (16 t(1)) on small: "
-              f"{small[16]['ratio_vs_K_single_iterations']:.3f} (target < 0.5)")
-    result["machine"] = {"platform": platform.platform(), "python": platform.python_version(),
-                         "jax": jax.__version__, "cpu_count": os.cpu_count(),
-                         "load_average": os.getloadavg()}
-    result["note"] = ("Shared 2-core machine: absolute times are noisy; compare ratios. "
-                      "8 virtual devices share the same cores.")
+        print(
+            f"ratio t(16) / (16 t(1)) on small: "
+            f"{small[16]['ratio_vs_K_single_iterations']:.3f} (target < 0.5)"
+        )
+    result["machine"] = {
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "jax": jax.__version__,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+    }
+    result["note"] = (
+        "Shared 2-core machine: absolute times are noisy; compare ratios. "
+        "8 virtual devices share the same cores."
+    )
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

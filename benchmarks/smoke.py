@@ -59,8 +59,7 @@ def handwritten(model, data):
         return m - alpha * se, m + alpha * se
 
     def init():
-        return (jax.random.key(2), params, params,
-                tuple(stack(o.init(params), nt) for o in opts))
+        return (jax.random.key(2), params, params, tuple(stack(o.init(params), nt) for o in opts))
 
     @jax.jit
     def iteration(carry):
@@ -71,7 +70,7 @@ def handwritten(model, data):
         def body(c, idx_t):
             out = []
             for j, (opt, (p, o)) in enumerate(zip(opts, c)):
-                ix = idx_t[j * nt:(j + 1) * nt]
+                ix = idx_t[j * nt : (j + 1) * nt]
                 g = jax.vmap(jax.grad(loss))(p, xp[ix], yp[ix], temps)
                 u, o = jax.vmap(opt.update)(g, o, p)
                 out.append((optax.apply_updates(p, u), o))
@@ -80,14 +79,19 @@ def handwritten(model, data):
         c0 = tuple((stack(cur, nt), o) for o in ostates)
         c, _ = jax.lax.scan(body, c0, idx)
         cands = jax.tree.map(lambda *xs: jnp.concatenate(xs), *[p for p, _ in c])
-        allp = jax.tree.map(lambda a, b, s: jnp.concatenate([a, b[None], s[None]]),
-                            cands, cur, stab)
+        allp = jax.tree.map(
+            lambda a, b, s: jnp.concatenate([a, b[None], s[None]]), cands, cur, stab
+        )
         ia = jax.random.randint(ka, (N_ASSESS,), 0, xa.shape[0])
         sa = jax.vmap(acc, (0, None, None))(allp, xa[ia], ya[ia])
         k = len(opts) * nt
         lo, _ = lcb(sa[:k], A_ASSESS)
-        valid = jnp.all(jnp.stack([jnp.all(jnp.isfinite(x.reshape(k, -1)), -1)
-                                   for x in jax.tree.leaves(cands)]), 0)
+        valid = jnp.all(
+            jnp.stack(
+                [jnp.all(jnp.isfinite(x.reshape(k, -1)), -1) for x in jax.tree.leaves(cands)]
+            ),
+            0,
+        )
         w = jnp.argmax(jnp.where(valid, lo, -jnp.inf))
         win = jax.tree.map(lambda x: x[w], cands)
         trio = jax.tree.map(lambda a, b, s: jnp.stack([a, b, s]), win, cur, stab)
@@ -119,8 +123,12 @@ def timed(fn, iters):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=30)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="alternate the two versions this many times; medians over all")
+    ap.add_argument(
+        "--repeats",
+        type=int,
+        default=3,
+        help="alternate the two versions this many times; medians over all",
+    )
     ap.add_argument("--json")
     args = ap.parse_args()
 
@@ -132,6 +140,7 @@ def main() -> None:
 
     ev3_times, hw_times, ev3_scan_times = [], [], []
     compile_ev3 = compile_hw = compile_scan = None
+
     def ev3_step(box):
         box["s"], _ = engine.step(box["s"], data)
         return box["s"].current
@@ -174,20 +183,31 @@ def main() -> None:
         "ratio_ev3core_over_handwritten": med_ev3 / med_hw,
         "ev3core_scan_per_iteration_median_s": med_scan,
         "ratio_scan_over_handwritten": med_scan / med_hw,
-        "compile_s": {"ev3core_step": compile_ev3, "handwritten": compile_hw,
-                      "ev3core_scan10": compile_scan},
+        "compile_s": {
+            "ev3core_step": compile_ev3,
+            "handwritten": compile_hw,
+            "ev3core_scan10": compile_scan,
+        },
         "ev3core_test_accuracy_after_first_repeat": final_acc,
         "target_ratio": 1.25,
-        "machine": {"platform": platform.platform(), "python": platform.python_version(),
-                    "jax": jax.__version__, "devices": str(jax.devices())},
+        "machine": {
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "jax": jax.__version__,
+            "devices": str(jax.devices()),
+        },
     }
     print(f"ev3core step        median {med_ev3 * 1e3:8.3f} ms/iter")
     print(f"hand-written jit    median {med_hw * 1e3:8.3f} ms/iter")
     print(f"ratio ev3core/hand-written   {med_ev3 / med_hw:6.3f}   (target <= 1.25)")
-    print(f"ev3core scan (10/call) median {med_scan * 1e3:6.3f} ms/iter  "
-          f"ratio {med_scan / med_hw:.3f}")
-    print(f"compile: ev3core {compile_ev3:.2f} s, hand-written {compile_hw:.2f} s, "
-          f"scan {compile_scan:.2f} s")
+    print(
+        f"ev3core scan (10/call) median {med_scan * 1e3:6.3f} ms/iter  "
+        f"ratio {med_scan / med_hw:.3f}"
+    )
+    print(
+        f"compile: ev3core {compile_ev3:.2f} s, hand-written {compile_hw:.2f} s, "
+        f"scan {compile_scan:.2f} s"
+    )
     print(f"ev3core test accuracy after {args.iters + 1} iterations: {final_acc:.4f}")
     if args.json:
         with open(args.json, "w") as f:

@@ -239,8 +239,7 @@ def save_checkpoint(
     """
     if int(keep) < 1:
         raise CheckpointError(
-            f"save_checkpoint: keep={keep} would delete the checkpoint just written. Use "
-            "keep >= 1."
+            f"save_checkpoint: keep={keep} would delete the checkpoint just written. Use keep >= 1."
         )
     if not isinstance(state, State):
         raise CheckpointError(
@@ -518,9 +517,7 @@ class Checkpointer:
         metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
     ):
         if int(every) < 1 or int(keep) < 1:
-            raise CheckpointError(
-                f"Checkpointer: every={every} and keep={keep} must both be >= 1."
-            )
+            raise CheckpointError(f"Checkpointer: every={every} and keep={keep} must both be >= 1.")
         self.directory = Path(directory)
         self.every = int(every)
         self.keep = int(keep)

@@ -109,8 +109,10 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
         )
     except RunInterrupted as exc:
         if exc.state is None:
-            print(f"ev3: interrupted before the EV3 run started ({exc}); nothing to resume.",
-                  file=sys.stderr)
+            print(
+                f"ev3: interrupted before the EV3 run started ({exc}); nothing to resume.",
+                file=sys.stderr,
+            )
             return 130
         out = args.resume or args.out
         where = (
@@ -190,22 +192,31 @@ def _run_smoke(args: argparse.Namespace) -> int:
     engine = smoke_pipeline().build()
     state = engine.init(smoke_model(k_model), k_run)
     # Counts decisions for the summary and checkpoints even when nothing is drawn.
-    progress = ProgressBar(args.print_every, desc="ev3 smoke",
-                           disable=True if args.no_progress else None)
+    progress = ProgressBar(
+        args.print_every, desc="ev3 smoke", disable=True if args.no_progress else None
+    )
     if resumed is not None:
         state, manifest = load_checkpoint(args.resume, like=state)
         progress.counts.update(manifest["metadata"].get("counts", {}))
         for skipped in manifest["skipped"]:
-            print(f"ev3: skipped unusable checkpoint {skipped['file']}: {skipped['reason']}",
-                  file=sys.stderr)
-        print(f"ev3: resuming from {manifest['leaves_file']} at step {int(state.step)} of "
-              f"{options['steps']}", file=sys.stderr)
+            print(
+                f"ev3: skipped unusable checkpoint {skipped['file']}: {skipped['reason']}",
+                file=sys.stderr,
+            )
+        print(
+            f"ev3: resuming from {manifest['leaves_file']} at step {int(state.step)} of "
+            f"{options['steps']}",
+            file=sys.stderr,
+        )
     remaining = max(0, options["steps"] - int(state.step))
     plugins = default_plugins()
     names = [plugins.register(progress, name="ev3core.cli-progress")]
     if args.log_jsonl:
-        names.append(plugins.register(JsonlLogger(args.log_jsonl, every=args.print_every),
-                                      name="ev3core.cli-jsonl"))
+        names.append(
+            plugins.register(
+                JsonlLogger(args.log_jsonl, every=args.print_every), name="ev3core.cli-jsonl"
+            )
+        )
     if out:
         checkpointer = Checkpointer(
             out,
@@ -218,8 +229,9 @@ def _run_smoke(args: argparse.Namespace) -> int:
         state, infos = run(engine, state, data, remaining, plugins=plugins, chunk=options["chunk"])
     except RunInterrupted as exc:
         where = (
-            f"; checkpoint in {out}. Continue with: ev3 run --smoke --resume {out}" if out else
-            " (no checkpoint: pass --out DIR to be able to resume)"
+            f"; checkpoint in {out}. Continue with: ev3 run --smoke --resume {out}"
+            if out
+            else " (no checkpoint: pass --out DIR to be able to resume)"
         )
         print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
         return 130
@@ -291,38 +303,64 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run an EV3 experiment (default: distillation when ev3-distill is installed, "
         "else the smoke experiment)",
     )
-    p_run.add_argument("pipeline", nargs="?", default=None,
-                       help="a pipeline file (.py) for the experiment to run")
+    p_run.add_argument(
+        "pipeline", nargs="?", default=None, help="a pipeline file (.py) for the experiment to run"
+    )
     p_run.add_argument("--smoke", action="store_true", help="run the built-in smoke experiment")
-    p_run.add_argument("--experiment", default=None,
-                       help="name of a registered experiment (see `ev3 plugins`)")
-    p_run.add_argument("--dataset", default=None,
-                       help="data set of the experiment (distill: digits or mnist1d)")
-    p_run.add_argument("--steps", type=int, default=None,
-                       help="EV3 iterations (default: the experiment's; smoke 30, distill 60)")
+    p_run.add_argument(
+        "--experiment", default=None, help="name of a registered experiment (see `ev3 plugins`)"
+    )
+    p_run.add_argument(
+        "--dataset", default=None, help="data set of the experiment (distill: digits or mnist1d)"
+    )
+    p_run.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="EV3 iterations (default: the experiment's; smoke 30, distill 60)",
+    )
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument("--chunk", type=int, default=1, help="steps per compiled call")
-    p_run.add_argument("--print-every", type=int, default=5,
-                       help="steps between progress refreshes (default 5)")
-    p_run.add_argument("--no-progress", action="store_true",
-                       help="show no progress (also: EV3_NO_PROGRESS=1)")
-    p_run.add_argument("--log-jsonl", metavar="PATH",
-                       help="append one JSON line per step to PATH (smoke experiment)")
+    p_run.add_argument(
+        "--print-every", type=int, default=5, help="steps between progress refreshes (default 5)"
+    )
+    p_run.add_argument(
+        "--no-progress", action="store_true", help="show no progress (also: EV3_NO_PROGRESS=1)"
+    )
+    p_run.add_argument(
+        "--log-jsonl",
+        metavar="PATH",
+        help="append one JSON line per step to PATH (smoke experiment)",
+    )
     p_run.add_argument("--json", help="also write the summary to this file")
     p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")
-    p_run.add_argument("--resume", metavar="DIR",
-                       help="continue the run checkpointed in DIR (same options, same results)")
-    p_run.add_argument("--checkpoint-every", type=int, default=10,
-                       help="steps between checkpoints with --out/--resume (default 10)")
+    p_run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run checkpointed in DIR (same options, same results)",
+    )
+    p_run.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=10,
+        help="steps between checkpoints with --out/--resume (default 10)",
+    )
     p_run.add_argument("--keep", type=int, default=3, help="checkpoints kept (default 3)")
-    p_run.add_argument("--examples", type=int, default=100_000,
-                       help="examples per data split of the smoke experiment (default 100000)")
+    p_run.add_argument(
+        "--examples",
+        type=int,
+        default=100_000,
+        help="examples per data split of the smoke experiment (default 100000)",
+    )
     p_run.set_defaults(func=_cmd_run)
     p_pl = sub.add_parser("plugins", help="list loaded plugins and their components")
     p_pl.add_argument("--json", action="store_true", help="print JSON for machines")
-    p_pl.add_argument("--trace", action="store_true",
-                      help="trace plugin registrations and hook calls (stderr) while building "
-                      "the smoke pipeline (any command: EV3_TRACE_PLUGINS=1)")
+    p_pl.add_argument(
+        "--trace",
+        action="store_true",
+        help="trace plugin registrations and hook calls (stderr) while building "
+        "the smoke pipeline (any command: EV3_TRACE_PLUGINS=1)",
+    )
     p_pl.set_defaults(func=_cmd_plugins)
     args = parser.parse_args(argv)
     try:

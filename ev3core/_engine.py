@@ -404,7 +404,13 @@ class Engine(eqx.Module):
         for i, (p, ps) in enumerate(zip(self.proposers, state.proposer_states)):
             what = f"proposer #{i} ({type(p).__qualname__})"
             cands, new_ps = attempt(
-                what, "propose", p.propose, state.current, state.static, ps, data.propose,
+                what,
+                "propose",
+                p.propose,
+                state.current,
+                state.static,
+                ps,
+                data.propose,
                 state.key,
             )
             want = jax.tree.map(
@@ -431,9 +437,7 @@ class Engine(eqx.Module):
     def _summaries(self, scores: Array) -> Array:
         """`[objective, model]`: each objective's value per model (`assessor.summary`: the mean,
         or a batch-level metric such as F1)."""
-        return jnp.stack(
-            [jax.vmap(a.summary)(s) for a, s in zip(self.assessors, scores)]
-        )
+        return jnp.stack([jax.vmap(a.summary)(s) for a, s in zip(self.assessors, scores)])
 
     def _assess(
         self, params: PyTree[Array], static: Any, batch: PyTree[Array], chunk: int | None = None
@@ -463,9 +467,7 @@ class Engine(eqx.Module):
         mesh, K = self.mesh, self.num_candidates
         Kp = padded_size(K, num_shards(mesh))
         if Kp > K:  # masked padding: copies of the current model, never valid
-            pad = jax.tree.map(
-                lambda x: jnp.broadcast_to(x, (Kp - K,) + x.shape), state.current
-            )
+            pad = jax.tree.map(lambda x: jnp.broadcast_to(x, (Kp - K,) + x.shape), state.current)
             candidates = tree_concat([candidates, pad])
         cand_spec = jax.tree.map(lambda _: P(CANDIDATE_AXIS), candidates)
         candidates = constrain(candidates, mesh, cand_spec)
@@ -534,9 +536,7 @@ class Engine(eqx.Module):
             scores_a = self._assess(everything, static, assess_batch, self.chunk_size)
         else:
             assess_batch = _sample(data.assess, k_assess, self.assess_size)
-            scores_a, valid, padded, pick = self._assess_sharded(
-                candidates, state, assess_batch
-            )
+            scores_a, valid, padded, pick = self._assess_sharded(candidates, state, assess_batch)
         valid = valid & jnp.all(jnp.isfinite(scores_a[:, :K]), axis=(0, 2))
         winner = self.scheduler.select(scores_a, valid, state.scheduler_state, state.history)
         winner_valid = valid[winner]
@@ -660,8 +660,6 @@ def _step_donated(engine_data: tuple[Engine, Data], state: State) -> tuple[State
 
 
 @functools.partial(eqx.filter_jit, donate="all-except-first")
-def _scan_donated(
-    engine_data: tuple[Engine, Data, int], state: State
-) -> tuple[State, StepInfo]:
+def _scan_donated(engine_data: tuple[Engine, Data, int], state: State) -> tuple[State, StepInfo]:
     engine, data, num_steps = engine_data
     return engine.scan_pure(state, data, num_steps)

@@ -160,8 +160,7 @@ class ProgressBar(_Buffered):
         self.desc = desc
         self.disable = _env_flag("EV3_NO_PROGRESS") if disable is None else bool(disable)
         self.leave = leave
-        self._counts = {"accepted": 0, "rolled_back": 0, "kept": 0, "significant": 0,
-                        "masked": 0}
+        self._counts = {"accepted": 0, "rolled_back": 0, "kept": 0, "significant": 0, "masked": 0}
         self._bar: Any = None
         self._start = 0
         self._seen = 0
@@ -188,8 +187,10 @@ class ProgressBar(_Buffered):
 
     def _postfix(self) -> str:
         c = self._counts
-        return (f"decide {self._last}  accepted {c['accepted']}  kept {c['kept']}  rolled back "
-                f"{c['rolled_back']}  significant {c['significant']}")
+        return (
+            f"decide {self._last}  accepted {c['accepted']}  kept {c['kept']}  rolled back "
+            f"{c['rolled_back']}  significant {c['significant']}"
+        )
 
     @hookimpl
     def ev3_run_start(self, state: Any, num_steps: int) -> None:
@@ -205,9 +206,15 @@ class ProgressBar(_Buffered):
         if use_bar:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(total=self._start + self._num_steps, initial=self._start,
-                             desc=self.desc, unit="step", file=stream, leave=self.leave,
-                             dynamic_ncols=True)
+            self._bar = tqdm(
+                total=self._start + self._num_steps,
+                initial=self._start,
+                desc=self.desc,
+                unit="step",
+                file=stream,
+                leave=self.leave,
+                dynamic_ncols=True,
+            )
 
     @hookimpl
     def ev3_after_step(self, info: Any, step: int) -> None:
@@ -222,8 +229,11 @@ class ProgressBar(_Buffered):
             self._bar.set_postfix_str(self._postfix(), refresh=False)
             self._bar.update(self._seen - self._bar.n)
         else:
-            print(f"{self.desc} step {self._seen:>4}/{total}  {self._postfix()}",
-                  file=self._stream(), flush=True)
+            print(
+                f"{self.desc} step {self._seen:>4}/{total}  {self._postfix()}",
+                file=self._stream(),
+                flush=True,
+            )
 
     @hookimpl
     def ev3_run_end(self) -> None:

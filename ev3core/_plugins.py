@@ -233,8 +233,11 @@ class Plugins:
             return None
         if self._untrace is not None:
             hooks = sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-            self._trace(f"register plugin {name}" + (f" ({distribution[0]} {distribution[1]})"
-                        if distribution else "") + f": {', '.join(hooks) or 'no hooks'}")
+            self._trace(
+                f"register plugin {name}"
+                + (f" ({distribution[0]} {distribution[1]})" if distribution else "")
+                + f": {', '.join(hooks) or 'no hooks'}"
+            )
         self._dists[name] = distribution or (None, None)
         self._registry.clear()
         return registered
@@ -262,9 +265,7 @@ class Plugins:
         for name, plugin in self.pm.list_name_plugin():
             if plugin is None:
                 continue
-            hooks = tuple(
-                sorted(h.name for h in self.pm.get_hookcallers(plugin) or [])
-            )
+            hooks = tuple(sorted(h.name for h in self.pm.get_hookcallers(plugin) or []))
             dist, version = self._dists.get(name, (None, None))
             out.append(PluginInfo(name=name, distribution=dist, version=version, hooks=hooks))
         return out
@@ -414,8 +415,11 @@ def _brief(value: Any, depth: int = 0) -> str:
         if depth > 0 or len(value) > 8:
             return f"{type(value).__name__}[{len(value)}]"
         inner = ", ".join(_brief(v, depth + 1) for v in value)
-        return f"({inner},)" if isinstance(value, tuple) and len(value) == 1 else (
-            f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        return (
+            f"({inner},)"
+            if isinstance(value, tuple) and len(value) == 1
+            else (f"({inner})" if isinstance(value, tuple) else f"[{inner}]")
+        )
     if isinstance(value, dict):
         return f"dict[{len(value)}]"
     return type(value).__name__

@@ -319,8 +319,7 @@ class GradientProposer(AbstractProposer):
             )
         else:
             carry = tuple(
-                (_broadcast(params, size), o)
-                for (_, _, _, _, size), o in zip(blocks, flat_states)
+                (_broadcast(params, size), o) for (_, _, _, _, size), o in zip(blocks, flat_states)
             )
             carry, _ = jax.lax.scan(body, carry, (jnp.arange(L), idx, loss_keys))
         candidates = tree_concat([p for p, _ in carry])
@@ -333,8 +332,15 @@ class GradientProposer(AbstractProposer):
         )
 
     def _chunked_block(
-        self, one: Any, block: Any, o: Any, params: Any, state: GradientProposerState,
-        data: Any, idx: Any, loss_keys: Any,
+        self,
+        one: Any,
+        block: Any,
+        o: Any,
+        params: Any,
+        state: GradientProposerState,
+        data: Any,
+        idx: Any,
+        loss_keys: Any,
     ) -> tuple[Any, Any]:
         """One block's trajectories in sequential groups of `chunk_size` candidates, each
         group running its whole trajectory: only `chunk_size` trajectories' gradients and

@@ -56,8 +56,11 @@ class _StopOnInterrupt:
 
 
 def _culprit(hook_caller: Any, exc: BaseException) -> str:
-    codes = {impl.function.__code__: impl.plugin_name for impl in hook_caller.get_hookimpls()
-             if hasattr(impl.function, "__code__")}
+    codes = {
+        impl.function.__code__: impl.plugin_name
+        for impl in hook_caller.get_hookimpls()
+        if hasattr(impl.function, "__code__")
+    }
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         if frame.f_code in codes:
             return codes[frame.f_code]

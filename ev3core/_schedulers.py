@@ -224,9 +224,7 @@ class EV3Scheduler(AbstractScheduler):
             batch = a if isinstance(a, AbstractBatchAssessor) else None
             if o is None:
                 declared = getattr(a, "direction", "max")
-                return Objective(
-                    a.name, declared if declared in ("max", "min") else "max", batch
-                )
+                return Objective(a.name, declared if declared in ("max", "min") else "max", batch)
             if o.name is not None and o.metric is not None:
                 return o
             return Objective(
@@ -242,9 +240,7 @@ class EV3Scheduler(AbstractScheduler):
         objectives = tuple(
             filled(i, a, None if given is None else given[i]) for i, a in enumerate(assessors)
         )
-        return eqx.tree_at(
-            lambda s: s.objectives, self, objectives, is_leaf=lambda x: x is None
-        )
+        return eqx.tree_at(lambda s: s.objectives, self, objectives, is_leaf=lambda x: x is None)
 
     def init(self, num_objectives: int) -> EV3SchedulerState:
         if not 0 <= self.objective < num_objectives:

@@ -94,8 +94,9 @@ def state_specs(state: Any, mesh: Mesh) -> Any:
 
 
 def _replace_proposer_states(state: Any, proposer_states: Any) -> Any:
-    return eqx.tree_at(lambda s: s.proposer_states, state, proposer_states,
-                       is_leaf=lambda x: x is None)
+    return eqx.tree_at(
+        lambda s: s.proposer_states, state, proposer_states, is_leaf=lambda x: x is None
+    )
 
 
 def constrain(tree: PyTree[Any], mesh: Mesh, specs: PyTree[Any]) -> PyTree[Any]:

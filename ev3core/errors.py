@@ -67,8 +67,9 @@ class RunInterrupted(KeyboardInterrupt):
     steps taken, stacked as by `run`, or `None`) and `steps_done`.
     """
 
-    def __init__(self, message: str, state: object = None, infos: object = None,
-                 steps_done: int = 0):
+    def __init__(
+        self, message: str, state: object = None, infos: object = None, steps_done: int = 0
+    ):
         super().__init__(message)
         self.state = state
         self.infos = infos

@@ -320,4 +320,3 @@ __all__ = [
 
 def _all_hook_names() -> list[str]:
     return [n for n in __all__ if n.startswith("ev3_")]
-

@@ -25,8 +25,18 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
     """A real `pip install` of plugin source trees into the directory `target` (no deps:
     they are in the test environment already), as a user's `pip install` would lay them out."""
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps",
-         "--no-build-isolation", "--target", str(target), *map(str, packages)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--target",
+            str(target),
+            *map(str, packages),
+        ],
         check=True,
         capture_output=True,
         timeout=300,

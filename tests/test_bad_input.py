@@ -32,8 +32,7 @@ SGD, ADAM = optax.sgd(0.1), optax.adam(1e-2)
 
 
 def _grad(**kw):
-    args = dict(losses=[ev3core.CrossEntropy()], optimizers=[SGD], steps=2,
-                batch_size=4)
+    args = dict(losses=[ev3core.CrossEntropy()], optimizers=[SGD], steps=2, batch_size=4)
     args.update(kw)
     return ev3core.GradientProposer(**args)
 
@@ -49,18 +48,27 @@ def _model(in_size=2):
 
 
 def _engine(**kw):
-    args = dict(proposers=[_grad()], assessors=["accuracy"], scheduler="ev3", assess_size=8,
-                decide_size=16, plugins=_plugins())
+    args = dict(
+        proposers=[_grad()],
+        assessors=["accuracy"],
+        scheduler="ev3",
+        assess_size=8,
+        decide_size=16,
+        plugins=_plugins(),
+    )
     args.update(kw)
     return ev3core.Pipeline(**args).build()
 
 
 # ------------------------------------------------------------------------- names
-@pytest.mark.parametrize(("kind", "bad", "good"), [
-    ("proposers", "gradiant", "gradient"),
-    ("assessors", "acuracy", "accuracy"),
-    ("scheduler", "ev33", "ev3"),
-])
+@pytest.mark.parametrize(
+    ("kind", "bad", "good"),
+    [
+        ("proposers", "gradiant", "gradient"),
+        ("assessors", "acuracy", "accuracy"),
+        ("scheduler", "ev33", "ev3"),
+    ],
+)
 def test_unknown_component_names_suggest_close_matches(kind, bad, good):
     spec = [bad] if kind != "scheduler" else bad
     with pytest.raises(UnknownComponentError) as err:
@@ -85,18 +93,22 @@ def test_duplicate_component_names_are_refused():
 
 
 # ------------------------------------------------------------------------- data vs model
-@pytest.mark.parametrize(("data", "model", "needles"), [
-    (_data(features=3), _model(2), ["assessor #0 'accuracy'", "Data.assess",
-                                    "float32[64, 3]", "do not match"]),
-    (_data(x_dtype=jnp.int32), _model(2), ["assessor #0 'accuracy'", "int32[64, 2]",
-                                           "dtype"]),
-    (_data(y_dtype=jnp.float32), _model(2), ["Data.assess", "float32[64]"]),
-])
+@pytest.mark.parametrize(
+    ("data", "model", "needles"),
+    [
+        (
+            _data(features=3),
+            _model(2),
+            ["assessor #0 'accuracy'", "Data.assess", "float32[64, 3]", "do not match"],
+        ),
+        (_data(x_dtype=jnp.int32), _model(2), ["assessor #0 'accuracy'", "int32[64, 2]", "dtype"]),
+        (_data(y_dtype=jnp.float32), _model(2), ["Data.assess", "float32[64]"]),
+    ],
+)
 def test_data_that_does_not_fit_the_model_fails_before_compilation(data, model, needles, caplog):
     engine = _engine()
     state = engine.init(model, jax.random.key(2))
-    with caplog.at_level(logging.INFO, logger="ev3core"), \
-            pytest.raises(ConfigurationError) as err:
+    with caplog.at_level(logging.INFO, logger="ev3core"), pytest.raises(ConfigurationError) as err:
         ev3core.run(engine, state, data, 1, plugins=_plugins())
     for needle in needles:
         assert needle in str(err.value)
@@ -108,9 +120,14 @@ def test_a_propose_stream_that_does_not_fit_names_the_proposer(caplog):
     good, bad = _data(), _data(features=5)
     data = ev3core.Data(propose=bad.propose, assess=good.assess, decide=good.decide)
     state = engine.init(_model(), jax.random.key(2))
-    with caplog.at_level(logging.INFO, logger="ev3core"), \
-            pytest.raises(ConfigurationError, match=r"proposer #0 \(GradientProposer\).*"
-                                                    r"Data\.propose \(float32\[64, 5\]"):
+    with (
+        caplog.at_level(logging.INFO, logger="ev3core"),
+        pytest.raises(
+            ConfigurationError,
+            match=r"proposer #0 \(GradientProposer\).*"
+            r"Data\.propose \(float32\[64, 5\]",
+        ),
+    ):
         ev3core.run(engine, state, data, 1, plugins=_plugins())
     assert not [r for r in caplog.records if TRACE_LOG in r.getMessage()]
 
@@ -184,10 +201,14 @@ def test_objectives_with_conflicting_directions_are_refused():
     assert "'accuracy' is given conflicting directions" in msg
     assert "direction='max'" in msg and "direction='min'" in msg
 
-    swapped = ev3core.EV3Scheduler(objectives=[Objective("neg_cross_entropy"),
-                                               Objective("accuracy")])
-    with pytest.raises(ConfigurationError, match=r"objectives\[0\] is named 'neg_cross_entropy' "
-                                                 r"but assessor #0 is 'accuracy'"):
+    swapped = ev3core.EV3Scheduler(
+        objectives=[Objective("neg_cross_entropy"), Objective("accuracy")]
+    )
+    with pytest.raises(
+        ConfigurationError,
+        match=r"objectives\[0\] is named 'neg_cross_entropy' "
+        r"but assessor #0 is 'accuracy'",
+    ):
         _engine(assessors=two, scheduler=swapped)
 
     class Size(ev3core.AbstractAssessor):
@@ -217,20 +238,33 @@ MUTATIONS = {
     "proposer_name": lambda c, d: c["proposers"].append(d(st.sampled_from(["gradiant", "noise"]))),
     "no_proposers": lambda c, d: c.update(proposers=[]),
     "proposer_args": lambda c, d: c["proposers"][0].update(
-        d(st.sampled_from([{"losses": 0}, {"optimizers": 0}, {"steps": -1}, {"steps": 0},
-                           {"batch_size": 0}]))),
+        d(
+            st.sampled_from(
+                [{"losses": 0}, {"optimizers": 0}, {"steps": -1}, {"steps": 0}, {"batch_size": 0}]
+            )
+        )
+    ),
     "assessor_name": lambda c, d: c["assessors"].append("acuracy"),
     "no_assessors": lambda c, d: c.update(assessors=[]),
     "duplicate_assessor": lambda c, d: c["assessors"].append(c["assessors"][0]),
     "scheduler_name": lambda c, d: c.update(scheduler="evv3"),
-    "alpha": lambda c, d: c.update(scheduler={
-        "assess_alpha": d(st.sampled_from([0.5, 0.0, -1.0, math.inf, math.nan])),
-        "decide_alpha": d(st.sampled_from([0.0, -2.0, math.inf, math.nan])), "objective": 0}),
-    "objective": lambda c, d: c.update(scheduler={
-        "assess_alpha": 0.5, "decide_alpha": 2.0,
-        "objective": d(st.sampled_from([-1, len(c["assessors"])]))}),
+    "alpha": lambda c, d: c.update(
+        scheduler={
+            "assess_alpha": d(st.sampled_from([0.5, 0.0, -1.0, math.inf, math.nan])),
+            "decide_alpha": d(st.sampled_from([0.0, -2.0, math.inf, math.nan])),
+            "objective": 0,
+        }
+    ),
+    "objective": lambda c, d: c.update(
+        scheduler={
+            "assess_alpha": 0.5,
+            "decide_alpha": 2.0,
+            "objective": d(st.sampled_from([-1, len(c["assessors"])])),
+        }
+    ),
     "sizes": lambda c, d: c.update(
-        d(st.sampled_from([{"assess_size": -1}, {"assess_size": 1}, {"decide_size": 0}]))),
+        d(st.sampled_from([{"assess_size": -1}, {"assess_size": 1}, {"decide_size": 0}]))
+    ),
     "history": lambda c, d: c.update(history_size=0),
     "too_few_examples": lambda c, d: c.update(n=d(st.sampled_from([0, 1, 8]))),
     "ragged": lambda c, d: c.update(y_n="short"),
@@ -246,26 +280,39 @@ MUTATIONS = {
 @st.composite
 def configurations(draw):
     # Little variety in the valid part: equal engines share one compiled step (fast test).
-    proposer = st.fixed_dictionaries({
-        "losses": st.just(1), "optimizers": st.integers(1, 2), "steps": st.just(1),
-        "batch_size": st.just(2),
-    })
+    proposer = st.fixed_dictionaries(
+        {
+            "losses": st.just(1),
+            "optimizers": st.integers(1, 2),
+            "steps": st.just(1),
+            "batch_size": st.just(2),
+        }
+    )
     assessors = draw(st.permutations(["accuracy", "neg_cross_entropy"]))
     assessors = assessors[: draw(st.integers(1, 2))]
     cfg = {
         "proposers": [draw(proposer)],
         "assessors": list(assessors),
-        "scheduler": draw(st.one_of(
-            st.sampled_from(["ev3", "always_accept"]),
-            st.fixed_dictionaries({"assess_alpha": st.sampled_from([0.5, 2.0]),
-                                   "decide_alpha": st.sampled_from([1.0, 4.0]),
-                                   "objective": st.integers(0, len(assessors) - 1)}),
-        )),
+        "scheduler": draw(
+            st.one_of(
+                st.sampled_from(["ev3", "always_accept"]),
+                st.fixed_dictionaries(
+                    {
+                        "assess_alpha": st.sampled_from([0.5, 2.0]),
+                        "decide_alpha": st.sampled_from([1.0, 4.0]),
+                        "objective": st.integers(0, len(assessors) - 1),
+                    }
+                ),
+            )
+        ),
         "assess_size": 8,
         "decide_size": 16,
         "history_size": draw(st.sampled_from([1, 4])),
         "n": draw(st.sampled_from([16, 64])),
-        "y_n": "same", "features": 2, "x_dtype": "float32", "y_dtype": "int32",
+        "y_n": "same",
+        "features": 2,
+        "x_dtype": "float32",
+        "y_dtype": "int32",
         "model_in": 2,
         "steps": draw(st.sampled_from([0, 1, 2])),
         "chunk": draw(st.sampled_from([1, 2])),
@@ -283,17 +330,28 @@ def _build_and_run(cfg):
         if isinstance(spec, str):
             proposers.append(spec)
         else:
-            proposers.append(ev3core.GradientProposer(
-                losses=[ev3core.CrossEntropy(t) for t in (1.0, 0.5)[: spec["losses"]]],
-                optimizers=[SGD, ADAM][: spec["optimizers"]],
-                steps=spec["steps"], batch_size=spec["batch_size"]))
+            proposers.append(
+                ev3core.GradientProposer(
+                    losses=[ev3core.CrossEntropy(t) for t in (1.0, 0.5)[: spec["losses"]]],
+                    optimizers=[SGD, ADAM][: spec["optimizers"]],
+                    steps=spec["steps"],
+                    batch_size=spec["batch_size"],
+                )
+            )
     sched = cfg["scheduler"]
     if isinstance(sched, dict):
-        sched = ev3core.EV3Scheduler(sched["assess_alpha"], sched["decide_alpha"],
-                                     sched["objective"])
-    engine = ev3core.Pipeline(proposers, cfg["assessors"], sched, assess_size=cfg["assess_size"],
-                              decide_size=cfg["decide_size"], history_size=cfg["history_size"],
-                              plugins=_plugins()).build()
+        sched = ev3core.EV3Scheduler(
+            sched["assess_alpha"], sched["decide_alpha"], sched["objective"]
+        )
+    engine = ev3core.Pipeline(
+        proposers,
+        cfg["assessors"],
+        sched,
+        assess_size=cfg["assess_size"],
+        decide_size=cfg["decide_size"],
+        history_size=cfg["history_size"],
+        plugins=_plugins(),
+    ).build()
     n = cfg["n"]
     x = jax.random.normal(jax.random.key(0), (n, cfg["features"])).astype(cfg["x_dtype"])
     y = (jnp.arange(n) % 2).astype(cfg["y_dtype"])
@@ -305,8 +363,9 @@ def _build_and_run(cfg):
     return ev3core.run(engine, state, data, cfg["steps"], plugins=_plugins(), chunk=cfg["chunk"])
 
 
-@settings(max_examples=30, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow])
+@settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow]
+)
 @given(configurations())
 def test_any_configuration_runs_or_fails_with_an_ev3core_error(cfg):
     try:
@@ -325,10 +384,23 @@ def test_any_configuration_runs_or_fails_with_an_ev3core_error(cfg):
 
 def test_the_property_covers_both_outcomes():
     """The strategy is not degenerate: some configurations run, some are refused."""
-    ok = dict(proposers=[{"losses": 1, "optimizers": 1, "steps": 1, "batch_size": 2}],
-              assessors=["accuracy"], scheduler="ev3", assess_size=8, decide_size=16,
-              history_size=4, n=64, y_n="same", features=2, x_dtype="float32",
-              y_dtype="int32", model_in=2, steps=1, chunk=1, mutations=[])
+    ok = dict(
+        proposers=[{"losses": 1, "optimizers": 1, "steps": 1, "batch_size": 2}],
+        assessors=["accuracy"],
+        scheduler="ev3",
+        assess_size=8,
+        decide_size=16,
+        history_size=4,
+        n=64,
+        y_n="same",
+        features=2,
+        x_dtype="float32",
+        y_dtype="int32",
+        model_in=2,
+        steps=1,
+        chunk=1,
+        mutations=[],
+    )
     state, infos = _build_and_run(ok)
     assert int(state.step) == 1
     with pytest.raises(EV3Error):

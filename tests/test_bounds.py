@@ -341,7 +341,8 @@ def test_engine_split_decision_holds_the_level_whatever_k():
 
 
 @pytest.mark.parametrize(
-    "bound", [ev3core.PairedBound(), ev3core.BootstrapBound(num_resamples=200)],
+    "bound",
+    [ev3core.PairedBound(), ev3core.BootstrapBound(num_resamples=200)],
     ids=["paired", "bootstrap"],
 )
 def test_a_model_identical_to_the_reference_is_exactly_tied(bound):

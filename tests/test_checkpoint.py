@@ -135,8 +135,10 @@ def test_no_temporary_files_are_left_and_only_the_last_n_are_kept(problem, tmp_p
         state, _ = engine.step(state, data)
         save_checkpoint(tmp_path, state, keep=2)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert [n for n in names if n.endswith(".json")] == ["ckpt-0000000004.json",
-                                                         "ckpt-0000000005.json"]
+    assert [n for n in names if n.endswith(".json")] == [
+        "ckpt-0000000004.json",
+        "ckpt-0000000005.json",
+    ]
     assert len([n for n in names if n.endswith(".leaves")]) == 2
     assert not [n for n in names if n.startswith(".") or n.endswith(".tmp")]
     assert latest_checkpoint(tmp_path) == tmp_path / "ckpt-0000000005.json"
@@ -178,8 +180,9 @@ def test_resume_after_k_steps_is_bit_identical_to_an_uninterrupted_run(problem, 
     a, b, s = _decisions(infos_a), _decisions(infos_b), _decisions(infos_straight)
     for key in s:
         np.testing.assert_array_equal(np.concatenate([a[key], b[key]]), s[key], err_msg=key)
-    np.testing.assert_array_equal(np.concatenate([infos_a.decide_mean, infos_b.decide_mean]),
-                                  infos_straight.decide_mean)
+    np.testing.assert_array_equal(
+        np.concatenate([infos_a.decide_mean, infos_b.decide_mean]), infos_straight.decide_mean
+    )
     # and the resumed run's own checkpoints continue the sequence
     assert [p.name for p in list_checkpoints(tmp_path)][-1] == f"ckpt-{n:010d}.json"
 
@@ -197,11 +200,18 @@ def _leaves_of(manifest_path: Path) -> Path:
     return manifest_path.parent / json.loads(manifest_path.read_text())["leaves_file"]
 
 
-@pytest.mark.parametrize("damage", ["truncate", "flip_byte", "delete_leaves", "edit_manifest",
-                                    "garbage_manifest", "future_version"])
-def test_damaged_newest_checkpoint_is_detected_and_the_previous_one_used(
-    problem, tmp_path, damage
-):
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "truncate",
+        "flip_byte",
+        "delete_leaves",
+        "edit_manifest",
+        "garbage_manifest",
+        "future_version",
+    ],
+)
+def test_damaged_newest_checkpoint_is_detected_and_the_previous_one_used(problem, tmp_path, damage):
     engine, data, init = problem
     s1, _ = _two_checkpoints(engine, data, init, tmp_path)
     newest = latest_checkpoint(tmp_path)

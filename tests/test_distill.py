@@ -420,9 +420,7 @@ def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
 
 
 # ---------------------------------------------------------------------------- entry point
-def test_plugin_is_found_through_its_entry_point_after_a_real_install(
-    tmp_path, pip_install_target
-):
+def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, pip_install_target):
     target = pip_install_target(tmp_path / "site", PLUGIN_DIR)
     assert (target / "ev3_distill" / "plugin.py").is_file()
     code = textwrap.dedent("""

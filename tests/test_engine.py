@@ -134,8 +134,9 @@ def test_bad_candidates_are_never_accepted_once_the_model_is_good(problem):
     naive = ev3core.Engine(
         [_Saboteur()], eng.assessors, ev3core.AlwaysAccept(), assess_size=8, decide_size=2048
     )
-    nstate, ninfos = ev3core.run(naive, naive.init(state.model, jax.random.key(3)), data, 5,
-                                 plugins=p)
+    nstate, ninfos = ev3core.run(
+        naive, naive.init(state.model, jax.random.key(3)), data, 5, plugins=p
+    )
     assert ninfos.accepted.all()
     assert float(ev3core.Accuracy()(nstate.model, (x_test, y_test)).mean()) < good_acc - 0.05
 
@@ -162,12 +163,14 @@ def test_hyperparameter_changes_never_retrace(problem, engine):
     old = logger.level
     logger.setLevel(logging.INFO)
     try:
-        fresh = smoke_pipeline(plugins=ev3core.load_plugins(autoload=False),
-                               history_size=17).build()  # a new static config: one trace
+        fresh = smoke_pipeline(
+            plugins=ev3core.load_plugins(autoload=False), history_size=17
+        ).build()  # a new static config: one trace
         s = fresh.init(smoke_model(jax.random.key(1)), jax.random.key(2))
         for t in (0.7, 1.3, 2.1):
-            fresh = eqx.tree_at(lambda e: e.proposers[0].losses[1].temperature, fresh,
-                                jnp.float32(t))
+            fresh = eqx.tree_at(
+                lambda e: e.proposers[0].losses[1].temperature, fresh, jnp.float32(t)
+            )
             s, _ = fresh.step(s, data)
     finally:
         logger.removeHandler(handler)
@@ -213,8 +216,9 @@ def test_optax_sees_the_trajectory_params_so_weight_decay_compounds():
     lr, wd, steps = 0.1, 0.5, 10
     opt = optax.chain(optax.add_decayed_weights(wd), optax.sgd(lr))
     prop = ev3core.GradientProposer([_ZeroLoss()], [opt], steps=steps, batch_size=4)
-    cands, _ = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), batch,
-                            jax.random.key(0))
+    cands, _ = prop.propose(
+        params, static, prop.init(params, static, jax.random.key(9)), batch, jax.random.key(0)
+    )
     expected = jax.tree.map(lambda p: p * (1 - lr * wd) ** steps, params)
     for c, e in zip(jax.tree.leaves(cands), jax.tree.leaves(expected)):
         np.testing.assert_allclose(c[0], e, rtol=1e-5)
@@ -226,18 +230,20 @@ def test_grid_order_labels_and_temperature_enter_the_loss():
     params, static = eqx.partition(model, eqx.is_array)
     prop = ev3core.GradientProposer(
         [ev3core.CrossEntropy(t) for t in (0.5, 1.0)],
-        [optax.sgd(0.1), optax.sgd(0.0)], steps=5, batch_size=8,
+        [optax.sgd(0.1), optax.sgd(0.0)],
+        steps=5,
+        batch_size=8,
         optimizer_names=["fast", "frozen"],
     )
-    assert prop.labels() == ("ce(T=0.5)|fast", "ce(T=1)|fast", "ce(T=0.5)|frozen",
-                             "ce(T=1)|frozen")
+    assert prop.labels() == ("ce(T=0.5)|fast", "ce(T=1)|fast", "ce(T=0.5)|frozen", "ce(T=1)|frozen")
     st = prop.init(params, static, jax.random.key(9))
     cands, _ = prop.propose(params, static, st, data.propose, jax.random.key(0))
     moved = [not _leaves_equal(tree_index(cands, i), params) for i in range(4)]
     assert moved == [True, True, False, False]  # lr 0 leaves params unchanged
     # different temperatures give different trajectories
-    assert not _leaves_equal(jax.tree.map(lambda c: c[0], cands),
-                             jax.tree.map(lambda c: c[1], cands))
+    assert not _leaves_equal(
+        jax.tree.map(lambda c: c[0], cands), jax.tree.map(lambda c: c[1], cands)
+    )
 
 
 def test_inject_hyperparams_learning_rate_lives_in_state_and_does_not_retrace():
@@ -262,15 +268,30 @@ def test_rejected_candidate_optimizer_state_policy(policy):
     data, _ = smoke_data(jax.random.key(0), n=512)
     params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
     prop = ev3core.GradientProposer(
-        [ev3core.CrossEntropy(t) for t in (0.5, 1.0, 2.0)], [optax.sgd(0.1, momentum=0.9)],
-        steps=4, batch_size=8, on_reject=policy,
+        [ev3core.CrossEntropy(t) for t in (0.5, 1.0, 2.0)],
+        [optax.sgd(0.1, momentum=0.9)],
+        steps=4,
+        batch_size=8,
+        on_reject=policy,
     )
-    _, st = prop.propose(params, static, prop.init(params, static, jax.random.key(9)), data.propose,
-                         jax.random.key(0))
+    _, st = prop.propose(
+        params,
+        static,
+        prop.init(params, static, jax.random.key(9)),
+        data.propose,
+        jax.random.key(0),
+    )
     trace = st.opt_states[0][0][0].trace  # momentum buffers, stacked [3, ...]
     new_params = jax.tree.map(lambda p: p + 1.0, params)
-    out = prop.adapt(st, ev3core.Outcome(accepted_index=jnp.int32(1), accepted=jnp.bool_(True),
-                                         significant=jnp.bool_(False), params=new_params))
+    out = prop.adapt(
+        st,
+        ev3core.Outcome(
+            accepted_index=jnp.int32(1),
+            accepted=jnp.bool_(True),
+            significant=jnp.bool_(False),
+            params=new_params,
+        ),
+    )
     after = out.opt_states[0][0][0].trace
     for before_leaf, after_leaf in zip(jax.tree.leaves(trace), jax.tree.leaves(after)):
         assert np.array_equal(after_leaf[1], before_leaf[1])  # the accepted one keeps its own
@@ -281,8 +302,15 @@ def test_rejected_candidate_optimizer_state_policy(policy):
         else:
             assert np.array_equal(after_leaf[0], before_leaf[1])
             assert np.array_equal(after_leaf[2], before_leaf[1])
-    none = prop.adapt(st, ev3core.Outcome(accepted_index=jnp.int32(-1), accepted=jnp.bool_(False),
-                                          significant=jnp.bool_(False), params=params))
+    none = prop.adapt(
+        st,
+        ev3core.Outcome(
+            accepted_index=jnp.int32(-1),
+            accepted=jnp.bool_(False),
+            significant=jnp.bool_(False),
+            params=params,
+        ),
+    )
     if policy != "reset":
         assert _leaves_equal(none, st)
 
@@ -291,8 +319,14 @@ def test_rejected_candidate_optimizer_state_policy(policy):
 def test_history_ring_buffer_keeps_the_latest_decisions():
     h = ev3core.History.empty(4, 1)
     for i in range(6):
-        h = h.record(jnp.int32(i), jnp.int32(0), jnp.int32(i % 3), jnp.bool_(True),
-                     jnp.bool_(i == 2), jnp.full((1,), float(i)))
+        h = h.record(
+            jnp.int32(i),
+            jnp.int32(0),
+            jnp.int32(i % 3),
+            jnp.bool_(True),
+            jnp.bool_(i == 2),
+            jnp.full((1,), float(i)),
+        )
     o = h.ordered()
     assert list(o.step) == [2, 3, 4, 5] and int(h.count) == 6
     assert list(o.score[:, 0]) == [2.0, 3.0, 4.0, 5.0]

@@ -113,10 +113,14 @@ def _finite(tree) -> bool:
 # ------------------------------------------------------------------------- non-finite
 @pytest.mark.parametrize(("how", "scheduler"), [("nan", "ev3"), ("huge", "always_accept")])
 def test_half_non_finite_candidates_are_masked_and_never_accepted(data, caplog, how, scheduler):
-    sched = (ev3core.EV3Scheduler(assess_alpha=0.5, decide_alpha=1.0) if scheduler == "ev3"
-             else ev3core.AlwaysAccept())
-    engine = ev3core.Engine([_Spoil(_grad(), how)], [ev3core.NegCrossEntropy()], sched,
-                            assess_size=32, decide_size=64)
+    sched = (
+        ev3core.EV3Scheduler(assess_alpha=0.5, decide_alpha=1.0)
+        if scheduler == "ev3"
+        else ev3core.AlwaysAccept()
+    )
+    engine = ev3core.Engine(
+        [_Spoil(_grad(), how)], [ev3core.NegCrossEntropy()], sched, assess_size=32, decide_size=64
+    )
     state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
     steps = 6
     with caplog.at_level(logging.WARNING, logger="ev3core"):
@@ -136,8 +140,9 @@ def test_half_non_finite_candidates_are_masked_and_never_accepted(data, caplog, 
 
 
 def test_a_scheduler_that_insists_on_an_invalid_winner_is_overruled(data):
-    engine = ev3core.Engine([_Spoil(_grad(), "nan")], [ev3core.Accuracy()], _Reckless(),
-                            assess_size=32, decide_size=64)
+    engine = ev3core.Engine(
+        [_Spoil(_grad(), "nan")], [ev3core.Accuracy()], _Reckless(), assess_size=32, decide_size=64
+    )
     init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
     state, infos = ev3core.run(engine, init, data, 4, plugins=_plugins())
     assert (infos.winner == 0).all() and not infos.valid[:, 0].any()
@@ -168,18 +173,21 @@ class _ExplodingPlugin:
 
 
 def _good_engine(plugins, assessors=("accuracy",)):
-    return ev3core.Pipeline([_grad()], list(assessors), ev3core.EV3Scheduler(0.5, 1.0),
-                            assess_size=32, decide_size=64, plugins=plugins).build()
+    return ev3core.Pipeline(
+        [_grad()],
+        list(assessors),
+        ev3core.EV3Scheduler(0.5, 1.0),
+        assess_size=32,
+        decide_size=64,
+        plugins=plugins,
+    ).build()
 
 
-def test_a_raising_assessor_stops_the_run_naming_its_plugin_and_keeps_checkpoints(
-    data, tmp_path
-):
+def test_a_raising_assessor_stops_the_run_naming_its_plugin_and_keeps_checkpoints(data, tmp_path):
     plugins = _plugins(_ExplodingPlugin())
     engine = _good_engine(plugins)
     init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
-    ev3core.run(engine, init, data, 4,
-                plugins=_plugins(Checkpointer(tmp_path, every=2)))
+    ev3core.run(engine, init, data, 4, plugins=_plugins(Checkpointer(tmp_path, every=2)))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     good, _ = load_checkpoint(tmp_path, like=init)
 
@@ -220,8 +228,7 @@ def test_a_raising_lifecycle_plugin_stops_the_run_and_leaves_the_last_checkpoint
     engine = _good_engine(_plugins())
     init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
     ck = Checkpointer(tmp_path, every=2)
-    with caplog.at_level(logging.WARNING, logger="ev3core"), \
-            pytest.raises(PluginError) as err:
+    with caplog.at_level(logging.WARNING, logger="ev3core"), pytest.raises(PluginError) as err:
         ev3core.run(engine, init, data, 10, plugins=_plugins(_FailsAtStep(3), ck))
     msg = str(err.value)
     assert "test_faults._FailsAtStep" in msg and "ev3_after_step" in msg
@@ -230,8 +237,7 @@ def test_a_raising_lifecycle_plugin_stops_the_run_and_leaves_the_last_checkpoint
     assert latest_checkpoint(tmp_path).name == "ckpt-0000000002.json"
     _, manifest = load_checkpoint(tmp_path, like=init)
     assert manifest["step"] == 2
-    assert any("did not save the final state of step 4" in r.getMessage()
-               for r in caplog.records)
+    assert any("did not save the final state of step 4" in r.getMessage() for r in caplog.records)
 
 
 # ------------------------------------------------------------------------- broken plugin
@@ -243,10 +249,19 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: ev3-halfbaked\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[ev3]\nhalfbaked = ev3_halfbaked_mod\n")
     (site / "ev3_halfbaked_mod.py").write_text("import a_module_that_is_not_installed\n")
-    env = {**os.environ, "PYTHONPATH": str(site), "EV3_DISABLE_PLUGIN_AUTOLOAD": "",
-           "EV3_LOAD_PLUGINS": "halfbaked"}
-    out = subprocess.run([sys.executable, "-m", "ev3core._cli", "plugins", "--json"],
-                         capture_output=True, text=True, env=env, timeout=120)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(site),
+        "EV3_DISABLE_PLUGIN_AUTOLOAD": "",
+        "EV3_LOAD_PLUGINS": "halfbaked",
+    }
+    out = subprocess.run(
+        [sys.executable, "-m", "ev3core._cli", "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     report = json.loads(out.stdout)
     assert [(f["name"], f["distribution"], f["stage"]) for f in report["failures"]] == [
@@ -260,8 +275,13 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
         p = ev3core.load_plugins()
         print(json.dumps([len(p.failures), sorted(p.components("assessor"))]))
     """)
-    run = subprocess.run([sys.executable, "-c", "import json\n" + code], capture_output=True,
-                         text=True, env=env, timeout=120)
+    run = subprocess.run(
+        [sys.executable, "-c", "import json\n" + code],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert run.returncode == 0, run.stderr
     failures, assessors = json.loads(run.stdout)
     assert failures == 1 and "accuracy" in assessors
@@ -269,8 +289,13 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
 
 # ------------------------------------------------------------------------- Ctrl-C, for real
 def _ev3(*args, **kw):
-    return subprocess.Popen([sys.executable, "-m", "ev3core._cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen(
+        [sys.executable, "-m", "ev3core._cli", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        **kw,
+    )
 
 
 def _summary(path: Path) -> dict:
@@ -292,8 +317,18 @@ def procs():
 
 def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
     steps = "8"
-    common = ["run", "--smoke", "--steps", steps, "--examples", "4096", "--print-every", "100",
-              "--checkpoint-every", "1"]
+    common = [
+        "run",
+        "--smoke",
+        "--steps",
+        steps,
+        "--examples",
+        "4096",
+        "--print-every",
+        "100",
+        "--checkpoint-every",
+        "1",
+    ]
     straight = _ev3(*common, "--out", str(tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
     proc = _ev3(*common, "--out", str(interrupted))

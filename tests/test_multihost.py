@@ -85,9 +85,18 @@ def test_two_processes_agree_with_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(port), str(i), str(tmp_path / f"out{i}.json"),
-             os.path.dirname(__file__)],
-            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            [
+                sys.executable,
+                str(script),
+                str(port),
+                str(i),
+                str(tmp_path / f"out{i}.json"),
+                os.path.dirname(__file__),
+            ],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
         )
         for i in range(2)
     ]

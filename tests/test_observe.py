@@ -41,20 +41,27 @@ def setup():
     """One engine (compiled once for the whole module), its data and an initial state."""
     data, model = _tiny()
     proposer = ev3core.GradientProposer(
-        losses=[ev3core.CrossEntropy()], optimizers=[optax.sgd(0.1), optax.sgd(0.01)],
-        steps=3, batch_size=8,
+        losses=[ev3core.CrossEntropy()],
+        optimizers=[optax.sgd(0.1), optax.sgd(0.01)],
+        steps=3,
+        batch_size=8,
     )
-    engine = ev3core.Pipeline([proposer], assessors=list(NAMES), assess_size=16,
-                              decide_size=32, plugins=ev3core.load_plugins(autoload=False)
-                              ).build()
+    engine = ev3core.Pipeline(
+        [proposer],
+        assessors=list(NAMES),
+        assess_size=16,
+        decide_size=32,
+        plugins=ev3core.load_plugins(autoload=False),
+    ).build()
     return engine, data, engine.init(model, jax.random.key(2))
 
 
 def _run(setup, observers, steps, state=None, chunk=1):
     engine, data, init = setup
     plugins = ev3core.load_plugins(extra=observers, autoload=False)
-    return ev3core.run(engine, init if state is None else state, data, steps, plugins=plugins,
-                       chunk=chunk)
+    return ev3core.run(
+        engine, init if state is None else state, data, steps, plugins=plugins, chunk=chunk
+    )
 
 
 def _read_jsonl(path):
@@ -77,8 +84,10 @@ def test_progress_lines_and_counts_match_the_infos(setup):
         "masked": int(np.sum(infos.num_invalid)),
     }
     c = bar.counts
-    assert lines[-1].endswith(f"accepted {c['accepted']}  kept {c['kept']}  rolled back "
-                              f"{c['rolled_back']}  significant {c['significant']}")
+    assert lines[-1].endswith(
+        f"accepted {c['accepted']}  kept {c['kept']}  rolled back "
+        f"{c['rolled_back']}  significant {c['significant']}"
+    )
     last = float(infos.decide_mean[-1, 0, choice[-1]])
     assert f"decide {last:.4f}" in lines[-1]
 
@@ -146,8 +155,8 @@ def _events(logdir):
     for f in files:
         raw, i = f.read_bytes(), 0
         while i < len(raw):
-            (n,) = struct.unpack("<Q", raw[i:i + 8])
-            event = event_pb2.Event.FromString(raw[i + 12:i + 12 + n])
+            (n,) = struct.unpack("<Q", raw[i : i + 8])
+            event = event_pb2.Event.FromString(raw[i + 12 : i + 12 + n])
             i += 12 + n + 4  # length, its CRC, the record, its CRC
             if event.HasField("session_log"):
                 sessions.append(event.step)
@@ -166,8 +175,9 @@ def test_tensorboard_plugin_is_installed_and_logs_scalars(setup, tmp_path):
     for o, name in enumerate(NAMES):
         for j, which in enumerate(("winner", "current", "stable")):
             got = scalars[f"decide/{name}/{which}"]
-            np.testing.assert_allclose([got[s] for s in range(3)], infos.decide_mean[:, o, j],
-                                       rtol=1e-6)
+            np.testing.assert_allclose(
+                [got[s] for s in range(3)], infos.decide_mean[:, o, j], rtol=1e-6
+            )
     assert scalars["decision/accepted"] == {s: float(infos.accepted[s]) for s in range(3)}
     assert scalars["totals/accepted"][2] == float(np.sum(infos.accepted))
     assert scalars["priority/accuracy"][0] == pytest.approx(float(infos.priorities[0, 0]))
@@ -190,14 +200,15 @@ def test_trace_shows_registrations_and_hook_calls_in_order(setup):
     stop = p.trace(lines.append)
     assert p.tracing
     p.register(_Wrapper(), name="wrapper")
-    ev3core.Pipeline([setup[0].proposers[0]], ["accuracy"],
-                     plugins=p).build()
+    ev3core.Pipeline([setup[0].proposers[0]], ["accuracy"], plugins=p).build()
     text = "".join(lines)
     assert "register plugin wrapper: ev3_assess" in text
     assert "ev3_register_assessors() [ev3core.builtins] -> ['accuracy'," in text
     assert "ev3_explore(pipeline=Pipeline, proposers=(GradientProposer,))" in text
-    assert "ev3_assess(pipeline=Pipeline, assessors=(Accuracy,)) -> calls wrapper, " \
-           "ev3core.builtins" in text
+    assert (
+        "ev3_assess(pipeline=Pipeline, assessors=(Accuracy,)) -> calls wrapper, "
+        "ev3core.builtins" in text
+    )
     assert text.index("ev3_explore(") < text.index("ev3_assess(") < text.index("ev3_adapt(")
     stop()
     n = len(lines)
@@ -225,9 +236,13 @@ def broken_site(tmp_path_factory):
 
 
 def test_ev3_plugins_json_lists_plugins_hooks_components_and_failures(broken_site):
-    res = subprocess.run([EV3, "plugins", "--json"], capture_output=True, text=True,
-                         timeout=120, env=_env(PYTHONPATH=str(broken_site),
-                                               EV3_TRACE_PLUGINS="1"))
+    res = subprocess.run(
+        [EV3, "plugins", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(PYTHONPATH=str(broken_site), EV3_TRACE_PLUGINS="1"),
+    )
     assert res.returncode == 0, res.stderr
     report = json.loads(res.stdout)  # the trace goes to stderr, stdout stays JSON
     by_name = {p["name"]: p for p in report["plugins"]}
@@ -241,15 +256,23 @@ def test_ev3_plugins_json_lists_plugins_hooks_components_and_failures(broken_sit
     assert tb["components"] == []
     [failure] = report["failures"]
     assert (failure["name"], failure["distribution"], failure["stage"]) == (
-        "halfbaked", "ev3-halfbaked", "import")
+        "halfbaked",
+        "ev3-halfbaked",
+        "import",
+    )
     assert "needs a missing library" in failure["error"]
     assert "ev3 trace: register plugin ev3core.builtins (ev3core" in res.stderr
     assert "ev3_register_proposers() [ev3core.builtins] -> ['gradient']" in res.stderr
 
 
 def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
-    res = subprocess.run([EV3, "plugins", "--trace"], capture_output=True, text=True,
-                         timeout=120, env=_env(PYTHONPATH=str(broken_site)))
+    res = subprocess.run(
+        [EV3, "plugins", "--trace"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(PYTHONPATH=str(broken_site)),
+    )
     assert res.returncode == 0, res.stderr
     err = res.stderr
     for hook in ("ev3_explore(", "ev3_assess(", "ev3_adapt("):
@@ -263,9 +286,21 @@ def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
 def test_ev3_run_no_progress_jsonl_and_tensorboard_env(tmp_path):
     log = tmp_path / "steps.jsonl"
     res = subprocess.run(
-        [EV3, "run", "--smoke", "--steps", "3", "--examples", "2048", "--no-progress",
-         "--log-jsonl", str(log)],
-        capture_output=True, text=True, timeout=300,
+        [
+            EV3,
+            "run",
+            "--smoke",
+            "--steps",
+            "3",
+            "--examples",
+            "2048",
+            "--no-progress",
+            "--log-jsonl",
+            str(log),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
         env=_env(EV3_TENSORBOARD_LOGDIR=str(tmp_path / "tb")),
     )
     assert res.returncode == 0, res.stderr
@@ -278,4 +313,5 @@ def test_ev3_run_no_progress_jsonl_and_tensorboard_env(tmp_path):
     scalars, _ = _events(tmp_path / "tb")  # the installed plugin, switched on by the env var
     assert sorted(scalars["decision/accepted"]) == [0, 1, 2]
     assert [scalars["decision/accepted"][s] for s in range(3)] == [
-        float(r["accepted"]) for r in rows]
+        float(r["accepted"]) for r in rows
+    ]

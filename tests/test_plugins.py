@@ -38,7 +38,10 @@ def _run_with(site: Path, code: str, **env: str) -> subprocess.CompletedProcess:
     full_env.update(env)
     return subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=full_env, capture_output=True, text=True, timeout=120,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
 
 
@@ -111,7 +114,10 @@ def test_ev3_plugins_command_lists_plugins_and_failures(installed):
     env["PYTHONPATH"] = str(installed)
     res = subprocess.run(
         [sys.executable, "-m", "ev3core._cli", "plugins", "--json"],
-        env=env, capture_output=True, text=True, timeout=120,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -158,8 +164,9 @@ def test_bad_registration_is_reported_and_skipped():
     [failure] = p.failures
     assert failure.stage == "register:proposer" and "AbstractProposer" in failure.error
     with pytest.raises(PluginError):
-        ev3core.load_plugins(extra=[_BadRegistration()], autoload=False, raise_errors=True
-                             ).components("proposer")
+        ev3core.load_plugins(
+            extra=[_BadRegistration()], autoload=False, raise_errors=True
+        ).components("proposer")
 
 
 class _UnknownHook:
@@ -203,8 +210,9 @@ class _StageWrapper:
 
 def test_stage_hooks_resolve_stages_at_build_time():
     p = ev3core.load_plugins(extra=[_StageWrapper()], autoload=False)
-    engine = ev3core.Pipeline([_grad()], ["accuracy"], plugins=p, assess_size=8,
-                              decide_size=8).build()
+    engine = ev3core.Pipeline(
+        [_grad()], ["accuracy"], plugins=p, assess_size=8, decide_size=8
+    ).build()
     assert len(engine.proposers) == 2 and engine.num_candidates == 2
     assert engine.objective_names == ("accuracy", "neg_cross_entropy")
     plain = ev3core.Pipeline([_grad()], plugins=ev3core.load_plugins(autoload=False)).build()
@@ -214,10 +222,19 @@ def test_stage_hooks_resolve_stages_at_build_time():
 def test_components_by_name_class_and_instance():
     p = ev3core.load_plugins(autoload=False)
     engine = ev3core.Pipeline(
-        [p.make("proposer", "gradient", losses=[p.make("loss", "cross_entropy")],
-                optimizers=[optax.adam(1e-2)], steps=2, batch_size=4)],
+        [
+            p.make(
+                "proposer",
+                "gradient",
+                losses=[p.make("loss", "cross_entropy")],
+                optimizers=[optax.adam(1e-2)],
+                steps=2,
+                batch_size=4,
+            )
+        ],
         assessors=["accuracy", ev3core.NegCrossEntropy],
-        scheduler="always_accept", plugins=p,
+        scheduler="always_accept",
+        plugins=p,
     ).build()
     assert isinstance(engine.scheduler, ev3core.AlwaysAccept)
     assert isinstance(engine.assessors[1], ev3core.NegCrossEntropy)

@@ -95,8 +95,14 @@ def test_sharded_run_matches_one_device(data, reference, sharded):
 def test_uneven_candidates_are_padded_and_never_accepted(data, plain, reference):
     """K=8 on 3 devices: padded to 9 with a masked copy of the current model that can never
     win; the per-candidate optimizer states (8 rows) stay replicated."""
-    eng = ev3core.Engine(plain.proposers, plain.assessors, plain.scheduler, 64, 256,
-                         mesh=ev3core.candidate_mesh(jax.devices()[:3]))
+    eng = ev3core.Engine(
+        plain.proposers,
+        plain.assessors,
+        plain.scheduler,
+        64,
+        256,
+        mesh=ev3core.candidate_mesh(jax.devices()[:3]),
+    )
     s_ref, i_ref = reference
     s, infos = _run(eng, data)
     assert infos.valid.shape == (STEPS, 8) and infos.assess_mean.shape == (STEPS, 2, 10)
@@ -150,8 +156,10 @@ def test_donated_step_matches_and_consumes_the_state(data, plain):
     donor = jax.tree.map(jnp.copy, s0)
     new, info_d = plain.step_donated(donor, data)
     for a, b in zip(jax.tree.leaves(new), jax.tree.leaves(kept), strict=True):
-        a, b = (jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key)
-                else x for x in (a, b))
+        a, b = (
+            jax.random.key_data(x) if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+            for x in (a, b)
+        )
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))  # NaN == NaN here
     assert jax.tree.leaves(donor.current)[0].is_deleted()
     assert not jax.tree.leaves(s0.current)[0].is_deleted()

@@ -34,9 +34,22 @@ def site(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("site")
     env = {**os.environ, "NO_MKDOCS_2_WARNING": "1"}
     res = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "--config-file",
-         str(ROOT / "mkdocs.yml"), "--site-dir", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "mkdocs",
+            "build",
+            "--strict",
+            "--config-file",
+            str(ROOT / "mkdocs.yml"),
+            "--site-dir",
+            str(out),
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert res.returncode == 0, f"mkdocs build --strict failed:\n{res.stdout}\n{res.stderr}"
     return out
@@ -78,8 +91,13 @@ def test_hooks_page_has_the_lifecycle_diagram_and_every_hook(site):
 
 def test_observability_page_and_source_links(site):
     text = _text((site / "observability" / "index.html").read_text())
-    for needle in ("--no-progress", "--log-jsonl", "EV3_TENSORBOARD_LOGDIR",
-                   "EV3_TRACE_PLUGINS", "ev3 plugins --json"):
+    for needle in (
+        "--no-progress",
+        "--log-jsonl",
+        "EV3_TENSORBOARD_LOGDIR",
+        "EV3_TRACE_PLUGINS",
+        "ev3 plugins --json",
+    ):
         assert needle in text, needle
     # a link from a page into the source tree becomes the file's path on the site
     for md in sorted((ROOT / "docs").glob("*.md")):

@@ -701,9 +701,11 @@ def run_baseline(
         batch_size=cfg.batch_size,
         key=k_train,
         eval_every=chunk,
-        on_eval=lambda done, m: curve.append((done, accuracy(m, splits.test.x, splits.test.y)))
-        if done % cfg.trajectory == 0 or done == cfg.steps * cfg.trajectory
-        else None,
+        on_eval=lambda done, m: (
+            curve.append((done, accuracy(m, splits.test.x, splits.test.y)))
+            if done % cfg.trajectory == 0 or done == cfg.steps * cfg.trajectory
+            else None
+        ),
     )
     return model, curve
 
