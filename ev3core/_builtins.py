@@ -76,3 +76,11 @@ def ev3_assess(assessors: tuple[Any, ...]) -> tuple[Any, ...]:
 @hookimpl(trylast=True)
 def ev3_adapt(scheduler: Any) -> Any:
     return scheduler
+
+
+@hookimpl
+def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
+    # The examples module imports optax and the kit: only when the kit asks.
+    from ._testing_examples import builtin_examples
+
+    return builtin_examples(kind, cls)

@@ -1,6 +1,7 @@
 """Conformance-kit examples of ev3core's built-in components whose constructors need
 arguments, or that have settings worth checking separately (the `ev3_conformance_examples`
-hook of the built-in components; `ev3core.testing.examples` consults it)."""
+hook of the built-in plugin, `ev3core/_builtins.py`, which imports this module only when
+the kit asks)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,6 @@ from ._components import CrossEntropy
 from ._priorities import WeightedChebyshev, WeightedSum
 from ._proposers import GradientProposer
 from ._schedulers import AlwaysAccept, EV3Scheduler
-from .hookspecs import hookimpl
 
 
 def _gradient() -> list[Any]:
@@ -41,8 +41,7 @@ def _ev3() -> list[Any]:
     ]
 
 
-@hookimpl
-def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
+def builtin_examples(kind: str, cls: type) -> list[Any] | None:
     if kind == "proposer" and cls is GradientProposer:
         return _gradient()
     if kind == "scheduler" and cls is EV3Scheduler:

@@ -1385,7 +1385,6 @@ def examples(kind: str, name: str, plugins: Any = None) -> list[Example]:
     """The examples of the component registered as `name`: those the plugins give through
     `ev3_conformance_examples`, else `cls()`. A component that cannot be built gives one
     `Example` whose `error` says how to fix it (checking it raises `ConformanceError`)."""
-    from . import _testing_examples
     from ._plugins import plugins as default_plugins
 
     plugins = default_plugins() if plugins is None else plugins
@@ -1394,9 +1393,6 @@ def examples(kind: str, name: str, plugins: Any = None) -> list[Example]:
     found: list[Any] = []
     for result in plugins.pm.hook.ev3_conformance_examples(kind=kind, name=name, cls=cls):
         found.extend(result or [])
-    if not plugins.pm.is_registered(_testing_examples):
-        builtin = _testing_examples.ev3_conformance_examples(kind=kind, name=name, cls=cls)
-        found.extend(builtin or [])
     out = [_as_example(x) for x in found]
     if not out:
         ex = Example(None)
