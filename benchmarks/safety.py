@@ -51,7 +51,7 @@ import numpy as np
 
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER, EV3Scheduler, EV3SchedulerState, History
-from ev3core._bounds import advantage, weighted_mean
+from ev3core._bounds import _standardised, advantage, weighted_mean
 
 NOMINAL = 0.95
 Z = ev3core.z_for_level(NOMINAL)
@@ -281,12 +281,7 @@ def unit_z_statistics(key, p0, q, delta):
     scores = jnp.stack([cand, cur])[None]
     one = jnp.float32(1.0)
     paired = ev3core.PairedBound().interval(mean_utility, scores, 1, one, kb)
-    se_p = paired.point[0] - paired.lower[0]
-    t_paired = jnp.where(
-        se_p > 0,
-        paired.point[0] / jnp.where(se_p > 0, se_p, 1.0),
-        jnp.where(paired.point[0] > 0, jnp.inf, -jnp.inf),
-    )
+    t_paired = _standardised(paired.point[0], paired.point[0] - paired.lower[0])
     marg = ev3core.NormalBound().interval(mean_utility, scores, 1, one, kb)
     m, se = marg.point, marg.point - marg.lower
     diff = m[0] - m[1]

@@ -220,13 +220,11 @@ class EV3Scheduler(AbstractScheduler):
         """
         from ._metrics import AbstractBatchAssessor
 
-        def filled(i: int, a: AbstractAssessor, o: Objective | None) -> Objective:
+        def filled(a: AbstractAssessor, o: Objective | None) -> Objective:
             batch = a if isinstance(a, AbstractBatchAssessor) else None
             if o is None:
                 declared = getattr(a, "direction", "max")
                 return Objective(a.name, declared if declared in ("max", "min") else "max", batch)
-            if o.name is not None and o.metric is not None:
-                return o
             return Objective(
                 o.name if o.name is not None else a.name,
                 o.direction,
@@ -237,9 +235,9 @@ class EV3Scheduler(AbstractScheduler):
         given = self.objectives
         if given is not None and len(given) != len(assessors):
             return self  # `init` reports the mismatch
-        objectives = tuple(
-            filled(i, a, None if given is None else given[i]) for i, a in enumerate(assessors)
-        )
+        if given is None:
+            given = (None,) * len(assessors)
+        objectives = tuple(filled(a, o) for a, o in zip(assessors, given))
         return eqx.tree_at(lambda s: s.objectives, self, objectives, is_leaf=lambda x: x is None)
 
     def init(self, num_objectives: int) -> EV3SchedulerState:

@@ -10,15 +10,19 @@ os.environ.setdefault("EV3_DISABLE_PLUGIN_AUTOLOAD", "")  # tests choose explici
 
 import jax  # noqa: E402
 
+# Before anything else touches a device (ev3core is imported below).
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
-
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
+import equinox as eqx  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import pytest  # noqa: E402
+
+import ev3core  # noqa: E402
 
 
 def _pip_install_target(target: Path, *packages: Path) -> Path:
@@ -48,3 +52,14 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
 def pip_install_target():
     """`pip_install_target(target, *package_dirs) -> target`: see `_pip_install_target`."""
     return _pip_install_target
+
+
+@pytest.fixture(scope="session")
+def tiny_problem():
+    """`(data, model)`: 256 2-D points, label `x0 + x1 > 0` in every stream, and an MLP
+    2-4-2: the smallest real problem for tests of the host loop and of plugins."""
+    x = jax.random.normal(jax.random.key(0), (256, 2))
+    y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
+    data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
+    model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
+    return data, model

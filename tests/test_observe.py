@@ -14,9 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -28,18 +26,10 @@ EV3 = str(Path(sys.executable).parent / "ev3")
 NAMES = ("accuracy", "neg_cross_entropy")
 
 
-def _tiny():
-    x = jax.random.normal(jax.random.key(0), (256, 2))
-    y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
-    data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
-    model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
-    return data, model
-
-
 @pytest.fixture(scope="module")
-def setup():
+def setup(tiny_problem):
     """One engine (compiled once for the whole module), its data and an initial state."""
-    data, model = _tiny()
+    data, model = tiny_problem
     proposer = ev3core.GradientProposer(
         losses=[ev3core.CrossEntropy()],
         optimizers=[optax.sgd(0.1), optax.sgd(0.01)],

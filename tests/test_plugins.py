@@ -7,9 +7,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-import equinox as eqx
 import jax
-import jax.numpy as jnp
 import optax
 import pytest
 
@@ -180,14 +178,6 @@ def test_plugin_with_unknown_hook_is_rejected():
     assert p.failures and "ev3_no_such_hook" in p.failures[0].error
 
 
-def _tiny():
-    x = jax.random.normal(jax.random.key(0), (256, 2))
-    y = (x[:, 0] + x[:, 1] > 0).astype(jnp.int32)
-    data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
-    model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
-    return data, model
-
-
 def _grad(**kw):
     return ev3core.GradientProposer(
         losses=[ev3core.CrossEntropy()], optimizers=[optax.sgd(0.1)], steps=3, batch_size=8, **kw
@@ -258,10 +248,10 @@ class _Recorder:
 
 
 @pytest.mark.parametrize("chunk", [1, 2])
-def test_lifecycle_hooks_are_called_between_steps(chunk):
+def test_lifecycle_hooks_are_called_between_steps(chunk, tiny_problem):
     rec = _Recorder()
     p = ev3core.load_plugins(extra=[rec], autoload=False)
-    data, model = _tiny()
+    data, model = tiny_problem
     engine = ev3core.Pipeline([_grad()], plugins=p, assess_size=8, decide_size=16).build()
     state = engine.init(model, jax.random.key(0))
     state, infos = ev3core.run(engine, state, data, 3, plugins=p, chunk=chunk)
@@ -276,9 +266,9 @@ class _Crasher:
             raise RuntimeError("disk full")
 
 
-def test_failing_lifecycle_plugin_stops_the_run_naming_it():
+def test_failing_lifecycle_plugin_stops_the_run_naming_it(tiny_problem):
     p = ev3core.load_plugins(extra=[_Crasher()], autoload=False)
-    data, model = _tiny()
+    data, model = tiny_problem
     engine = ev3core.Pipeline([_grad()], plugins=p, assess_size=8, decide_size=16).build()
     state = engine.init(model, jax.random.key(0))
     with pytest.raises(PluginError) as err:
