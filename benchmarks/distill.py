@@ -10,10 +10,12 @@ student size cap (MLP with two hidden layers of 32 units):
 - `plain_kd`: one distillation loss (T = 4, weight 0.9), Adam, the student at the cap;
 - `labels_only`: cross-entropy on the labels, Adam, the student at the cap.
 
-Budget: `steps * trajectory` optimizer steps of batch 32 for every method. EV3 is charged the
-winner's trajectory in every iteration, accepted or not; its final student's own lineage took
-fewer (`ev3_lineage_gradient_steps`, only accepted trajectories move it) and all candidates
-together explored K times more (`ev3_explored_gradient_steps`). The baselines are tuned
+Budget: `steps * trajectory` optimizer steps of batch 32 for every method. In each EV3
+iteration every candidate lineage advances by one trajectory (`on_reject="continue"`: a
+rejected candidate goes on from its own endpoint until the current model changes), so no
+student EV3 can return took more than the budget along its own lineage
+(`ev3_lineage_gradient_steps`: the final student's, an upper bound); all candidates together
+explored K times more (`ev3_explored_gradient_steps`). The baselines are tuned
 fairly: each seed picks Adam's learning rate from `LEARNING_RATES` by *decide*-split accuracy
 (never the test split).
 
@@ -172,12 +174,14 @@ def main(argv: list[str] | None = None) -> int:
             "gradient_steps": args.steps * cfg.trajectory,
             "definition": (
                 "Every method gets `gradient_steps` = EV3 iterations x trajectory optimizer "
-                "steps of batch 32: EV3 is charged the winner's trajectory in every iteration, "
-                "accepted or not (its final student's own lineage took "
-                "`ev3_lineage_gradient_steps` of them; the rejected candidates' steps are "
-                "reported as `ev3_explored_gradient_steps`, K times more). The baselines get "
-                "the same number of steps on one fixed-size student, at the learning rate of "
-                f"{list(LEARNING_RATES)} with the best decide-split accuracy."
+                "steps of batch 32. In each EV3 iteration every candidate lineage advances by "
+                "one trajectory (on_reject='continue': a lineage goes on from its own endpoint "
+                "until the current model changes), so no model EV3 can return has taken more "
+                "than `gradient_steps` steps along its own lineage; the final student's lineage "
+                "took `ev3_lineage_gradient_steps` of them (an upper bound), and all K "
+                "candidates together `ev3_explored_gradient_steps`, K times more. The "
+                "baselines get the same number of steps on one fixed-size student, at the "
+                f"learning rate of {list(LEARNING_RATES)} with the best decide-split accuracy."
             ),
             "batch_size": cfg.batch_size,
             "student_cap_widths": list(cfg.cap_widths),

@@ -28,13 +28,15 @@ import jax.numpy as jnp
 import optax
 
 import ev3core
+from ev3core._engine import _distinct_indices  # the same draw of distinct examples
 from ev3core._smoke import TEMPERATURES, smoke_data, smoke_model, smoke_optimizers, smoke_pipeline
 
 L, B, N_ASSESS, N_DECIDE, A_ASSESS, A_DECIDE = 100, 32, 128, 2048, 0.5, 4.0
 
 
 def handwritten(model, data):
-    """The same EV3 iteration written directly in JAX, one `jax.jit`, no ev3core."""
+    """The same EV3 iteration written directly in JAX, one `jax.jit`, no ev3core (apart from
+    the engine's draw of distinct assess and decide examples, so that both sample alike)."""
     params, static = eqx.partition(model, eqx.is_array)
     opts = smoke_optimizers()
     temps = jnp.asarray(TEMPERATURES, jnp.float32)
@@ -82,7 +84,7 @@ def handwritten(model, data):
         allp = jax.tree.map(
             lambda a, b, s: jnp.concatenate([a, b[None], s[None]]), cands, cur, stab
         )
-        ia = jax.random.randint(ka, (N_ASSESS,), 0, xa.shape[0])
+        ia = _distinct_indices(ka, xa.shape[0], N_ASSESS)
         sa = jax.vmap(acc, (0, None, None))(allp, xa[ia], ya[ia])
         k = len(opts) * nt
         lo, _ = lcb(sa[:k], A_ASSESS)
@@ -95,7 +97,7 @@ def handwritten(model, data):
         w = jnp.argmax(jnp.where(valid, lo, -jnp.inf))
         win = jax.tree.map(lambda x: x[w], cands)
         trio = jax.tree.map(lambda a, b, s: jnp.stack([a, b, s]), win, cur, stab)
-        idd = jax.random.randint(kd, (N_DECIDE,), 0, xd.shape[0])
+        idd = _distinct_indices(kd, xd.shape[0], N_DECIDE)
         sd = jax.vmap(acc, (0, None, None))(trio, xd[idd], yd[idd])
         lo, hi = lcb(sd, A_DECIDE)
         lo = lo.at[0].set(jnp.where(valid[w], lo[0], -jnp.inf))

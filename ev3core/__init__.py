@@ -45,6 +45,9 @@ from ._components import (
     CrossEntropy as CrossEntropy,
 )
 from ._components import (
+    NegBrierScore as NegBrierScore,
+)
+from ._components import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine import Engine as Engine
@@ -210,6 +213,7 @@ __all__ = [
     "Interval",
     "JsonlLogger",
     "Lexicographic",
+    "NegBrierScore",
     "NegCrossEntropy",
     "NegExpectedCalibrationError",
     "NormalBound",

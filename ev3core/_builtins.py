@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ._bounds import BootstrapBound, NormalBound, PairedBound
-from ._components import Accuracy, CrossEntropy, NegCrossEntropy
+from ._components import Accuracy, CrossEntropy, NegBrierScore, NegCrossEntropy
 from ._metrics import AUC, F1Score, NegExpectedCalibrationError
 from ._priorities import (
     EXP3Priority,
@@ -30,6 +30,7 @@ def ev3_register_assessors() -> dict[str, type]:
     return {
         "accuracy": Accuracy,
         "neg_cross_entropy": NegCrossEntropy,
+        "neg_brier": NegBrierScore,
         "f1": F1Score,
         "auc": AUC,
         "neg_ece": NegExpectedCalibrationError,

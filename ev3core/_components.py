@@ -78,3 +78,25 @@ class NegCrossEntropy(AbstractAssessor):
     def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
         x, y = batch
         return -optax.softmax_cross_entropy_with_integer_labels(_logits(model, x), y)
+
+
+class NegBrierScore(AbstractAssessor):
+    """Per-example negative Brier score, higher is better.
+
+    `-sum_c (softmax(logits)_c - onehot(y)_c)^2`, in `[-2, 0]`. A proper scoring rule like
+    the log-likelihood, continuous (so a paired bound has far more power on it than on
+    accuracy), but bounded: one confidently wrong example costs at most 2, where its
+    log-likelihood is unbounded. Decisions on it therefore follow accuracy more closely than
+    decisions on the log-likelihood once a model grows overconfident.
+    """
+
+    @property
+    def name(self) -> str:
+        return "neg_brier"
+
+    def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
+        x, y = batch
+        logits = _logits(model, x)
+        p = jax.nn.softmax(logits, axis=-1)
+        onehot = jax.nn.one_hot(y, logits.shape[-1], dtype=p.dtype)
+        return -jnp.sum((p - onehot) ** 2, axis=-1)

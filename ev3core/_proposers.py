@@ -16,8 +16,8 @@ from ._interfaces import AbstractLoss, AbstractProposer
 from ._types import Outcome, tree_concat, tree_index, tree_stack, tree_where
 from .errors import ConfigurationError
 
-RejectPolicy = Literal["keep", "reset", "copy"]
-_POLICIES = ("keep", "reset", "copy")
+RejectPolicy = Literal["keep", "reset", "copy", "continue"]
+_POLICIES = ("keep", "reset", "copy", "continue")
 
 
 def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
@@ -65,12 +65,14 @@ class GradientProposerState(eqx.Module):
 
     With trajectory growth (`GradientProposer(max_steps=...)`), also the effective trajectory
     length `length` and the number of consecutive non-significant outcomes `streak`
-    (both `None` without growth).
+    (both `None` without growth). With `on_reject="continue"`, `lineages` holds each
+    candidate's own parameters, stacked like `opt_states` (`None` otherwise).
     """
 
     opt_states: tuple[tuple[Any, ...], ...]
     length: Int[Array, ""] | None = None
     streak: Int[Array, ""] | None = None
+    lineages: tuple[tuple[Any, ...], ...] | None = None
 
 
 class GradientProposer(AbstractProposer):
@@ -79,7 +81,8 @@ class GradientProposer(AbstractProposer):
     Candidate `j * len(losses) + i'` runs optimizer `j` with the `i'`-th loss in *group order*
     (losses of the same class and equal non-array fields are grouped, keeping their relative
     order; with a single loss class this is simply the order given). `labels()` gives the
-    exact order. Each candidate starts from the current parameters and takes `steps` optimizer
+    exact order. Each candidate starts from the current parameters (or, with
+    `on_reject="continue"`, from its own previous endpoint) and takes `steps` optimizer
     steps, each on its own batch of `batch_size` examples drawn from the propose stream.
     The parameters that optax sees are the trajectory's current parameters, so weight decay
     and other parameter-dependent transforms are right.
@@ -102,6 +105,15 @@ class GradientProposer(AbstractProposer):
     - `"copy"`: when a candidate is accepted, every candidate with the same optimizer takes a
       copy of its state; candidates with other optimizers (other state structures) keep their
       own. When nothing is accepted, states are kept.
+    - `"continue"`: candidates are *lineages*. While the current model does not change, each
+      candidate's next trajectory continues from its own previous endpoint with its own
+      optimizer state, so the steps of rejected trajectories are not thrown away (and a
+      candidate whose gain needs more than one trajectory to show can still be accepted).
+      When the current model changes (a candidate is accepted, or the model rolls back),
+      every lineage restarts from the new current model, with optimizer states as in
+      `"copy"`. A lineage whose parameters are no longer finite restarts from the current
+      model with a fresh optimizer state. The safety rule is unchanged: only the decide
+      step moves the current model.
 
     **Arguments:**
 
@@ -249,6 +261,14 @@ class GradientProposer(AbstractProposer):
             ),
             length=jnp.asarray(self.steps, jnp.int32) if self.grows else None,
             streak=jnp.zeros((), jnp.int32) if self.grows else None,
+            lineages=self._fresh_lineages(params),
+        )
+
+    def _fresh_lineages(self, params: PyTree[Array]) -> tuple[tuple[Any, ...], ...] | None:
+        if self.on_reject != "continue":
+            return None
+        return tuple(
+            tuple(_broadcast(params, len(g)) for g in self.groups) for _ in self.optimizers
         )
 
     def _stacked_losses(self) -> list[tuple[PyTree[Array], Any]]:
@@ -312,23 +332,29 @@ class GradientProposer(AbstractProposer):
             return carry, None
 
         flat_states = [o for per_opt in state.opt_states for o in per_opt]
+        if state.lineages is None:
+            starts = [_broadcast(params, size) for size in [b[4] for b in blocks]]
+        else:
+            starts = [p for per_opt in state.lineages for p in per_opt]
         if self.chunk_size is not None and self.chunk_size < max(sizes):
             carry = tuple(
-                self._chunked_block(one, block, o, params, state, data, idx, loss_keys)
-                for block, o in zip(blocks, flat_states)
+                self._chunked_block(one, block, o, p0, state, data, idx, loss_keys)
+                for block, o, p0 in zip(blocks, flat_states, starts)
             )
         else:
-            carry = tuple(
-                (_broadcast(params, size), o) for (_, _, _, _, size), o in zip(blocks, flat_states)
-            )
+            carry = tuple(zip(starts, flat_states))
             carry, _ = jax.lax.scan(body, carry, (jnp.arange(L), idx, loss_keys))
         candidates = tree_concat([p for p, _ in carry])
-        opt_states = []
-        it = iter(o for _, o in carry)
-        for _ in self.optimizers:
-            opt_states.append(tuple(next(it) for _ in self.groups))
+
+        def per_block(items):
+            it = iter(items)
+            return tuple(tuple(next(it) for _ in self.groups) for _ in self.optimizers)
+
         return candidates, GradientProposerState(
-            opt_states=tuple(opt_states), length=state.length, streak=state.streak
+            opt_states=per_block(o for _, o in carry),
+            length=state.length,
+            streak=state.streak,
+            lineages=None if state.lineages is None else per_block(p for p, _ in carry),
         )
 
     def _chunked_block(
@@ -336,7 +362,7 @@ class GradientProposer(AbstractProposer):
         one: Any,
         block: Any,
         o: Any,
-        params: Any,
+        starts: Any,
         state: GradientProposerState,
         data: Any,
         idx: Any,
@@ -350,7 +376,7 @@ class GradientProposer(AbstractProposer):
         sl = slice(start, start + size)
 
         def trajectory(args):
-            o, loss_dyn, idx_c, keys_c = args  # idx_c [L, B], keys_c [L]
+            p0, o, loss_dyn, idx_c, keys_c = args  # idx_c [L, B], keys_c [L]
 
             def advance(c, i_t, k_t):
                 batch = jax.tree.map(lambda a: a[i_t], data)
@@ -364,10 +390,10 @@ class GradientProposer(AbstractProposer):
                     t < state.length, lambda c: advance(c, i_t, k_t), lambda c: c, c
                 ), None
 
-            c, _ = jax.lax.scan(body, (params, o), (jnp.arange(self.max_steps), idx_c, keys_c))
+            c, _ = jax.lax.scan(body, (p0, o), (jnp.arange(self.max_steps), idx_c, keys_c))
             return c
 
-        xs = (o, dyn, jnp.swapaxes(idx[:, sl], 0, 1), loss_keys[:, sl].T)
+        xs = (starts, o, dyn, jnp.swapaxes(idx[:, sl], 0, 1), loss_keys[:, sl].T)
         return jax.lax.map(trajectory, xs, batch_size=self.chunk_size)
 
     def _grow(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
@@ -382,6 +408,7 @@ class GradientProposer(AbstractProposer):
             opt_states=state.opt_states,
             length=length.astype(jnp.int32),
             streak=jnp.where(grow, 0, streak).astype(jnp.int32),
+            lineages=state.lineages,
         )
 
     def adapt(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
@@ -407,7 +434,7 @@ class GradientProposer(AbstractProposer):
                     blocks.append(jax.tree.map(pick, o, fresh))
                     start += size
                 new.append(tuple(blocks))
-            else:  # copy
+            else:  # copy (also the optimizer states of "continue")
                 whole = tree_concat(list(per_opt))
                 local = outcome.accepted_index - base
                 inside = (local >= 0) & (local < n_loss)
@@ -416,6 +443,44 @@ class GradientProposer(AbstractProposer):
                 for o, size in zip(per_opt, sizes):
                     blocks.append(tree_where(inside, _broadcast(src, size), o))
                 new.append(tuple(blocks))
+        if state.lineages is None:
+            return GradientProposerState(
+                opt_states=tuple(new), length=state.length, streak=state.streak
+            )
+        return self._continue_lineages(state, tuple(new), outcome)
+
+    def _continue_lineages(
+        self, state: GradientProposerState, opt_states: Any, outcome: Outcome
+    ) -> GradientProposerState:
+        """`"continue"`: keep each lineage while the current model stays; restart them all
+        from it when it changes, and any non-finite one from it with a fresh optimizer
+        state."""
+        changed = outcome.current_changed
+        lineages, states = [], []
+        for opt, per_lin, per_opt in zip(self.optimizers, state.lineages, opt_states):
+            fresh = opt.init(outcome.params)
+            lin_blocks, opt_blocks = [], []
+            for p, o in zip(per_lin, per_opt):
+                size = jax.tree.leaves(p)[0].shape[0]
+                finite = jnp.all(
+                    jnp.stack(
+                        [jnp.all(jnp.isfinite(x.reshape(size, -1)), -1) for x in jax.tree.leaves(p)]
+                    ),
+                    0,
+                )
+                restart = changed | ~finite
+
+                def pick(old, new, restart=restart):
+                    mask = restart.reshape(restart.shape + (1,) * (old.ndim - 1))
+                    return jnp.where(mask, new, old)
+
+                lin_blocks.append(jax.tree.map(pick, p, _broadcast(outcome.params, size)))
+                opt_blocks.append(jax.tree.map(functools.partial(pick, restart=~finite), o, fresh))
+            lineages.append(tuple(lin_blocks))
+            states.append(tuple(opt_blocks))
         return GradientProposerState(
-            opt_states=tuple(new), length=state.length, streak=state.streak
+            opt_states=tuple(states),
+            length=state.length,
+            streak=state.streak,
+            lineages=tuple(lineages),
         )

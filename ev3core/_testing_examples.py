@@ -29,6 +29,14 @@ def _gradient() -> list[Any]:
             batch_size=8,
             on_reject="reset",
         ),
+        # lineages that continue through rejections: parameters in the proposer state
+        GradientProposer(
+            losses=losses,
+            optimizers=[optax.sgd(0.05, momentum=0.9)],
+            steps=2,
+            batch_size=8,
+            on_reject="continue",
+        ),
     ]
 
 

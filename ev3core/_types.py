@@ -64,12 +64,20 @@ class Outcome(eqx.Module):
     - `accepted`: whether any candidate was accepted this step.
     - `significant`: whether the stable model was replaced this step.
     - `params`: the new current parameters.
+    - `changed`: whether the current model changed this step (accepted, or rolled back to
+      the stable model); `None` (for outcomes built by hand) means the same as `accepted`.
     """
 
     accepted_index: Int[Array, ""]
     accepted: Bool[Array, ""]
     significant: Bool[Array, ""]
     params: PyTree[Array]
+    changed: Bool[Array, ""] | None = None
+
+    @property
+    def current_changed(self) -> Bool[Array, ""]:
+        """`changed`, or `accepted` when `changed` is `None`."""
+        return self.accepted if self.changed is None else self.changed
 
 
 class Decision(eqx.Module):

@@ -373,13 +373,22 @@ def test_ev3_run_end_to_end(tmp_path):
     assert summary["wall_seconds"] > 0
     png = (out / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
-    # budget accounting: every iteration is charged one trajectory; the student's lineage
-    # moved only on accepted ones; all candidates together explored K times more
+    # budget accounting: every iteration advances each candidate lineage by one trajectory;
+    # with on_reject="continue" a lineage goes on through rejections and restarts from the
+    # current model when it changes, grows or a pass starts; all candidates together
+    # explored K times more
     K = ev3s["candidates_per_iteration"]
-    accepted = [r for r in rows if r["accepted"]]
     assert summary["ev3_path_steps"] == rows[-1]["path_steps"] <= 400
     if not any(r["rolled_back"] for r in rows):
-        assert summary["ev3_path_steps"] == 100 * len(accepted)
+        path = since = 0
+        for i, r in enumerate(rows):
+            since += 1
+            if r["accepted"]:
+                path, since = path + 100 * since, 0
+            if r["grown"] or (i + 1 < len(rows) and rows[i + 1]["pass"] != r["pass"]):
+                since = 0
+            assert r["path_steps"] == path
+        assert 100 * sum(r["accepted"] for r in rows) <= path
     per_pass = {1: 5 * 2, 2: K}  # (label loss + 2x2 KD losses) x 2 lrs; pass 2 adds 2 losses
     assert (
         summary["ev3_gradient_evaluations"]

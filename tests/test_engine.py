@@ -315,6 +315,199 @@ def test_rejected_candidate_optimizer_state_policy(policy):
         assert _leaves_equal(none, st)
 
 
+class _SumLoss(ev3core.AbstractLoss):
+    """The sum of every parameter: its gradient is 1 everywhere, so each SGD step moves every
+    parameter by exactly `-lr` and a trajectory's length can be read off its endpoint."""
+
+    def __call__(self, model, batch, key):
+        del batch, key
+        return sum(jnp.sum(x) for x in jax.tree.leaves(eqx.filter(model, eqx.is_array)))
+
+
+def _moved(candidates, params, k):
+    """How far candidate `k` moved from `params` (the same for every leaf)."""
+    deltas = [
+        np.asarray(c[k] - p) for c, p in zip(jax.tree.leaves(candidates), jax.tree.leaves(params))
+    ]
+    return float(np.mean(np.concatenate([d.ravel() for d in deltas])))
+
+
+def _outcome(params, accepted=False, index=-1, changed=None):
+    return ev3core.Outcome(
+        accepted_index=jnp.int32(index),
+        accepted=jnp.bool_(accepted),
+        significant=jnp.bool_(False),
+        params=params,
+        changed=None if changed is None else jnp.bool_(changed),
+    )
+
+
+@pytest.mark.parametrize("chunk_size", [None, 1])
+def test_continue_policy_lineages_go_on_until_the_current_model_changes(chunk_size):
+    data, _ = smoke_data(jax.random.key(0), n=64)
+    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    prop = ev3core.GradientProposer(
+        [_SumLoss(), _SumLoss()],
+        [optax.sgd(0.01)],
+        steps=4,
+        batch_size=8,
+        on_reject="continue",
+        chunk_size=chunk_size,
+    )
+    st = prop.init(params, static, jax.random.key(2))
+    propose = eqx.filter_jit(prop.propose)
+    c1, st = propose(params, static, st, data.propose, jax.random.key(3))
+    np.testing.assert_allclose(_moved(c1, params, 0), -0.04, rtol=1e-4)
+    # Nothing accepted: each lineage goes on from its own endpoint (8 steps in all).
+    st = prop.adapt(st, _outcome(params))
+    c2, st = propose(params, static, st, data.propose, jax.random.key(4))
+    np.testing.assert_allclose(_moved(c2, params, 1), -0.08, rtol=1e-4)
+    # Accepted: every lineage restarts from the new current model.
+    new = jax.tree.map(lambda c: c[1], c2)
+    st_acc = prop.adapt(st, _outcome(new, accepted=True, index=1))
+    c3, _ = propose(new, static, st_acc, data.propose, jax.random.key(5))
+    np.testing.assert_allclose(_moved(c3, new, 0), -0.04, rtol=1e-4)
+    # Rolled back (the current model changed, nothing accepted): restart as well.
+    st_rb = prop.adapt(st, _outcome(params, changed=True))
+    c4, _ = propose(params, static, st_rb, data.propose, jax.random.key(6))
+    np.testing.assert_allclose(_moved(c4, params, 1), -0.04, rtol=1e-4)
+    # "copy" (the default before) restarts every iteration: 4 steps, not 8.
+    copy = ev3core.GradientProposer(
+        [_SumLoss(), _SumLoss()], [optax.sgd(0.01)], steps=4, batch_size=8, on_reject="copy"
+    )
+    s = copy.init(params, static, jax.random.key(2))
+    _, s = copy.propose(params, static, s, data.propose, jax.random.key(3))
+    s = copy.adapt(s, _outcome(params))
+    c5, _ = copy.propose(params, static, s, data.propose, jax.random.key(4))
+    np.testing.assert_allclose(_moved(c5, params, 1), -0.04, rtol=1e-4)
+
+
+def test_continue_policy_restarts_a_non_finite_lineage_with_a_fresh_optimizer_state():
+    data, _ = smoke_data(jax.random.key(0), n=64)
+    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    prop = ev3core.GradientProposer(
+        [ev3core.CrossEntropy(1.0), ev3core.CrossEntropy(2.0)],
+        [optax.sgd(0.1, momentum=0.9)],
+        steps=3,
+        batch_size=8,
+        on_reject="continue",
+    )
+    _, st = prop.propose(
+        params,
+        static,
+        prop.init(params, static, jax.random.key(2)),
+        data.propose,
+        jax.random.key(3),
+    )
+    (lineages,) = st.lineages[0]
+    broken = jax.tree.map(lambda x: x.at[0].set(jnp.nan), lineages)
+    st = eqx.tree_at(lambda s: s.lineages, st, ((broken,),))
+    out = prop.adapt(st, _outcome(params))
+    (after,) = out.lineages[0]
+    trace_before = st.opt_states[0][0][0].trace
+    trace_after = out.opt_states[0][0][0].trace
+    for a, b, p, tb, ta in zip(
+        jax.tree.leaves(after),
+        jax.tree.leaves(lineages),
+        jax.tree.leaves(params),
+        jax.tree.leaves(trace_before),
+        jax.tree.leaves(trace_after),
+    ):
+        assert np.array_equal(a[0], p)  # restarted from the current model
+        assert np.array_equal(a[1], b[1])  # the finite lineage goes on
+        assert not np.any(ta[0]) and np.any(tb[0])  # a fresh momentum buffer
+        assert np.array_equal(ta[1], tb[1])
+
+
+class _AlwaysRollBack(ev3core.AlwaysAccept):
+    def decide(self, scores, winner_valid, state, history):
+        decision, state = super().decide(scores, winner_valid, state, history)
+        decision = eqx.tree_at(
+            lambda d: (d.choice, d.update_stable), decision, (jnp.int32(STABLE), jnp.bool_(False))
+        )
+        return decision, state
+
+
+def test_engine_tells_continue_lineages_when_the_current_model_rolls_back():
+    data, _ = smoke_data(jax.random.key(0), n=256)
+    model = smoke_model(jax.random.key(1))
+    params = eqx.filter(model, eqx.is_array)
+
+    def build(scheduler):
+        return ev3core.Engine(
+            proposers=[
+                ev3core.GradientProposer(
+                    [_SumLoss()], [optax.sgd(0.01)], steps=4, batch_size=8, on_reject="continue"
+                )
+            ],
+            assessors=[ev3core.Accuracy()],
+            scheduler=scheduler,
+            assess_size=64,
+            decide_size=64,
+        )
+
+    # Never moves (a bound no candidate can pass): the lineage keeps going, 2 x 4 steps.
+    never = build(ev3core.EV3Scheduler(decide_alpha=1e6))
+    state = never.init(model, jax.random.key(2))
+    for _ in range(2):
+        state, info = never.step(state, data)
+        assert not bool(info.accepted) and not bool(info.rolled_back)
+    (lineage,) = state.proposer_states[0].lineages[0]
+    np.testing.assert_allclose(_moved(lineage, params, 0), -0.08, rtol=1e-4)
+    # Rolls back to the (unchanged) stable model every step: the current model "changes"
+    # each time, so the lineage restarts from it instead of going on to -0.08.
+    back = build(_AlwaysRollBack())
+    state = back.init(model, jax.random.key(2))
+    for _ in range(2):
+        state, info = back.step(state, data)
+        assert bool(info.rolled_back)
+    (lineage,) = state.proposer_states[0].lineages[0]
+    np.testing.assert_allclose(_moved(lineage, params, 0), 0.0, atol=1e-6)
+
+
+def test_assess_and_decide_draw_distinct_examples():
+    # decide_size equal to the stream's length: every example exactly once, so the logged
+    # accuracy of the current model is its accuracy on the whole stream (a draw with
+    # replacement would be a bootstrap resample and differ).
+    data, _ = smoke_data(jax.random.key(0), n=300)
+    engine = smoke_pipeline(
+        plugins=ev3core.load_plugins(autoload=False), assess_size=300, decide_size=300
+    ).build()
+    model = smoke_model(jax.random.key(1))
+    state = engine.init(model, jax.random.key(2))
+    _, info = engine.step(state, data)
+    x, y = data.decide
+    acc = float(jnp.mean(jnp.argmax(jax.vmap(model)(x), -1) == y))
+    assert float(info.decide_mean[0, CURRENT]) == pytest.approx(acc, abs=1e-6)
+    assert float(info.assess_mean[0, -2]) == pytest.approx(
+        float(jnp.mean(jnp.argmax(jax.vmap(model)(data.assess[0]), -1) == data.assess[1])),
+        abs=1e-6,
+    )
+    # Fewer than the stream: distinct examples, a different subset each step.
+    from ev3core._engine import _sample
+
+    idx = jnp.arange(300)
+    for size in (20, 200):  # the sparse (repeat-rejecting) and the dense (top-k) draw
+        draws = [np.asarray(_sample(idx, jax.random.key(k), size)) for k in range(200)]
+        assert all(len(np.unique(d)) == size for d in draws)
+        assert len({tuple(d) for d in draws}) == 200  # a different subset each time
+        freq = np.bincount(np.concatenate(draws), minlength=300) / 200
+        assert abs(freq.mean() - size / 300) < 1e-9 and freq.max() < 3 * size / 300 + 0.05
+
+
+def test_neg_brier_score_matches_a_hand_computation():
+    model = smoke_model(jax.random.key(1))
+    x = jax.random.normal(jax.random.key(2), (5, 2))
+    y = jnp.array([0, 1, 1, 0, 1])
+    scores = np.asarray(ev3core.NegBrierScore()(model, (x, y)))
+    for i in range(5):
+        p = np.asarray(jax.nn.softmax(model(x[i])), np.float64)
+        onehot = np.eye(p.shape[0])[int(y[i])]
+        assert scores[i] == pytest.approx(-np.sum((p - onehot) ** 2), abs=1e-6)
+    assert np.all(scores <= 0) and np.all(scores >= -2)
+    assert ev3core.plugins().get("assessor", "neg_brier") is ev3core.NegBrierScore
+
+
 # ------------------------------------------------------------------ history and validity
 def test_history_ring_buffer_keeps_the_latest_decisions():
     h = ev3core.History.empty(4, 1)

@@ -67,10 +67,12 @@ BASELINE_CHUNK = 50  # see `run_baseline`
 class DistillConfig:
     """Every option of the distillation experiment (defaults: `ev3 run` with no arguments).
 
-    The gradient-step budget is `steps * trajectory`: each EV3 iteration moves the student
-    along one accepted (or no) trajectory of `trajectory` optimizer steps, and the baselines
-    get the same number of optimizer steps. (EV3 also spends `K - 1` rejected trajectories
-    per iteration; `summary.json` reports the total as `ev3_gradient_evaluations`.)
+    The gradient-step budget is `steps * trajectory`: in each EV3 iteration every candidate
+    lineage advances by one trajectory of `trajectory` optimizer steps (with the default
+    `on_reject="continue"` a rejected candidate goes on from its own endpoint until the
+    current model changes), so no student EV3 can return took more optimizer steps along its
+    own lineage than the baselines get. (All `K` candidates together take `K` times more;
+    `summary.json` reports the total as `ev3_gradient_evaluations`.)
     """
 
     dataset: str = "digits"
@@ -78,9 +80,10 @@ class DistillConfig:
     steps: int = 30  # EV3 iterations
     trajectory: int = 100  # optimizer steps per candidate per iteration
     batch_size: int = 32
-    # `GradientProposer(on_reject=...)`: "copy" gives every candidate of the accepted
-    # optimizer the accepted Adam state (moments that match the new current parameters).
-    on_reject: str = "copy"
+    # `GradientProposer(on_reject=...)`: "continue" (default) makes every candidate a lineage
+    # that goes on from its own endpoint while nothing is accepted, so rejected trajectories
+    # are not wasted; "copy" restarts every candidate from the current model each iteration.
+    on_reject: str = "continue"
     student: str = "mlp"  # "mlp" or "cnn"
     start_width: int = 8
     max_width: int = 32
@@ -318,6 +321,9 @@ class _Job:
         self.labels: list[str] = []
         self.proposal_steps = 0  # gradient steps per EV3 iteration over all candidates
         self.path = {"current": 0, "stable": 0}  # optimizer steps along each incumbent's lineage
+        # Iterations the candidates' trajectories have run since they last started from the
+        # current model (on_reject="continue": since the current model last changed).
+        self.since = 0
         self.explored = 0
         self.baseline_at: dict[int, float] = {}
         self.pipeline_file: str | None = None
@@ -331,14 +337,19 @@ class _Job:
         it = int(state.step)
         choice = int(info.choice)
         self.explored += self.proposal_steps
-        # The winner's trajectory started from the current model; a significant winner
-        # also becomes the stable model, a roll back makes the stable model current.
-        winner = self.path["current"] + self.cfg.trajectory
+        # The winner's lineage started from the current model `since` iterations ago (one
+        # iteration unless on_reject="continue"); a significant winner also becomes the
+        # stable model, a roll back makes the stable model current. (A "continue" lineage that
+        # restarted after going non-finite is shorter: this is an upper bound.)
+        self.since = self.since + 1 if self.cfg.on_reject == "continue" else 1
+        winner = self.path["current"] + self.since * self.cfg.trajectory
         stable = winner if bool(info.significant) else self.path["stable"]
         if bool(info.accepted):
             self.path["current"] = winner
         elif bool(info.rolled_back):
             self.path["current"] = self.path["stable"]
+        if bool(info.accepted) or bool(info.rolled_back):
+            self.since = 0
         self.path["stable"] = stable
         model = state.model
         decide_full = accuracy(model, self.splits.decide.x, self.splits.decide.y)
@@ -403,6 +414,7 @@ class _Job:
             ],
             "archive": archive,
             "path": dict(self.path),
+            "since": self.since,
             "explored": self.explored,
             "last_growth_step": None if growth is None else growth.last_growth_step,
             "rows": self.rows,
@@ -551,6 +563,7 @@ def run_ev3(
         job.teacher_files = [t["file"] for t in rec["teachers"]]
         job.teacher_models = list(resume.teachers)
         job.path = {k: int(v) for k, v in rec["path"].items()}
+        job.since = int(rec.get("since", 0))
         job.explored = int(rec["explored"])
         job.wall_before = float(rec["wall_seconds"])
         for params, (acc, it, model) in resume.archive.items():
@@ -590,6 +603,7 @@ def run_ev3(
                 if op is not None:
                     row = job.rows[-1]
                     row["grown"] = op
+                    job.since = 0  # grow_state restarts every candidate from the grown model
                     row["student_params_after"] = count_params(state.model)
                     row["student_widths_after"] = list(getattr(state.model, "widths", ()))
                     logger.info("ev3_distill: %s at iteration %d", op, step)
@@ -611,6 +625,7 @@ def run_ev3(
                     p.num_candidates * getattr(p, "steps", 0) for p in engine.proposers
                 )
                 state = grow_state(engine, state, state.model, state.stable_model)
+                job.since = 0
                 logger.info("ev3_distill: pass %d with %d teacher(s)", want, len(teachers))
             if step >= cfg.steps:
                 break
@@ -761,7 +776,7 @@ def write_report(
     if baseline_params is not None:
         ax2.axhline(baseline_params, color="C1", ls="-", label="baseline student")
     ax2.set_ylabel("parameters")
-    ax2.set_xlabel("gradient steps (budget: one trajectory charged per EV3 iteration)")
+    ax2.set_xlabel("gradient steps (budget: one trajectory per EV3 iteration)")
     ax2.legend(loc="lower right", fontsize=8)
     ax2.grid(alpha=0.3)
     fig.tight_layout()
@@ -1042,11 +1057,12 @@ def distill_experiment(
         "ev3_iterations": cfg.steps,
         "gradient_steps": budget,
         "budget": (
-            f"{budget} gradient steps = {cfg.steps} EV3 iterations x {cfg.trajectory}: the "
-            "winner's trajectory of every iteration is charged, accepted or not; the baseline "
-            "gets the same number of optimizer steps. The EV3 student's own lineage took "
-            f"{result.path_steps} of them (rejected trajectories do not move it); all "
-            f"{K} candidates together explored {result.gradient_evaluations}."
+            f"{budget} gradient steps = {cfg.steps} EV3 iterations x {cfg.trajectory}: each "
+            "iteration advances every candidate lineage by one trajectory, so no EV3 student "
+            "took more steps along its own lineage; the baseline gets the same number of "
+            "optimizer steps. The EV3 student's own lineage took at most "
+            f"{result.path_steps} of them; all {K} candidates together explored "
+            f"{result.gradient_evaluations}."
         ),
         "ev3_path_steps": result.path_steps,
         "ev3_gradient_evaluations": result.gradient_evaluations,
