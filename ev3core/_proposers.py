@@ -13,7 +13,14 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from ._interfaces import AbstractLoss, AbstractProposer
-from ._types import Outcome, tree_concat, tree_index, tree_stack, tree_where
+from ._types import (
+    Outcome,
+    tree_all_finite,
+    tree_concat,
+    tree_index,
+    tree_stack,
+    tree_where,
+)
 from .errors import ConfigurationError
 
 RejectPolicy = Literal["keep", "reset", "copy", "continue"]
@@ -49,6 +56,16 @@ def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
 
 def _broadcast(tree: PyTree[Array], n: int) -> PyTree[Array]:
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
+
+
+def _where_rows(mask: Array, on_true: PyTree[Array], on_false: PyTree[Array]) -> PyTree[Array]:
+    """Per candidate (leading axis of `on_false`): `on_true` where `mask`, else `on_false`;
+    `on_true` may lack the candidate axis (it is broadcast)."""
+
+    def pick(t, f):
+        return jnp.where(mask.reshape(mask.shape + (1,) * (f.ndim - 1)), t, f)
+
+    return jax.tree.map(pick, on_true, on_false)
 
 
 def _num_examples(data: PyTree[Array]) -> int:
@@ -426,12 +443,7 @@ class GradientProposer(AbstractProposer):
                 start = base
                 for o, size in zip(per_opt, sizes):
                     keep = jnp.arange(start, start + size) == outcome.accepted_index
-
-                    def pick(old, f, keep=keep):
-                        mask = keep.reshape(keep.shape + (1,) * (old.ndim - 1))
-                        return jnp.where(mask, old, f)
-
-                    blocks.append(jax.tree.map(pick, o, fresh))
+                    blocks.append(_where_rows(~keep, fresh, o))
                     start += size
                 new.append(tuple(blocks))
             else:  # copy (also the optimizer states of "continue")
@@ -461,21 +473,9 @@ class GradientProposer(AbstractProposer):
             fresh = opt.init(outcome.params)
             lin_blocks, opt_blocks = [], []
             for p, o in zip(per_lin, per_opt):
-                size = jax.tree.leaves(p)[0].shape[0]
-                finite = jnp.all(
-                    jnp.stack(
-                        [jnp.all(jnp.isfinite(x.reshape(size, -1)), -1) for x in jax.tree.leaves(p)]
-                    ),
-                    0,
-                )
-                restart = changed | ~finite
-
-                def pick(old, new, restart=restart):
-                    mask = restart.reshape(restart.shape + (1,) * (old.ndim - 1))
-                    return jnp.where(mask, new, old)
-
-                lin_blocks.append(jax.tree.map(pick, p, _broadcast(outcome.params, size)))
-                opt_blocks.append(jax.tree.map(functools.partial(pick, restart=~finite), o, fresh))
+                finite = tree_all_finite(p, batch_dims=1)
+                lin_blocks.append(_where_rows(changed | ~finite, outcome.params, p))
+                opt_blocks.append(_where_rows(~finite, fresh, o))
             lineages.append(tuple(lin_blocks))
             states.append(tuple(opt_blocks))
         return GradientProposerState(
