@@ -51,7 +51,7 @@ import numpy as np
 
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER, EV3Scheduler, EV3SchedulerState, History
-from ev3core._bounds import _standardised, advantage, weighted_mean
+from ev3core._adapt.bounds import _standardised, advantage, weighted_mean
 
 NOMINAL = 0.95
 Z = ev3core.z_for_level(NOMINAL)

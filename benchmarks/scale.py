@@ -75,7 +75,7 @@ def _problem(workload: str):
     import jax.numpy as jnp
 
     import ev3core
-    from ev3core._smoke import smoke_data, smoke_model
+    from ev3core._host.smoke import smoke_data, smoke_model
 
     if workload == "small":
         data, _ = smoke_data(jax.random.key(0), n=20_000)

@@ -28,8 +28,14 @@ import jax.numpy as jnp
 import optax
 
 import ev3core
-from ev3core._engine import _distinct_indices  # the same draw of distinct examples
-from ev3core._smoke import TEMPERATURES, smoke_data, smoke_model, smoke_optimizers, smoke_pipeline
+from ev3core._engine.engine import _distinct_indices  # the same draw of distinct examples
+from ev3core._host.smoke import (
+    TEMPERATURES,
+    smoke_data,
+    smoke_model,
+    smoke_optimizers,
+    smoke_pipeline,
+)
 
 L, B, N_ASSESS, N_DECIDE, A_ASSESS, A_DECIDE = 100, 32, 128, 2048, 0.5, 4.0
 

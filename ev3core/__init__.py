@@ -3,180 +3,89 @@
 The public API is re-exported here; implementation lives in private modules.
 """
 
-from . import errors as errors
-from . import hookspecs as hookspecs
-from ._bounds import (
+from . import errors as errors, hookspecs as hookspecs
+from ._adapt.bounds import (
     AbstractBound as AbstractBound,
-)
-from ._bounds import (
     BootstrapBound as BootstrapBound,
-)
-from ._bounds import (
     Interval as Interval,
-)
-from ._bounds import (
     NormalBound as NormalBound,
-)
-from ._bounds import (
     PairedBound as PairedBound,
-)
-from ._bounds import (
     level_for_z as level_for_z,
-)
-from ._bounds import (
     z_for_level as z_for_level,
 )
-from ._checkpoint import (
-    Checkpointer as Checkpointer,
-)
-from ._checkpoint import (
-    latest_checkpoint as latest_checkpoint,
-)
-from ._checkpoint import (
-    load_checkpoint as load_checkpoint,
-)
-from ._checkpoint import (
-    save_checkpoint as save_checkpoint,
-)
-from ._components import (
-    Accuracy as Accuracy,
-)
-from ._components import (
-    CrossEntropy as CrossEntropy,
-)
-from ._components import (
-    NegBrierScore as NegBrierScore,
-)
-from ._components import (
-    NegCrossEntropy as NegCrossEntropy,
-)
-from ._engine import Engine as Engine
-from ._interfaces import (
-    AbstractAssessor as AbstractAssessor,
-)
-from ._interfaces import (
-    AbstractLoss as AbstractLoss,
-)
-from ._interfaces import (
-    AbstractProposer as AbstractProposer,
-)
-from ._interfaces import (
-    AbstractScheduler as AbstractScheduler,
-)
-from ._metrics import (
-    AUC as AUC,
-)
-from ._metrics import (
-    AbstractBatchAssessor as AbstractBatchAssessor,
-)
-from ._metrics import (
-    F1Score as F1Score,
-)
-from ._metrics import (
-    NegExpectedCalibrationError as NegExpectedCalibrationError,
-)
-from ._observe import (
-    JsonlLogger as JsonlLogger,
-)
-from ._observe import (
-    ProgressBar as ProgressBar,
-)
-from ._pipeline import Pipeline as Pipeline
-from ._plugins import (
-    Plugins as Plugins,
-)
-from ._plugins import (
-    load_plugins as load_plugins,
-)
-from ._plugins import (
-    make as make,
-)
-from ._plugins import (
-    plugins as plugins,
-)
-from ._priorities import (
+from ._adapt.priorities import (
     AbstractPriority as AbstractPriority,
-)
-from ._priorities import (
     Constraint as Constraint,
-)
-from ._priorities import (
     EXP3Priority as EXP3Priority,
-)
-from ._priorities import (
     Feedback as Feedback,
-)
-from ._priorities import (
     Lexicographic as Lexicographic,
-)
-from ._priorities import (
     Objective as Objective,
-)
-from ._priorities import (
     StallPriority as StallPriority,
-)
-from ._priorities import (
     UCBPriority as UCBPriority,
-)
-from ._priorities import (
     WeightedChebyshev as WeightedChebyshev,
-)
-from ._priorities import (
     WeightedSum as WeightedSum,
 )
-from ._proposers import (
-    GradientProposer as GradientProposer,
-)
-from ._proposers import (
-    GradientProposerState as GradientProposerState,
-)
-from ._run import run as run
-from ._schedulers import (
+from ._adapt.schedulers import (
     AlwaysAccept as AlwaysAccept,
-)
-from ._schedulers import (
     EV3Scheduler as EV3Scheduler,
-)
-from ._schedulers import (
     EV3SchedulerState as EV3SchedulerState,
-)
-from ._schedulers import (
     mean_and_stderr as mean_and_stderr,
 )
+from ._assess.metrics import (
+    AUC as AUC,
+    AbstractBatchAssessor as AbstractBatchAssessor,
+    F1Score as F1Score,
+    NegExpectedCalibrationError as NegExpectedCalibrationError,
+)
+from ._assess.scores import (
+    Accuracy as Accuracy,
+    NegBrierScore as NegBrierScore,
+    NegCrossEntropy as NegCrossEntropy,
+)
+from ._engine.engine import Engine as Engine
+from ._explore.gradient import (
+    GradientProposer as GradientProposer,
+    GradientProposerState as GradientProposerState,
+)
+from ._explore.losses import CrossEntropy as CrossEntropy
+from ._host.checkpoint import (
+    Checkpointer as Checkpointer,
+    latest_checkpoint as latest_checkpoint,
+    load_checkpoint as load_checkpoint,
+    save_checkpoint as save_checkpoint,
+)
+from ._host.observe import (
+    JsonlLogger as JsonlLogger,
+    ProgressBar as ProgressBar,
+)
+from ._host.run import run as run
+from ._interfaces import (
+    AbstractAssessor as AbstractAssessor,
+    AbstractLoss as AbstractLoss,
+    AbstractProposer as AbstractProposer,
+    AbstractScheduler as AbstractScheduler,
+)
+from ._plugins.manager import (
+    Plugins as Plugins,
+    load_plugins as load_plugins,
+    make as make,
+    plugins as plugins,
+)
+from ._plugins.pipeline import Pipeline as Pipeline
 from ._sharding import (
     candidate_mesh as candidate_mesh,
-)
-from ._sharding import (
     replicate as replicate,
-)
-from ._sharding import (
     shard_state as shard_state,
 )
 from ._types import (
     CURRENT as CURRENT,
-)
-from ._types import (
     STABLE as STABLE,
-)
-from ._types import (
     WINNER as WINNER,
-)
-from ._types import (
     Data as Data,
-)
-from ._types import (
     Decision as Decision,
-)
-from ._types import (
     History as History,
-)
-from ._types import (
     Outcome as Outcome,
-)
-from ._types import (
     State as State,
-)
-from ._types import (
     StepInfo as StepInfo,
 )
 from .hookspecs import hookimpl as hookimpl

@@ -301,3 +301,11 @@ def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, ...
         fin = jnp.all(jnp.isfinite(x), axis=axes)
         out = fin if out is None else out & fin
     return out
+
+
+def _as_float_array(x: Any) -> Float[Array, ""]:
+    return jnp.asarray(x, dtype=jnp.float32)
+
+
+def _logits(model: Any, x: Array) -> Float[Array, "example class"]:
+    return jax.vmap(model)(x)

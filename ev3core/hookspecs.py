@@ -32,11 +32,11 @@ import pluggy
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from ._bounds import AbstractBound
-    from ._engine import Engine
+    from ._adapt.bounds import AbstractBound
+    from ._adapt.priorities import AbstractPriority
+    from ._engine.engine import Engine
     from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
-    from ._pipeline import Pipeline
-    from ._priorities import AbstractPriority
+    from ._plugins.pipeline import Pipeline
     from ._types import State, StepInfo
 
 PROJECT_NAME = "ev3"

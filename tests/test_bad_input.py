@@ -8,11 +8,10 @@ import jax
 import jax.numpy as jnp
 import optax
 import pytest
-from hypothesis import HealthCheck, event, given, settings
-from hypothesis import strategies as st
+from hypothesis import HealthCheck, event, given, settings, strategies as st
 
 import ev3core
-from ev3core._priorities import Objective
+from ev3core._adapt.priorities import Objective
 from ev3core.errors import (
     ConfigurationError,
     DuplicateComponentError,

@@ -12,7 +12,7 @@ import pytest
 
 import ev3core
 from ev3core import BootstrapBound, NormalBound, PairedBound, z_for_level
-from ev3core._bounds import advantage, bonferroni_z, weighted_mean
+from ev3core._adapt.bounds import advantage, bonferroni_z, weighted_mean
 from ev3core.errors import ConfigurationError
 
 KEY = jax.random.key(0)

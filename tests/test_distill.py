@@ -414,7 +414,7 @@ def test_ev3_run_end_to_end(tmp_path):
 
 
 def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
-    from ev3core._cli import main
+    from ev3core._host.cli import main
 
     assert main(["run", "--experiment", "distil"]) == 2
     err = capsys.readouterr().err
@@ -580,7 +580,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
     import signal
     import time
 
-    from ev3core._checkpoint import list_checkpoints
+    from ev3core._host.checkpoint import list_checkpoints
 
     pipe = tmp_path / "pipe.py"
     pipe.write_text(RESUMABLE_PIPELINE)

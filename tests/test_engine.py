@@ -11,7 +11,7 @@ import pytest
 
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER
-from ev3core._smoke import smoke_data, smoke_model, smoke_pipeline
+from ev3core._host.smoke import smoke_data, smoke_model, smoke_pipeline
 from ev3core._types import tree_index
 
 N = 20_000  # examples per split: plenty for 2048-example decide batches, quick to build
@@ -484,7 +484,7 @@ def test_assess_and_decide_draw_distinct_examples():
         abs=1e-6,
     )
     # Fewer than the stream: distinct examples, a different subset each step.
-    from ev3core._engine import _sample
+    from ev3core._engine.engine import _sample
 
     idx = jnp.arange(300)
     for size in (20, 200):  # the sparse (repeat-rejecting) and the dense (top-k) draw

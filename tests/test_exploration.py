@@ -78,7 +78,7 @@ def test_no_growth_keeps_the_state_as_it_was():
 
 
 def test_growth_runs_in_the_engine():
-    from ev3core._smoke import smoke_data, smoke_model
+    from ev3core._host.smoke import smoke_data, smoke_model
 
     data, _ = smoke_data(jax.random.key(0), n=4096)
     prop = ev3core.GradientProposer(

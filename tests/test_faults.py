@@ -19,7 +19,7 @@ import pytest
 
 import ev3core
 from ev3core import Checkpointer, latest_checkpoint, load_checkpoint
-from ev3core._smoke import smoke_data, smoke_model
+from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import ComponentError, PluginError
 
 K = 4
@@ -256,7 +256,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
         "EV3_LOAD_PLUGINS": "halfbaked",
     }
     out = subprocess.run(
-        [sys.executable, "-m", "ev3core._cli", "plugins", "--json"],
+        [sys.executable, "-m", "ev3core._host.cli", "plugins", "--json"],
         capture_output=True,
         text=True,
         env=env,
@@ -290,7 +290,7 @@ def test_a_plugin_that_fails_to_import_is_reported_and_skipped(tmp_path):
 # ------------------------------------------------------------------------- Ctrl-C, for real
 def _ev3(*args, **kw):
     return subprocess.Popen(
-        [sys.executable, "-m", "ev3core._cli", *args],
+        [sys.executable, "-m", "ev3core._host.cli", *args],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -361,7 +361,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
 
 
 def _like_smoke():
-    from ev3core._smoke import smoke_pipeline
+    from ev3core._host.smoke import smoke_pipeline
 
     engine = smoke_pipeline(plugins=_plugins()).build()
     _, k_model, k_run = jax.random.split(jax.random.key(0), 3)

@@ -13,7 +13,7 @@ import numpy as np
 import optax
 
 import ev3core
-from ev3core._smoke import smoke_data, smoke_model
+from ev3core._host.smoke import smoke_data, smoke_model
 
 STEPS = 3
 NUM_LOSSES = 4  # K = 4: one candidate per device on 2 processes x 2 devices
@@ -29,7 +29,7 @@ WORKER = textwrap.dedent(
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     import numpy as np
     import ev3core
-    from ev3core._smoke import smoke_data, smoke_model
+    from ev3core._host.smoke import smoke_data, smoke_model
     sys.path.insert(0, sys.argv[4])
     from test_multihost import STEPS, make_engine
 

@@ -17,8 +17,8 @@ from ev3core import (
     NormalBound,
     Objective,
 )
-from ev3core._priorities import BanditState
-from ev3core._smoke import smoke_data, smoke_model, smoke_pipeline
+from ev3core._adapt.priorities import BanditState
+from ev3core._host.smoke import smoke_data, smoke_model, smoke_pipeline
 from ev3core.errors import ConfigurationError, UnknownComponentError
 
 N = 16
@@ -259,7 +259,7 @@ def test_selection_prefers_candidates_that_keep_the_constraints():
 def test_engine_names_objectives_and_logs_batch_level_metrics():
     """Built into an engine, constraints may name objectives without `objectives=`, and the
     logged value of a batch-level objective is the metric itself (not a mean of encodings)."""
-    from ev3core._engine import _sample
+    from ev3core._engine.engine import _sample
 
     data, _ = smoke_data(jax.random.key(0), n=4096)
     p = ev3core.load_plugins(autoload=False)

@@ -111,7 +111,7 @@ def test_ev3_plugins_command_lists_plugins_and_failures(installed):
     env = {k: v for k, v in os.environ.items() if not k.startswith("EV3_")}
     env["PYTHONPATH"] = str(installed)
     res = subprocess.run(
-        [sys.executable, "-m", "ev3core._cli", "plugins", "--json"],
+        [sys.executable, "-m", "ev3core._host.cli", "plugins", "--json"],
         env=env,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from ev3core import (
     WeightedChebyshev,
     WeightedSum,
 )
-from ev3core._priorities import lexicographic_rank
+from ev3core._adapt.priorities import lexicographic_rank
 from ev3core.errors import ConfigurationError
 
 HISTORY = History.empty(4, 2)

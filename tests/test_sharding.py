@@ -5,11 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
 import ev3core
-from ev3core._smoke import smoke_data, smoke_model
+from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import ConfigurationError
 
 STEPS = 3

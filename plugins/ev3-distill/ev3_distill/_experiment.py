@@ -435,7 +435,7 @@ def load_resume_point(
     students and extra teachers are read from `students/`.
     """
     from ev3core import load_checkpoint
-    from ev3core._checkpoint import list_checkpoints
+    from ev3core._host.checkpoint import list_checkpoints
     from ev3core.errors import CheckpointError
 
     from ._models import model_from_description
@@ -513,8 +513,7 @@ def run_ev3(
     `load_resume_point`) continues such a run with the same results as never stopping.
     Ctrl-C raises `ev3core.errors.RunInterrupted` after checkpointing.
     """
-    from ev3core import Checkpointer, run
-    from ev3core import plugins as default_plugins
+    from ev3core import Checkpointer, plugins as default_plugins, run
 
     k_student, k_init, k_grow = jax.random.split(key, 3)
     if student is None:
@@ -835,7 +834,7 @@ def _write_json(path: Path, obj: Any) -> None:
 
 def _resume_record(directory: Path) -> dict[str, Any]:
     """The `distill` metadata of the newest checkpoint manifest in `directory/checkpoint`."""
-    from ev3core._checkpoint import list_checkpoints
+    from ev3core._host.checkpoint import list_checkpoints
     from ev3core.errors import CheckpointError
 
     for manifest in reversed(list_checkpoints(directory / "checkpoint")):
@@ -1045,7 +1044,7 @@ def distill_experiment(
         for row in result.metrics:
             f.write(json.dumps(row) + "\n")
     eqx.tree_serialise_leaves(out / "student.eqx", final)
-    from ev3core._checkpoint import state_digest
+    from ev3core._host.checkpoint import state_digest
 
     K = result.engine.num_candidates
     budget = cfg.steps * cfg.trajectory

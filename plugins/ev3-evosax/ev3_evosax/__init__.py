@@ -8,12 +8,14 @@ Installed, the plugin registers the proposers `"open_es"`, `"sep_cma_es"`, `"cma
 `"evosax"` (any distribution-based evosax strategy by name). See `docs/evosax.md`.
 """
 
-from ._proposers import CMAES as CMAES
-from ._proposers import STRATEGIES as STRATEGIES
-from ._proposers import EvosaxProposer as EvosaxProposer
-from ._proposers import EvosaxState as EvosaxState
-from ._proposers import OpenES as OpenES
-from ._proposers import SepCMAES as SepCMAES
+from ._proposers import (
+    CMAES as CMAES,
+    STRATEGIES as STRATEGIES,
+    EvosaxProposer as EvosaxProposer,
+    EvosaxState as EvosaxState,
+    OpenES as OpenES,
+    SepCMAES as SepCMAES,
+)
 
 __version__ = "0.1.0"
 

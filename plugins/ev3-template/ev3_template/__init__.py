@@ -1,9 +1,11 @@
 """ev3-template: a worked example ev3 plugin (see `docs/writing-plugins.md`)."""
 
-from ._components import MarginScheduler as MarginScheduler
-from ._components import MarginState as MarginState
-from ._components import Signum as Signum
-from ._components import TopKAccuracy as TopKAccuracy
+from ._components import (
+    MarginScheduler as MarginScheduler,
+    MarginState as MarginState,
+    Signum as Signum,
+    TopKAccuracy as TopKAccuracy,
+)
 
 __version__ = "0.1.0"
 __all__ = ["MarginScheduler", "MarginState", "Signum", "TopKAccuracy"]

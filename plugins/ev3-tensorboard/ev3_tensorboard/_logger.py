@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from ev3core import hookimpl
-from ev3core._observe import step_record
+from ev3core._host.observe import step_record
 
 __all__ = ["TensorBoardLogger"]
 

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from ._bounds import BootstrapBound, NormalBound, PairedBound
-from ._components import Accuracy, CrossEntropy, NegBrierScore, NegCrossEntropy
-from ._metrics import AUC, F1Score, NegExpectedCalibrationError
-from ._priorities import (
+from .._adapt.bounds import BootstrapBound, NormalBound, PairedBound
+from .._adapt.priorities import (
     EXP3Priority,
     Lexicographic,
     StallPriority,
@@ -15,9 +13,12 @@ from ._priorities import (
     WeightedChebyshev,
     WeightedSum,
 )
-from ._proposers import GradientProposer
-from ._schedulers import AlwaysAccept, EV3Scheduler
-from .hookspecs import hookimpl
+from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
+from .._assess.metrics import AUC, F1Score, NegExpectedCalibrationError
+from .._assess.scores import Accuracy, NegBrierScore, NegCrossEntropy
+from .._explore.gradient import GradientProposer
+from .._explore.losses import CrossEntropy
+from ..hookspecs import hookimpl
 
 
 @hookimpl
@@ -82,6 +83,6 @@ def ev3_adapt(scheduler: Any) -> Any:
 @hookimpl
 def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
     # The examples module imports optax and the kit: only when the kit asks.
-    from ._testing_examples import builtin_examples
+    from ..testing._examples import builtin_examples
 
     return builtin_examples(kind, cls)

@@ -5,9 +5,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from ._engine import Engine
-from ._plugins import Plugins
-from ._plugins import plugins as default_plugins
+from .._engine.engine import Engine
+from .manager import Plugins, plugins as default_plugins
 
 ComponentSpec = Any  # an instance, a registered name, or a class to instantiate with no arguments
 

@@ -1,55 +1,16 @@
-"""Built-in losses and assessors."""
+"""Built-in per-example assessors (assess stage)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
 import optax
-from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
+from jaxtyping import Array, Float, PyTree
 
-from ._interfaces import AbstractAssessor, AbstractLoss
-
-
-def _as_float_array(x: Any) -> Float[Array, ""]:
-    return jnp.asarray(x, dtype=jnp.float32)
-
-
-def _logits(model: Any, x: Array) -> Float[Array, "example class"]:
-    return jax.vmap(model)(x)
-
-
-class CrossEntropy(AbstractLoss):
-    """Softmax cross-entropy on integer labels, with the logits multiplied by `temperature`.
-
-    The batch is a pair `(x, y)` with integer class labels `y`.
-
-    **Arguments:**
-
-    - `temperature`: multiplies the logits before the softmax (an array leaf: changing it
-      never recompiles).
-
-    ```python
-    loss = CrossEntropy(temperature=0.5)
-    ```
-    """
-
-    temperature: Float[Array, ""] = eqx.field(converter=_as_float_array, default=1.0)
-
-    def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
-        del key
-        x, y = batch
-        logits = _logits(model, x) * self.temperature
-        return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
-
-    @property
-    def label(self) -> str:
-        try:
-            return f"ce(T={float(self.temperature):g})"
-        except (TypeError, jax.errors.ConcretizationTypeError):  # traced
-            return "ce"
+from .._interfaces import AbstractAssessor
+from .._types import _logits
 
 
 class Accuracy(AbstractAssessor):

@@ -10,7 +10,10 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ._bounds import (
+from .._interfaces import AbstractAssessor, AbstractScheduler
+from .._types import CURRENT, STABLE, WINNER, Decision, History
+from ..errors import ConfigurationError
+from .bounds import (
     AbstractBound,
     PairedBound,
     Utility,
@@ -18,8 +21,7 @@ from ._bounds import (
     bonferroni_z,
     weighted_mean,
 )
-from ._interfaces import AbstractAssessor, AbstractScheduler
-from ._priorities import (
+from .priorities import (
     AbstractPriority,
     Constraint,
     Feedback,
@@ -27,8 +29,6 @@ from ._priorities import (
     Objective,
     lexicographic_rank,
 )
-from ._types import CURRENT, STABLE, WINNER, Decision, History
-from .errors import ConfigurationError
 
 
 def _positive_alpha(x: Any) -> Float[Array, ""]:
@@ -59,7 +59,7 @@ _ORDER = (CURRENT, WINNER, STABLE)
 
 
 def _resolve(kind: str, spec: Any, base: type, owner: str) -> Any:
-    from ._plugins import plugins
+    from .._plugins.manager import plugins
 
     spec = plugins().resolve(kind, spec, owner)
     if not isinstance(spec, base):
@@ -218,7 +218,7 @@ class EV3Scheduler(AbstractScheduler):
         `objectives`, unnamed ones take the assessor's name and batch-level ones without a
         `metric` get the assessor. The engine calls this once when it is built.
         """
-        from ._metrics import AbstractBatchAssessor
+        from .._assess.metrics import AbstractBatchAssessor
 
         def filled(a: AbstractAssessor, o: Objective | None) -> Objective:
             batch = a if isinstance(a, AbstractBatchAssessor) else None

@@ -18,12 +18,13 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, PRNGKeyArray
 
-from ._bounds import NormalBound
-from ._components import Accuracy, CrossEntropy, NegCrossEntropy
-from ._pipeline import Pipeline
-from ._proposers import GradientProposer
-from ._schedulers import EV3Scheduler
-from ._types import Data
+from .._adapt.bounds import NormalBound
+from .._adapt.schedulers import EV3Scheduler
+from .._assess.scores import Accuracy, NegCrossEntropy
+from .._explore.gradient import GradientProposer
+from .._explore.losses import CrossEntropy
+from .._plugins.pipeline import Pipeline
+from .._types import Data
 
 TEMPERATURES = (0.5, 1.0, 1.5)
 NUM_EXAMPLES = 100_000

@@ -12,8 +12,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
-from ._interfaces import AbstractLoss, AbstractProposer
-from ._types import (
+from .._interfaces import AbstractLoss, AbstractProposer
+from .._types import (
     Outcome,
     tree_all_finite,
     tree_concat,
@@ -21,7 +21,7 @@ from ._types import (
     tree_stack,
     tree_where,
 )
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 RejectPolicy = Literal["keep", "reset", "copy", "continue"]
 _POLICIES = ("keep", "reset", "copy", "continue")

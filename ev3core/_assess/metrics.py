@@ -22,8 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from ._interfaces import AbstractAssessor
-from .errors import ConfigurationError
+from .._interfaces import AbstractAssessor
+from ..errors import ConfigurationError
 
 
 class AbstractBatchAssessor(AbstractAssessor):

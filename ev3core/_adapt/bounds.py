@@ -35,7 +35,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr, ndtri
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, Shaped
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 #: Corrections for comparing several models at once (see `AbstractBound`).
 CORRECTIONS = ("none", "bonferroni", "holm", "max")

@@ -30,10 +30,9 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from ._bounds import weighted_mean
-from ._components import _as_float_array as _float_array
-from ._types import History
-from .errors import ConfigurationError
+from .._types import History, _as_float_array as _float_array
+from ..errors import ConfigurationError
+from .bounds import weighted_mean
 
 
 def _int_array(x: Any) -> Int[Array, ...]:

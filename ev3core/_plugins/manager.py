@@ -25,11 +25,11 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from ._bounds import AbstractBound
-from ._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
-from ._priorities import AbstractPriority
-from .errors import (
+from .. import hookspecs
+from .._adapt.bounds import AbstractBound
+from .._adapt.priorities import AbstractPriority
+from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
+from ..errors import (
     ConfigurationError,
     DuplicateComponentError,
     PluginError,
@@ -377,7 +377,7 @@ def load_plugins(
     - `trace`: write plugin registrations and hook calls to stderr (default:
       `EV3_TRACE_PLUGINS=1`; see `Plugins.trace`).
     """
-    from . import _builtins
+    from . import builtins as _builtins
 
     if raise_errors is None:
         raise_errors = _env_flag("EV3_RAISE_PLUGIN_ERRORS")

@@ -10,12 +10,11 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
-from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
-from ._sharding import (
+from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
+from .._sharding import (
     CANDIDATE_AXIS,
     check_mesh,
     constrain,
@@ -25,7 +24,7 @@ from ._sharding import (
     shard_state,
     state_specs,
 )
-from ._types import (
+from .._types import (
     CURRENT,
     STABLE,
     WINNER,
@@ -41,7 +40,7 @@ from ._types import (
     tree_stack,
     tree_where,
 )
-from .errors import ConfigurationError, EV3Error
+from ..errors import ConfigurationError, EV3Error
 
 logger = logging.getLogger("ev3core")
 
@@ -388,7 +387,7 @@ class Engine(eqx.Module):
                     _CHECKED.add(key)
 
     def _check_against_state(self, data: Data, state: State) -> None:
-        from ._faults import component_owner
+        from .._faults import component_owner
 
         if not isinstance(state, State):
             raise ConfigurationError(

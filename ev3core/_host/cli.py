@@ -10,7 +10,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from .errors import CheckpointError, EV3Error
+from ..errors import CheckpointError, EV3Error
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -28,8 +28,8 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
     `--experiment NAME` runs that one; otherwise the `distill` experiment if a plugin
     registered it (the ev3-distill package), else smoke.
     """
-    from ._plugins import plugins as default_plugins
-    from .errors import ConfigurationError
+    from .._plugins.manager import plugins as default_plugins
+    from ..errors import ConfigurationError
 
     if args.smoke:
         if args.experiment not in (None, "smoke") or args.pipeline:
@@ -67,8 +67,8 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
 
 def _run_experiment(name: str, args: argparse.Namespace) -> int:
     """Run an experiment registered through `ev3_register_experiments`."""
-    from ._plugins import plugins as default_plugins
-    from .errors import ConfigurationError, RunInterrupted
+    from .._plugins.manager import plugins as default_plugins
+    from ..errors import ConfigurationError, RunInterrupted
 
     resume: dict[str, Any] = {}
     if args.resume:
@@ -87,7 +87,7 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
     if getattr(args, "log_jsonl", None):
         # The experiment's EV3 steps go through `ev3core.run` with these plugins, so the
         # JSONL logger sees every step (the distill experiment takes `plugins=`).
-        from ._observe import JsonlLogger
+        from .observe import JsonlLogger
 
         plugins = default_plugins()
         plugins.register(
@@ -132,7 +132,7 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
 
 def _smoke_resume_options(args: argparse.Namespace) -> dict[str, Any] | None:
     """The options of the run being resumed (from its newest usable checkpoint's metadata)."""
-    from ._checkpoint import list_checkpoints
+    from .checkpoint import list_checkpoints
 
     if not args.resume:
         return None
@@ -160,13 +160,13 @@ def _run_smoke(args: argparse.Namespace) -> int:
     """The built-in smoke experiment, with `--out` checkpoints and `--resume`."""
     import jax
 
-    from ._checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
-    from ._components import Accuracy
-    from ._observe import JsonlLogger, ProgressBar
-    from ._plugins import plugins as default_plugins
-    from ._run import run
-    from ._smoke import smoke_data, smoke_model, smoke_pipeline
-    from .errors import RunInterrupted
+    from .._assess.scores import Accuracy
+    from .._plugins.manager import plugins as default_plugins
+    from ..errors import RunInterrupted
+    from .checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
+    from .observe import JsonlLogger, ProgressBar
+    from .run import run
+    from .smoke import smoke_data, smoke_model, smoke_pipeline
 
     t0 = time.perf_counter()
     resumed = _smoke_resume_options(args)
@@ -263,13 +263,12 @@ def _run_smoke(args: argparse.Namespace) -> int:
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from ._plugins import load_plugins
-    from ._plugins import plugins as default_plugins
+    from .._plugins.manager import load_plugins, plugins as default_plugins
 
     if args.trace:
         # A fresh plugin set traced from its first registration; then build a pipeline (the
         # smoke one) so the stage hooks show as they run at build time.
-        from ._smoke import smoke_pipeline
+        from .smoke import smoke_pipeline
 
         plugins = load_plugins(trace=True)
         plugins.describe()  # the registration hooks of every kind

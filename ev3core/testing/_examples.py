@@ -9,11 +9,11 @@ from typing import Any
 
 import optax
 
-from ._bounds import BootstrapBound, NormalBound
-from ._components import CrossEntropy
-from ._priorities import WeightedChebyshev, WeightedSum
-from ._proposers import GradientProposer
-from ._schedulers import AlwaysAccept, EV3Scheduler
+from .._adapt.bounds import BootstrapBound, NormalBound
+from .._adapt.priorities import WeightedChebyshev, WeightedSum
+from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
+from .._explore.gradient import GradientProposer
+from .._explore.losses import CrossEntropy
 
 
 def _gradient() -> list[Any]:
@@ -41,7 +41,7 @@ def _gradient() -> list[Any]:
 
 
 def _ev3() -> list[Any]:
-    from .testing import Example
+    from ..testing import Example
 
     return [
         EV3Scheduler(),
@@ -55,7 +55,7 @@ def builtin_examples(kind: str, cls: type) -> list[Any] | None:
     if kind == "scheduler" and cls is EV3Scheduler:
         return _ev3()
     if kind == "scheduler" and cls is AlwaysAccept:
-        from .testing import Example
+        from ..testing import Example
 
         return [Example(AlwaysAccept(), safe=False)]  # accepts every valid winner by design
     if kind == "bound" and cls is BootstrapBound:

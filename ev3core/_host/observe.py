@@ -24,9 +24,9 @@ from typing import IO, Any
 import jax
 import numpy as np
 
-from ._types import CURRENT, STABLE, WINNER
-from .errors import ConfigurationError
-from .hookspecs import hookimpl
+from .._types import CURRENT, STABLE, WINNER
+from ..errors import ConfigurationError
+from ..hookspecs import hookimpl
 
 __all__ = ["JsonlLogger", "ProgressBar", "step_record"]
 

@@ -11,12 +11,11 @@ from typing import Any
 import jax
 import numpy as np
 
-from ._engine import Engine
-from ._faults import component_owner, describe_component
-from ._plugins import Plugins
-from ._plugins import plugins as default_plugins
-from ._types import Data, State, StepInfo
-from .errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
+from .._engine.engine import Engine
+from .._faults import component_owner, describe_component
+from .._plugins.manager import Plugins, plugins as default_plugins
+from .._types import Data, State, StepInfo
+from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 
 logger = logging.getLogger("ev3core")
 

@@ -40,9 +40,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._types import State
-from .errors import CheckpointError, CheckpointWarning
-from .hookspecs import hookimpl
+from .._types import State
+from ..errors import CheckpointError, CheckpointWarning
+from ..hookspecs import hookimpl
 
 logger = logging.getLogger("ev3core")
 

@@ -53,16 +53,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._bounds import AbstractBound, advantage, weighted_mean
-from ._checkpoint import load_checkpoint, save_checkpoint
-from ._components import NegCrossEntropy
-from ._engine import Engine
-from ._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
-from ._metrics import AbstractBatchAssessor
-from ._priorities import AbstractPriority, Feedback
-from ._proposers import GradientProposer
-from ._schedulers import AlwaysAccept, EV3Scheduler
-from ._types import WINNER, Data, History, Outcome, State, split_model
+from .._adapt.bounds import AbstractBound, advantage, weighted_mean
+from .._adapt.priorities import AbstractPriority, Feedback
+from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
+from .._assess.metrics import AbstractBatchAssessor
+from .._assess.scores import NegCrossEntropy
+from .._engine.engine import Engine
+from .._explore.gradient import GradientProposer
+from .._host.checkpoint import load_checkpoint, save_checkpoint
+from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
+from .._types import WINNER, Data, History, Outcome, State, split_model
 
 __all__ = [
     "CHECKS",
@@ -158,7 +158,7 @@ def default_problem(
         x = jax.random.normal(k, (num_examples, num_features), jnp.float32)
         return x, jnp.argmax(x @ w, axis=-1).astype(jnp.int32)
 
-    from ._components import Accuracy
+    from .._assess.scores import Accuracy
 
     return Problem(
         model=eqx.nn.MLP(num_features, num_classes, 16, 1, key=km),
@@ -1385,7 +1385,7 @@ def examples(kind: str, name: str, plugins: Any = None) -> list[Example]:
     """The examples of the component registered as `name`: those the plugins give through
     `ev3_conformance_examples`, else `cls()`. A component that cannot be built gives one
     `Example` whose `error` says how to fix it (checking it raises `ConformanceError`)."""
-    from ._plugins import plugins as default_plugins
+    from .._plugins.manager import plugins as default_plugins
 
     plugins = default_plugins() if plugins is None else plugins
     info = plugins.components(kind)[name]
@@ -1423,7 +1423,7 @@ def registered_examples(
     """`(kind, name, example)` for every registered component of `kinds` and each of its
     examples: parametrise a test over it so that every newly registered component is
     checked."""
-    from ._plugins import plugins as default_plugins
+    from .._plugins.manager import plugins as default_plugins
 
     plugins = default_plugins() if plugins is None else plugins
     return [
