@@ -295,11 +295,9 @@ def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, ...
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return jnp.ones((), bool)
-    out = None
-    for x in leaves:
-        axes = tuple(range(batch_dims, x.ndim))
-        fin = jnp.all(jnp.isfinite(x), axis=axes)
-        out = fin if out is None else out & fin
+    out = jnp.all(jnp.isfinite(leaves[0]), axis=tuple(range(batch_dims, leaves[0].ndim)))
+    for x in leaves[1:]:
+        out = out & jnp.all(jnp.isfinite(x), axis=tuple(range(batch_dims, x.ndim)))
     return out
 
 
