@@ -14,7 +14,6 @@ Conventions shared by every stage:
 * scores are **higher is better**.
 """
 
-
 import abc
 import dataclasses
 from collections.abc import Sequence

@@ -19,7 +19,6 @@ Priority components are plugins (`ev3_register_priorities`):
 | `exp3` | `EXP3Priority` | EXP3 bandit over objectives |
 """
 
-
 import abc
 from collections.abc import Sequence
 from typing import Any, ClassVar
