@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from .errors import ConfigurationError
+
 #: Index of the assess winner in the decide stage's stacked models.
 WINNER = 0
 #: Index of the current model in the decide stage's stacked models.
@@ -121,8 +123,6 @@ class History(eqx.Module):
     @staticmethod
     def empty(size: int, num_objectives: int) -> History:
         if size < 1:
-            from .errors import ConfigurationError
-
             raise ConfigurationError(
                 f"History size must be at least 1, got history_size={size}. "
                 "Pass a positive history_size to the pipeline."
