@@ -302,8 +302,10 @@ def ev3_after_step(engine: Engine, state: State, info: StepInfo, step: int) -> N
     loop scans several steps in one compiled call (`chunk > 1`), the hook is called once per
     step after the chunk, and `state` is the state at the end of the chunk.
 
-    **Calling rule:** collect-all; return values are ignored. `info` holds NumPy arrays: the
-    run loop brings each step's (or each chunk's) infos to the host in one transfer.
+    **Calling rule:** collect-all; return values are ignored. With `chunk > 1`, `info` holds
+    NumPy arrays (the run loop brings each chunk's infos to the host in one transfer); with
+    `chunk=1` it holds device arrays, and reading them waits for the step, so loggers that
+    need speed read every N steps.
     """
 
 

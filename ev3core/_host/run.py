@@ -151,8 +151,9 @@ def run(
       after the plugins' implementations; nothing is registered on `plugins`.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
-      after the chunk. Each chunk's infos come to the host in one transfer: hooks see
-      `StepInfo`s of NumPy arrays.
+      after the chunk. Each chunk's infos come to the host in one transfer (hooks see
+      `StepInfo`s of NumPy arrays); with `chunk=1` hooks see device arrays, and reading one
+      waits for that step.
 
     **Returns:** `(final_state, infos)`, where `infos` is a `StepInfo` of NumPy arrays with a
     leading axis of size `num_steps` (`None` when `num_steps` is 0).
@@ -183,8 +184,9 @@ def run(
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
                 if n == 1:
+                    # device arrays: the host queues the next step unless a hook reads them
                     state, info = _guarded(engine, plugins, engine.step, state, data)
-                    batch = [jax.device_get(info)]
+                    batch = [info]
                 else:
                     state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
                     batch = _host_steps(stacked, n)
@@ -200,7 +202,8 @@ def run(
                 plugins, "ev3_run_end", observers, engine=engine, state=state, infos=infos
             )
     if infos:
-        stacked_infos = jax.tree.map(lambda *xs: np.stack(xs), *infos)
+        host = jax.device_get(infos)  # one transfer for the steps not yet on the host
+        stacked_infos = jax.tree.map(lambda *xs: np.stack(xs), *host)
         masked = int(np.sum(stacked_infos.num_invalid))
         if masked:
             logger.warning(
