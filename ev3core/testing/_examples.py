@@ -14,6 +14,7 @@ from .._adapt.priorities import WeightedChebyshev, WeightedSum
 from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
 from .._explore.gradient import GradientProposer
 from .._explore.losses import CrossEntropy
+from ._registry import Example
 
 
 def _gradient() -> list[Any]:
@@ -41,8 +42,6 @@ def _gradient() -> list[Any]:
 
 
 def _ev3() -> list[Any]:
-    from ..testing import Example
-
     return [
         EV3Scheduler(),
         Example(EV3Scheduler(bound=NormalBound()), num_objectives=2),
@@ -55,8 +54,6 @@ def builtin_examples(kind: str, cls: type) -> list[Any] | None:
     if kind == "scheduler" and cls is EV3Scheduler:
         return _ev3()
     if kind == "scheduler" and cls is AlwaysAccept:
-        from ..testing import Example
-
         return [Example(AlwaysAccept(), safe=False)]  # accepts every valid winner by design
     if kind == "bound" and cls is BootstrapBound:
         return [BootstrapBound(num_resamples=200, method="normal")]
