@@ -274,6 +274,8 @@ class _Float32Step(_Noise):
     """Adds a float32 step to every leaf: fine for float32 models, a promotion error (or a
     silent upcast) for bfloat16 ones."""
 
+    scale: jax.Array = eqx.field(converter=lambda x: jnp.asarray(x, jnp.float32), default=0.1)
+
     def propose(self, params, static, state, data, key):
         return jax.tree.map(lambda x: jnp.stack([x, x]) + self.scale, params), state
 
