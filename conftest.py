@@ -1,4 +1,6 @@
-"""Test configuration: strict dtype promotion and 8 virtual CPU devices for sharding tests.
+"""Test configuration shared by `tests/` and every `plugins/*/tests/` (it lives at the repository
+root so that pytest applies it to both): strict dtype promotion and 8 virtual CPU devices for
+sharding tests.
 
 Warnings are errors (pyproject.toml) and jaxtyping checks every ev3core signature at run
 time (`--jaxtyping-packages=ev3core,beartype.beartype`).
