@@ -22,21 +22,21 @@ from typing import Any
 OUT = Path(__file__).resolve().parent / "api.md"
 
 GROUPS: dict[str, tuple[str, ...]] = {
-    "Pipelines and the engine": ("Pipeline", "Engine", "run"),
+    "Pipelines and the engine": ("Pipeline", "Engine", "run", "toy_problem", "toy_model"),
     "Engine state and step results": (
         *("Data", "State", "StepInfo", "History", "Decision", "Outcome"),
         *("WINNER", "CURRENT", "STABLE"),
     ),
     "Stage interfaces": (
         *("AbstractProposer", "AbstractAssessor", "AbstractBatchAssessor"),
-        *("AbstractScheduler", "AbstractLoss"),
+        *("AbstractScheduler", "AbstractLoss", "ComponentName", "objective_value"),
     ),
     "Proposers": ("GradientProposer", "GradientProposerState"),
     "Assessors and losses": (
         *("Accuracy", "NegCrossEntropy", "NegBrierScore", "F1Score", "AUC"),
         *("NegExpectedCalibrationError", "CrossEntropy"),
     ),
-    "Schedulers": ("EV3Scheduler", "EV3SchedulerState", "AlwaysAccept", "mean_and_stderr"),
+    "Schedulers": ("EV3Scheduler", "EV3SchedulerState", "AlwaysAccept"),
     "Confidence bounds": (
         *("AbstractBound", "Interval", "NormalBound", "PairedBound", "BootstrapBound"),
         *("z_for_level", "level_for_z"),
@@ -45,9 +45,12 @@ GROUPS: dict[str, tuple[str, ...]] = {
         *("Objective", "Constraint", "Feedback", "AbstractPriority", "Lexicographic"),
         *("WeightedSum", "WeightedChebyshev", "StallPriority", "UCBPriority", "EXP3Priority"),
     ),
-    "Plugins": ("plugins", "load_plugins", "Plugins", "make", "hookimpl"),
-    "Observability": ("ProgressBar", "JsonlLogger"),
-    "Checkpoints": ("Checkpointer", "save_checkpoint", "load_checkpoint", "latest_checkpoint"),
+    "Plugins": ("plugin_manager", "load_plugins", "Plugins", "make", "hookimpl"),
+    "Observability": ("ProgressBar", "JsonlLogger", "step_record"),
+    "Checkpoints": (
+        *("Checkpointer", "save_checkpoint", "load_checkpoint", "latest_checkpoint"),
+        "list_checkpoints",
+    ),
     "Distributed runs": ("candidate_mesh", "replicate", "shard_state"),
 }
 _MODULES = ("errors", "hookspecs")  # documented in sections of their own

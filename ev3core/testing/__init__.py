@@ -50,12 +50,12 @@ from ._checker import (
     Report as Report,
 )
 from ._engine import check_engine as check_engine
+from ._example import Example as Example
 from ._losses import check_loss as check_loss
 from ._priorities import check_priority as check_priority
 from ._problem import Problem as Problem, default_problem as default_problem
 from ._proposers import check_proposer as check_proposer
 from ._registry import (
-    Example as Example,
     check as check,
     check_example as check_example,
     check_registered as check_registered,

@@ -1,7 +1,9 @@
 """Conformance-kit examples of ev3core's built-in components whose constructors need
-arguments, or that have settings worth checking separately (the `ev3_conformance_examples`
-hook of the built-in plugin, `ev3core/_builtins.py`, which imports this module only when
-the kit asks)."""
+arguments, or that have settings worth checking separately.
+
+`ev3_conformance_examples` here is the built-in answer to the hook of that name: the kit
+adds it to every plugin manager's answers when it collects examples (`examples()`), so the
+core's built-in plugin never imports the kit."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ from .._adapt.priorities import WeightedChebyshev, WeightedSum
 from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
 from .._explore.gradient import GradientProposer
 from .._explore.losses import CrossEntropy
-from ._registry import Example
+from ._example import Example
 
 
 def _gradient() -> list[Any]:
@@ -48,7 +50,7 @@ def _ev3() -> list[Any]:
     ]
 
 
-def builtin_examples(kind: str, cls: type) -> list[Any] | None:
+def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
     if kind == "proposer" and cls is GradientProposer:
         return _gradient()
     if kind == "scheduler" and cls is EV3Scheduler:

@@ -7,6 +7,8 @@ import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from .._plugins.manager import plugin_manager
+from . import _examples
 from ._assessors import check_assessor
 from ._bounds import check_bound
 from ._checker import (
@@ -15,6 +17,7 @@ from ._checker import (
     ConformanceError,
     Report,
 )
+from ._example import Example
 from ._losses import check_loss
 from ._priorities import check_priority
 from ._proposers import check_proposer
@@ -40,33 +43,6 @@ _CHECKERS: dict[str, Callable[..., Report]] = {
     "bound": check_bound,
     "priority": check_priority,
 }
-
-
-class Example:
-    """An example instance of a component with the options to check it with.
-
-    Return these from the `ev3_conformance_examples` hook when a component needs its own
-    model or data (`problem=`), several objectives (`num_objectives=`), a deterministic
-    proposer (`uses_key=False`) or explicit hyperparameter `variants=`.
-
-    `examples()` sets `rebuild` to a function that asks the plugins for the example again,
-    so the `"no_recompile"` check sees whether a component built again from the same
-    settings reuses the compiled program (an optax optimizer built inside the hook does not).
-
-    ```python
-    Example(MyProposer(scale=0.1), variants=[MyProposer(scale=0.2)])
-    ```
-    """
-
-    def __init__(self, component: Any, /, **options: Any):
-        self.component = component
-        self.options = options
-        self.error: str | None = None
-        self.label = ""
-        self.rebuild: Callable[[], Any] | None = None
-
-    def __repr__(self) -> str:
-        return f"Example({type(self.component).__qualname__}, {self.label or 'unregistered'})"
 
 
 def _as_example(item: Any) -> Example:
@@ -95,16 +71,17 @@ def examples(kind: str, name: str, plugins: Any = None) -> list[Example]:
 
 
 def _plugins(plugins: Any) -> Any:
-    from .._plugins.manager import plugins as default_plugins
-
-    return default_plugins() if plugins is None else plugins
+    return plugin_manager() if plugins is None else plugins
 
 
 def _build(kind: str, name: str, plugins: Any) -> list[Example]:
     info = plugins.components(kind)[name]
     cls = info.cls
     found: list[Any] = []
-    for result in plugins.pm.hook.ev3_conformance_examples(kind=kind, name=name, cls=cls):
+    # ev3core's own examples join the plugins' answers (the core never imports the kit)
+    for result in plugins.pm.hook.ev3_conformance_examples.call_extra(
+        [_examples.ev3_conformance_examples], {"kind": kind, "name": name, "cls": cls}
+    ):
         found.extend(result or [])
     if found:
         return [_as_example(x) for x in found]

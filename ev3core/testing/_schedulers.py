@@ -74,7 +74,13 @@ class _SchedulerRun:
     def __init__(self, chk: _Checker, scheduler: AbstractScheduler, num_objectives: int):
         self.chk, self.scheduler, self.num_obj = chk, scheduler, num_objectives
         self.history = History.empty(8, num_objectives)
-        self.state = chk.run("structure", f"init({num_objectives})", scheduler.init, num_objectives)
+        self.state = chk.run(
+            "structure",
+            f"init({num_objectives}, key)",
+            scheduler.init,
+            num_objectives,
+            jax.random.key(11),
+        )
         self.ks = jax.random.split(jax.random.key(3), 8)
         self.valid = jnp.ones((self.K,), bool)
         self.jselect, self.count = _counted_jit(self.select)

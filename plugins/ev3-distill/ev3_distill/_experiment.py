@@ -23,6 +23,7 @@ import datetime
 import os
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,7 @@ def distill_experiment(
     checkpoint_every: int = 10,
     keep: int = 3,
     plugins: Any = None,
+    observers: Sequence[Any] = (),
     **options: Any,
 ) -> dict[str, Any]:
     """Run the distillation job and write its outputs; returns the summary.
@@ -67,7 +69,9 @@ def distill_experiment(
       never stopped, up to wall times).
     - `checkpoint_every`, `keep`: checkpoint period (EV3 steps) and checkpoints kept.
     - `plugins`: the `ev3core.Plugins` whose lifecycle hooks see the EV3 steps (default
-      `ev3core.plugins()`).
+      `ev3core.plugin_manager()`).
+    - `observers`: objects whose lifecycle methods see the EV3 steps of this run only (see
+      `ev3core.run`), such as the CLI's `--log-jsonl` logger.
     - `options`: any other `DistillConfig` field (unknown names are an error).
 
     **Raises:** `ev3core.errors.RunInterrupted` after Ctrl-C (the checkpoint is written first).
@@ -108,6 +112,7 @@ def distill_experiment(
         progress,
         out=out,
         plugins=plugins,
+        observers=observers,
         checkpoint_every=checkpoint_every,
         keep=keep,
         baseline_curve=baseline_curve,

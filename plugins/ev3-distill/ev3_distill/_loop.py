@@ -7,7 +7,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -300,7 +300,9 @@ class _Segments:
         wait = _segment_length(self.growth, state, at_cap)
         return n if wait is None else min(n, wait)
 
-    def run(self, state: Any, plugins: Any, checkpointed_model: list[Any]) -> Any:
+    def run(
+        self, state: Any, plugins: Any, observers: list[Any], checkpointed_model: list[Any]
+    ) -> Any:
         """Every segment up to `cfg.steps`; Ctrl-C between segments raises `RunInterrupted`
         naming the last segment boundary (the state its checkpoint holds)."""
         cfg = self.cfg
@@ -317,7 +319,9 @@ class _Segments:
                     return state
                 n = self.length(state, want, pass_len)
                 checkpointed_model[0] = state.model
-                state, _ = ev3core.run(self.engine, state, self.data, n, plugins=plugins)
+                state, _ = ev3core.run(
+                    self.engine, state, self.data, n, plugins=plugins, observers=observers
+                )
                 boundary = state
         except RunInterrupted:
             raise
@@ -367,6 +371,7 @@ def run_ev3(
     growth: GrowthPolicy | None | str = "default",
     on_iteration: Callable[[dict[str, Any], dict[str, int]], None] | None = None,
     plugins: Any = None,
+    observers: Sequence[Any] = (),
     out: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     keep: int = 3,
@@ -377,7 +382,7 @@ def run_ev3(
     """EV3 distillation with growth and multi-pass teachers; one metrics row per iteration.
 
     The steps run through `ev3core.run` in segments, so every lifecycle plugin (`plugins`,
-    default `ev3core.plugins()`) sees `ev3_run_start`, `ev3_after_step` and `ev3_run_end`.
+    default `ev3core.plugin_manager()`) sees `ev3_run_start`, `ev3_after_step` and `ev3_run_end`.
     Between segments the host grows the student (`growth`) and starts new passes; a segment
     is never longer than the number of steps before the growth trigger could fire, so growth
     happens at exactly the step it would if it were checked after every step.
@@ -411,8 +416,7 @@ def run_ev3(
     segments.use(segments.build(1 + len(job.teacher_models)))
     state = segments.engine.init(student, k_init) if resume is None else resume.state
 
-    plugins = ev3core.plugins() if plugins is None else plugins
-    names = [plugins.register(job, name="ev3_distill.job")]
+    observers = [job, *observers]  # this run's observers (nothing is registered globally)
     checkpointed_model = [state.model]  # the architecture of the state being run (for metadata)
     if out is not None:
         checkpointer = ev3core.Checkpointer(
@@ -424,13 +428,8 @@ def run_ev3(
                 "distill": job.record(checkpointed_model[0], growth),
             },
         )
-        names.append(plugins.register(checkpointer, name="ev3_distill.checkpointer"))
+        observers.append(checkpointer)
         if resume is None:
             checkpointer.save(state)  # step 0: a run interrupted at once can still be resumed
-    try:
-        state = segments.run(state, plugins, checkpointed_model)
-    finally:
-        for name in names:
-            if name is not None:
-                plugins.pm.unregister(name=name)
+    state = segments.run(state, plugins, observers, checkpointed_model)
     return _result(job, state, segments.engine, student, splits, resume)

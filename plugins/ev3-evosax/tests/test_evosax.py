@@ -78,7 +78,7 @@ def test_found_through_entry_point(plugins):
     assert comps["evosax"].cls is EvosaxProposer and comps["evosax"].plugin == "evosax"
     assert not {"open_es", "sep_cma_es", "cma_es"} & set(comps)
     # ... and the default plugin set (all installed entry points) lists it too.
-    assert ev3core.plugins().components("proposer")["evosax"].cls is EvosaxProposer
+    assert ev3core.plugin_manager().components("proposer")["evosax"].cls is EvosaxProposer
     assert not [f for f in plugins.failures if f.name == "evosax"]
     made = plugins.make("proposer", "evosax", strategy="Sep_CMA_ES", popsize=6)
     assert isinstance(made, EvosaxProposer) and made.num_candidates == 7
@@ -89,7 +89,7 @@ def test_found_through_entry_point(plugins):
     assert float(open_es(4).learning_rate) == pytest.approx(0.05)  # OpenAI-ES's own default
 
 
-def test_fitness_defaults_to_the_pipelines_first_assessor(plugins):
+def test_fitness_defaults_to_the_pipelines_first_assessor(plugins, builtin_plugins):
     engine = ev3core.Pipeline(
         [open_es(4), open_es(4, fitness=ev3core.Accuracy())],
         assessors=["neg_cross_entropy", "accuracy"],
