@@ -68,7 +68,7 @@ class _NoiseProposer(AbstractProposer):
         leaves, treedef = jax.tree.flatten(params)
         keys = jax.random.split(key, len(leaves))
         out = [
-            x + (self.scale * jax.random.normal(k, (2,) + x.shape)).astype(x.dtype)
+            x[None] + (self.scale * jax.random.normal(k, (2,) + x.shape)).astype(x.dtype)
             if jnp.issubdtype(x.dtype, jnp.inexact)
             else jnp.stack([x, x])
             for x, k in zip(leaves, keys)

@@ -8,7 +8,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from .._plugins.manager import plugin_manager
-from . import _examples
 from ._assessors import check_assessor
 from ._bounds import check_bound
 from ._checker import (
@@ -18,6 +17,7 @@ from ._checker import (
     Report,
 )
 from ._example import Example
+from ._examples import ev3_conformance_examples as _builtin_examples
 from ._losses import check_loss
 from ._priorities import check_priority
 from ._proposers import check_proposer
@@ -80,7 +80,7 @@ def _build(kind: str, name: str, plugins: Any) -> list[Example]:
     found: list[Any] = []
     # ev3core's own examples join the plugins' answers (the core never imports the kit)
     for result in plugins.pm.hook.ev3_conformance_examples.call_extra(
-        [_examples.ev3_conformance_examples], {"kind": kind, "name": name, "cls": cls}
+        [_builtin_examples], {"kind": kind, "name": name, "cls": cls}
     ):
         found.extend(result or [])
     if found:
