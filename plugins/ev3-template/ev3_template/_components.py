@@ -103,7 +103,7 @@ class Signum(ev3core.AbstractProposer):
 
         def step(x: Array, m: Array) -> Array:
             lr = self.learning_rates.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
-            return x - lr * jnp.sign(m)
+            return x[None] - lr * jnp.sign(m)[None]  # one candidate per learning rate
 
         return jax.tree.map(step, params, momentum), SignumState(momentum=momentum)
 
