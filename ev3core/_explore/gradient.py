@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any, Literal
 
@@ -77,6 +76,11 @@ def _slot(
     name: str, kind: str, blocks: list[tuple[int, int]], rows: dict[tuple[int, int], np.ndarray]
 ) -> Slot:
     return Slot(name, kind, tuple(blocks), np.concatenate([rows[b] for b in blocks]))
+
+
+def _ranks(scores: Array) -> Array:
+    """0 for the lowest score, `K - 1` for the highest (ties in candidate order)."""
+    return jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
 
 
 def _num_examples(data: PyTree[Array]) -> int:
@@ -711,8 +715,8 @@ class GradientProposer(AbstractProposer):
             return changed
         s = outcome.scores[self.evolve.objective]
         s = jnp.where(jnp.isfinite(s), s, -jnp.inf)
-        n = max(1, math.ceil(self.evolve.truncate * K))
-        bottom = jnp.zeros((K,), bool).at[jnp.argsort(s)[:n]].set(True)
+        n = jnp.maximum(1, jnp.ceil(self.evolve.truncate * K)).astype(jnp.int32)
+        bottom = _ranks(s) < n
         return changed & jnp.where(outcome.accepted, bottom, True)
 
     def _truncate_lineages(
@@ -726,7 +730,20 @@ class GradientProposer(AbstractProposer):
         restart = self._restart_mask(outcome) | ~finite
         idx = jnp.arange(K)
         src = jnp.where(restart & finite, outcome.accepted_index, idx)
-        state = self.copy_rows(state, src, lineages=False)
+        copied = self.copy_rows(state, src, lineages=False)
+        # The moments come from the accepted candidate; each candidate's hyperparameters and
+        # loss leaves stay its own (the evolving ones are moved by `_evolve`).
+        state = dataclasses.replace(
+            copied,
+            opt_states=tuple(
+                tuple(
+                    with_opt_hyperparams(o, opt_hyperparams(own))
+                    for o, own in zip(per_new, per_own)
+                )
+                for per_new, per_own in zip(copied.opt_states, state.opt_states)
+            ),
+            loss_params=state.loss_params,
+        )
         lineages, states = [], []
         for j, opt in enumerate(self.optimizers):
             fresh = opt.transformation().init(outcome.params)

@@ -76,22 +76,22 @@ class Optimizer(eqx.Module):
 
     def __init__(
         self,
-        factory: Callable[..., optax.GradientTransformation],
+        factory: Any,  # checked below, with a message that says what to pass instead
         /,
         *,
         static_args: Sequence[str] = (),
         **hyperparams: Any,
     ):
-        if not callable(factory):
-            raise ConfigurationError(
-                f"Optimizer: factory={factory!r} is not callable. Pass an optax function such "
-                "as optax.sgd, e.g. Optimizer(optax.sgd, learning_rate=0.1)."
-            )
         if isinstance(factory, optax.GradientTransformation):
             raise ConfigurationError(
                 "Optimizer: got an optax.GradientTransformation; pass the function that builds "
                 "it and its arguments instead, e.g. Optimizer(optax.sgd, learning_rate=0.1) "
                 "rather than Optimizer(optax.sgd(0.1))."
+            )
+        if not callable(factory):
+            raise ConfigurationError(
+                f"Optimizer: factory={factory!r} is not callable. Pass an optax function such "
+                "as optax.sgd, e.g. Optimizer(optax.sgd, learning_rate=0.1)."
             )
         static_names = set(static_args)
         unknown = static_names - set(hyperparams)
@@ -227,7 +227,8 @@ class Evolve(eqx.Module):
     - `pull`: fraction of the log-distance to the accepted candidate covered per acceptance
       (an array leaf in `[0, 1]`).
     - `sigma`: standard deviation of the log-normal noise (an array leaf, `>= 0`).
-    - `truncate`: fraction of lineages restarted on acceptance, or `None` (all restart).
+    - `truncate`: fraction of lineages restarted on acceptance (an array leaf; at least one
+      lineage restarts), or `None` (all restart).
     - `objective`: the assessor whose summary ranks the lineages for `truncate`.
 
     ```python
@@ -243,7 +244,7 @@ class Evolve(eqx.Module):
     names: tuple[str, ...] = eqx.field(static=True)
     pull: Float[Array, ""]
     sigma: Float[Array, ""]
-    truncate: float | None = eqx.field(static=True)
+    truncate: Float[Array, ""] | None
     objective: int = eqx.field(static=True)
 
     def __init__(
@@ -251,7 +252,7 @@ class Evolve(eqx.Module):
         names: Sequence[str] = ("learning_rate",),
         pull: float | Array = 0.5,
         sigma: float | Array = 0.2,
-        truncate: float | None = None,
+        truncate: float | Array | None = None,
         objective: int = 0,
     ):
         if isinstance(names, str):
@@ -268,10 +269,11 @@ class Evolve(eqx.Module):
                 f"Evolve: pull={float(self.pull)} must be in [0, 1] and sigma="
                 f"{float(self.sigma)} >= 0."
             )
-        if truncate is not None and not 0.0 < float(truncate) <= 1.0:
-            raise ConfigurationError(
-                f"Evolve: truncate={truncate} must be in (0, 1] (the fraction of lineages that "
-                "restart), or None to restart every lineage."
-            )
-        self.truncate = None if truncate is None else float(truncate)
+        self.truncate = None if truncate is None else jnp.asarray(truncate, jnp.float32)
+        if self.truncate is not None and not isinstance(self.truncate, jax.core.Tracer):
+            if not 0.0 < float(self.truncate) <= 1.0:
+                raise ConfigurationError(
+                    f"Evolve: truncate={float(self.truncate)} must be in (0, 1] (the fraction "
+                    "of lineages that restart), or None to restart every lineage."
+                )
         self.objective = int(objective)

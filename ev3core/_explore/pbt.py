@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +14,7 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from .._interfaces import AbstractLoss, AbstractProposer
 from .._types import Outcome
 from ..errors import ConfigurationError
-from .gradient import GradientProposer, GradientProposerState
+from .gradient import GradientProposer, GradientProposerState, _ranks
 from .hyper import Optimizer
 from .population import rows_of
 
@@ -72,7 +71,7 @@ class PBTProposer(AbstractProposer):
 
     proposer: GradientProposer
     names: tuple[str, ...] = eqx.field(static=True)
-    quantile: float = eqx.field(static=True)
+    quantile: Float[Array, ""]
     perturb: Float[Array, 2]
     resample_probability: Float[Array, ""]
     objective: int = eqx.field(static=True)
@@ -85,7 +84,7 @@ class PBTProposer(AbstractProposer):
         batch_size: int = 32,
         *,
         names: Sequence[str] = ("learning_rate",),
-        quantile: float = 0.25,
+        quantile: float | Array = 0.25,
         perturb: tuple[float, float] | Array = (0.8, 1.2),
         resample_probability: float | Array = 0.25,
         objective: int = 0,
@@ -112,7 +111,7 @@ class PBTProposer(AbstractProposer):
             )
         if isinstance(names, str):
             names = (names,)
-        if not 0.0 < float(quantile) <= 0.5:
+        if not isinstance(quantile, jax.core.Tracer) and not 0.0 < float(quantile) <= 0.5:
             raise ConfigurationError(
                 f"PBTProposer: quantile={quantile} must be in (0, 0.5] (the bottom and top "
                 "fractions must not overlap)."
@@ -125,7 +124,7 @@ class PBTProposer(AbstractProposer):
         inner._check_hyper_names(tuple(names), "PBTProposer")
         self.proposer = inner
         self.names = tuple(names)
-        self.quantile = float(quantile)
+        self.quantile = jnp.asarray(quantile, jnp.float32)
         self.perturb = jnp.asarray(perturb, jnp.float32)
         if self.perturb.shape != (2,):
             raise ConfigurationError(
@@ -138,11 +137,15 @@ class PBTProposer(AbstractProposer):
     def num_candidates(self) -> int:
         return self.proposer.num_candidates
 
+    def _num_replaced(self) -> Array:
+        K = self.num_candidates
+        n = jnp.ceil(self.quantile * K).astype(jnp.int32)
+        return jnp.clip(n, 1, K // 2)
+
     @property
     def num_replaced(self) -> int:
-        """Members replaced per step: `ceil(quantile * K)`, at most `K // 2`."""
-        K = self.num_candidates
-        return max(1, min(K // 2, math.ceil(self.quantile * K)))
+        """Members replaced per step: `ceil(quantile * K)`, at least 1 and at most `K // 2`."""
+        return int(self._num_replaced())
 
     def labels(self) -> tuple[str, ...]:
         return self.proposer.labels()
@@ -171,7 +174,7 @@ class PBTProposer(AbstractProposer):
         """Exploit and explore (ranked on `outcome.scores`); without scores (an outcome built
         by hand) only non-finite members are replaced."""
         inner = self.proposer
-        K, n = self.num_candidates, self.num_replaced
+        K, n = self.num_candidates, self._num_replaced()
         key, k_pick, k_coin, k_resample, k_from = jax.random.split(state.key, 5)
         finite = inner.lineages_finite(state)
         if outcome.scores is None:
@@ -179,12 +182,12 @@ class PBTProposer(AbstractProposer):
             bottom = jnp.zeros((K,), bool)
         else:
             score = outcome.scores[self.objective]
-            order = jnp.argsort(jnp.where(jnp.isfinite(score), score, -jnp.inf))
-            bottom = jnp.zeros((K,), bool).at[order[:n]].set(True)
+            bottom = _ranks(jnp.where(jnp.isfinite(score), score, -jnp.inf)) < n
         score = jnp.where(finite & jnp.isfinite(score), score, -jnp.inf)
-        top = jnp.argsort(score)[K - n :]  # a top member is finite whenever any member is
+        order = jnp.argsort(score, stable=True)  # the top n are finite whenever any member is
+        rank = K - n + jnp.floor(jax.random.uniform(k_pick, (K,)) * n).astype(jnp.int32)
         exploit = bottom | ~finite
-        src = jnp.where(exploit, top[jax.random.randint(k_pick, (K,), 0, n)], jnp.arange(K))
+        src = jnp.where(exploit, order[jnp.clip(rank, K - n, K - 1)], jnp.arange(K))
         state = inner.copy_rows(state, src, lineages=True)
         slots = inner.slots(state, self.names)
         m = max(len(slots), 1)

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int, PyTree
+from jaxtyping import Array, Bool, Float, Int, PyTree, Shaped
 
 from .._types import tree_concat
 
@@ -28,7 +28,7 @@ def _split(tree: PyTree[Array], sizes: Sequence[int]) -> list[PyTree[Array]]:
     ]
 
 
-def rows_mask(mask: Bool[Array, " n"], x: Array) -> Array:
+def rows_mask(mask: Shaped[Array, " n"], x: Array) -> Array:
     """`mask` reshaped to broadcast against `x`'s leading (row) axis."""
     return mask.reshape(mask.shape + (1,) * (x.ndim - 1))
 
