@@ -185,7 +185,8 @@ class PBTProposer(AbstractProposer):
             bottom = _ranks(jnp.where(jnp.isfinite(score), score, -jnp.inf)) < n
         score = jnp.where(finite & jnp.isfinite(score), score, -jnp.inf)
         order = jnp.argsort(score, stable=True)  # the top n are finite whenever any member is
-        rank = K - n + jnp.floor(jax.random.uniform(k_pick, (K,)) * n).astype(jnp.int32)
+        within = jnp.floor(jax.random.uniform(k_pick, (K,)) * n.astype(jnp.float32))
+        rank = K - n + within.astype(jnp.int32)  # a uniform draw among the top n
         exploit = bottom | ~finite
         src = jnp.where(exploit, order[jnp.clip(rank, K - n, K - 1)], jnp.arange(K))
         state = inner.copy_rows(state, src, lineages=True)
