@@ -9,13 +9,12 @@ import optax
 import pytest
 
 import ev3core as ev3
-from ev3core._host.smoke import smoke_data
 from ev3core.errors import ConfigurationError
 
 
 @pytest.fixture(scope="module")
 def smoke():
-    data, _ = smoke_data(jax.random.key(0), n=3_000)
+    data, _ = ev3.toy_problem(jax.random.key(0), n=3_000)
     return data, eqx.nn.MLP(2, 2, 8, 1, key=jax.random.key(1))
 
 

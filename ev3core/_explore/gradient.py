@@ -363,7 +363,7 @@ class GradientProposer(AbstractProposer):
         }
 
     def _check_hyper_names(self, names: Sequence[str], owner: str) -> None:
-        known = set()
+        known: set[str] = set()
         for opt in self.optimizers:
             known.update(opt.hyperparams)
         for gi in range(len(self.groups)):
@@ -405,6 +405,7 @@ class GradientProposer(AbstractProposer):
         if slot.kind == "opt":
             vals = [opt_hyperparams(state.opt_states[j][gi])[slot.name] for j, gi in slot.blocks]
         else:
+            assert state.loss_params is not None  # loss slots exist only with loss_params
             vals = [getattr(state.loss_params[j][gi], slot.name) for j, gi in slot.blocks]
         return jnp.concatenate(vals)
 
@@ -437,6 +438,7 @@ class GradientProposer(AbstractProposer):
             if slot.kind == "opt":
                 opt_states[j][gi] = with_opt_hyperparams(opt_states[j][gi], {slot.name: v})
             else:
+                assert loss_params is not None  # loss slots exist only with loss_params
                 loss_params[j][gi] = eqx.tree_at(
                     lambda lp, name=slot.name: getattr(lp, name), loss_params[j][gi], v
                 )
@@ -725,6 +727,7 @@ class GradientProposer(AbstractProposer):
         """`"continue"` with `Evolve(truncate=...)`: restarted lineages start from the new
         current model with the accepted candidate's optimizer state (same family); the others
         continue with their own; non-finite ones restart with a fresh optimizer state."""
+        assert state.lineages is not None  # "continue" keeps lineages
         K = self.num_candidates
         finite = self.lineages_finite(state)
         restart = self._restart_mask(outcome) | ~finite
@@ -744,13 +747,15 @@ class GradientProposer(AbstractProposer):
             ),
             loss_params=state.loss_params,
         )
+        own_lineages = state.lineages
+        assert own_lineages is not None
         lineages, states = [], []
         for j, opt in enumerate(self.optimizers):
             fresh = opt.transformation().init(outcome.params)
             lin_blocks, opt_blocks = [], []
             for gi, (_, _, rows) in enumerate(b for b in self.block_rows() if b[0] == j):
                 r = jnp.asarray(rows)
-                lin_blocks.append(_where_rows(restart[r], outcome.params, state.lineages[j][gi]))
+                lin_blocks.append(_where_rows(restart[r], outcome.params, own_lineages[j][gi]))
                 opt_blocks.append(_where_rows(~finite[r], fresh, state.opt_states[j][gi]))
             lineages.append(tuple(lin_blocks))
             states.append(tuple(opt_blocks))

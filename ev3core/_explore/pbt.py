@@ -174,6 +174,7 @@ class PBTProposer(AbstractProposer):
         """Exploit and explore (ranked on `outcome.scores`); without scores (an outcome built
         by hand) only non-finite members are replaced."""
         inner = self.proposer
+        assert state.key is not None  # init stores the key that exploit and explore draw from
         K, n = self.num_candidates, self._num_replaced()
         key, k_pick, k_coin, k_resample, k_from = jax.random.split(state.key, 5)
         finite = inner.lineages_finite(state)
