@@ -43,11 +43,14 @@ from ._assess.scores import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine.engine import Engine as Engine
+from ._explore.compute import gradient_evaluations as gradient_evaluations
 from ._explore.gradient import (
     GradientProposer as GradientProposer,
     GradientProposerState as GradientProposerState,
 )
+from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import CrossEntropy as CrossEntropy
+from ._explore.pbt import PBTProposer as PBTProposer
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
@@ -114,6 +117,7 @@ __all__ = [
     "EV3SchedulerState",
     "EXP3Priority",
     "Engine",
+    "Evolve",
     "F1Score",
     "Feedback",
     "GradientProposer",
@@ -127,7 +131,9 @@ __all__ = [
     "NegExpectedCalibrationError",
     "NormalBound",
     "Objective",
+    "Optimizer",
     "Outcome",
+    "PBTProposer",
     "PairedBound",
     "Pipeline",
     "Plugins",
@@ -142,6 +148,7 @@ __all__ = [
     "WeightedSum",
     "candidate_mesh",
     "errors",
+    "gradient_evaluations",
     "hookimpl",
     "hookspecs",
     "latest_checkpoint",

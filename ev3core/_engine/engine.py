@@ -603,6 +603,8 @@ class Engine(eqx.Module):
         new_stable = tree_where(update_stable, winner_params, state.stable)
         accepted = choice == WINNER
 
+        assess_mean = self._summaries(scores_a)
+        ranked = jnp.where(valid, assess_mean[:, :K], -jnp.inf)  # Outcome.scores
         offset = 0
         new_pstates = []
         for p, ps in zip(self.proposers, pstates):
@@ -614,6 +616,7 @@ class Engine(eqx.Module):
                 significant=significant,
                 params=new_current,
                 changed=choice != CURRENT,
+                scores=ranked[:, offset : offset + p.num_candidates],
             )
             new_pstates.append(p.adapt(ps, outcome))
             offset += p.num_candidates
@@ -648,7 +651,7 @@ class Engine(eqx.Module):
             significant=significant,
             num_invalid=jnp.sum(~valid).astype(jnp.int32),
             valid=valid,
-            assess_mean=self._summaries(scores_a),
+            assess_mean=assess_mean,
             decide_mean=decide_mean,
             decide_lower=decision.lower,
             decide_upper=decision.upper,
