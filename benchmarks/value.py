@@ -1174,6 +1174,9 @@ def main(argv: list[str] | None = None) -> int:
         results[name] = res
         print_table(name, res, log)
         log(f"  ({res['wall_seconds']:.0f} s; {time.perf_counter() - t0:.0f} s so far)")
+        if args.json:  # keep what is done if a later scenario fails
+            with open(args.json + ".partial", "w") as f:
+                json.dump({"scenarios": results}, f)
     groups = {g: group_summary(results, names) for g, names in GROUPS.items()}
     log("\n== scenarios ==")
     for g, s in groups.items():
