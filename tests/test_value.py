@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -116,7 +115,7 @@ def test_compute_is_equal_across_methods(value):
 def test_selection_ignores_test_labels(value, monkeypatch):
     """Permuting the test labels changes the reported test metrics but no selection: the
     configurations and checkpoints the searches pick, EV3's and PBT's acceptances."""
-    budget = value.Budget(trajectory=4, iterations=3)
+    budget = value.budgets(quick=True)["label"]  # as --quick: the next test reuses the compiles
     build = value.build_label_problem
     runs = []
     for permute in (False, True):
@@ -141,31 +140,17 @@ def test_selection_ignores_test_labels(value, monkeypatch):
         assert a["methods"][m]["final_decide"] == b["methods"][m]["final_decide"]
 
 
-def test_quick_mode_writes_every_per_seed_figure(tmp_path):
+def test_quick_mode_writes_every_per_seed_figure(value, tmp_path, capsys):
     out = tmp_path / "value.json"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            str(SCRIPT),
-            "--quick",
-            "--scenarios",
-            "noise_asym_pretrained",
-            "--json",
-            str(out),
-            "--plot",
-            str(tmp_path / "value.png"),
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=900,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    argv = [
+        "--quick", "--scenarios", "noise_sym_pretrained", "--json", str(out),
+        "--plot", str(tmp_path / "value.png"), "--markdown", str(tmp_path / "value.md"),
+    ]  # fmt: skip
+    assert value.main(argv) == 0
     res = json.loads(out.read_text())
     assert res["command"].startswith("python benchmarks/value.py --quick")
-    sc = res["scenarios"]["noise_asym_pretrained"]
-    seeds = sc["seeds"]
-    assert len(seeds) == 2 and len(sc["start_test"]) == 2
+    sc = res["scenarios"]["noise_sym_pretrained"]
+    assert sc["seeds"] == [0, 1] and len(sc["start_test"]) == 2
     computes = {m: r["gradient_evaluations"] for m, r in sc["methods"].items()}
     assert set(computes) == {"ev3", "grid", "random", "pbt", "plain"}
     assert len(set(computes.values())) == 1, computes
@@ -174,6 +159,10 @@ def test_quick_mode_writes_every_per_seed_figure(tmp_path):
         assert r["curve_x"][-1] == r["gradient_evaluations"]
     s = sc["summary"]
     assert s["best_alternative"] in {"grid", "random", "pbt", "plain"}
-    assert s["ev3_minus_best"]["low"] <= s["ev3_minus_best"]["mean"] <= s["ev3_minus_best"]["high"]
+    ci = s["ev3_minus_best"]
+    assert ci["low"] <= ci["mean"] <= ci["high"]
+    assert set(s["below_start"]) == set(computes)
+    assert res["groups"]["b"]["variants"] == ["noise_sym_pretrained"]
     assert (tmp_path / "value.png").stat().st_size > 0
-    assert "EV3 - best alternative" in proc.stderr
+    assert "EV3 − best alternative" in (tmp_path / "value.md").read_text()
+    assert "EV3 - best alternative" in capsys.readouterr().err
