@@ -122,6 +122,7 @@ class WorstClassAccuracy(AbstractBatchAssessor):
     """
 
     num_classes: int = eqx.field(static=True, default=10)
+    direction = "max"  # higher is better
 
     @property
     def name(self) -> str:
@@ -1160,7 +1161,10 @@ def main(argv: list[str] | None = None) -> int:
     for path in args.merge or []:
         with open(path) as f:
             part = json.load(f)
-        parts.append({k: part[k] for k in ("command", "budgets", "wall_seconds")})
+        # a `.partial` file (written after each scenario) has the scenarios only
+        parts.append(
+            {"file": path} | {k: part.get(k) for k in ("command", "budgets", "wall_seconds")}
+        )
         for name, res in part["scenarios"].items():
             results[name] = res
             print_table(name, res, log)
