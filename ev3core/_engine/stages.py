@@ -118,7 +118,7 @@ def _adapt_proposers(
     winner: Int[Array, ""],
     decision: Decision,
     params: PyTree[Array],
-    scores: Float[Array, "objective candidate"],
+    ranked: Float[Array, "objective candidate"],
 ) -> tuple[PyTree, ...]:
     """Each proposer learns which of its candidates (if any) was accepted, and its
     candidates' assess summaries (`Outcome.scores`, `-inf` where invalid)."""
@@ -133,7 +133,7 @@ def _adapt_proposers(
             significant=decision.significant,
             params=params,
             changed=decision.choice != CURRENT,
-            scores=scores[:, offset : offset + p.num_candidates],
+            scores=ranked[:, offset : offset + p.num_candidates],
         )
         out.append(p.adapt(ps, outcome))
         offset += p.num_candidates
@@ -165,7 +165,7 @@ def adapt(
     decide_mean = summaries(assessors, scores)
     assess_mean = summaries(assessors, assessed.scores)
     k = assessed.valid.shape[0]
-    ranked = jnp.where(assessed.valid, assess_mean[:, :k], -jnp.inf)
+    ranked = jnp.where(assessed.valid, assess_mean[:, :k], -jnp.inf)  # Outcome.scores
     new_state = State(
         step=state.step + 1,
         key=next_key,

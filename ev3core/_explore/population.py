@@ -70,7 +70,8 @@ def log_move(
     ok = rows_mask(move, v) & (v > 0) & (t > 0)
     lv = jnp.log(jnp.where(ok, v, 1.0))
     lt = jnp.log(jnp.where(ok, t, 1.0))
-    new = jnp.exp(lv + pull * (lt - lv) + rows_mask(noise, v))
+    per_row = noise.reshape(noise.shape + (1,) * (v.ndim - 1))  # noise is not a mask
+    new = jnp.exp(lv + pull * (lt - lv) + per_row)
     return jnp.where(ok, new, v).astype(values.dtype)
 
 
