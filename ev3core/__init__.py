@@ -44,11 +44,14 @@ from ._assess.scores import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine.engine import Engine as Engine
+from ._explore.compute import gradient_evaluations as gradient_evaluations
 from ._explore.gradient import (
     GradientProposer as GradientProposer,
     GradientProposerState as GradientProposerState,
 )
+from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import CrossEntropy as CrossEntropy
+from ._explore.pbt import PBTProposer as PBTProposer
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
@@ -125,6 +128,7 @@ __all__ = [
     "EV3SchedulerState",
     "EXP3Priority",
     "Engine",
+    "Evolve",
     "F1Score",
     "Feedback",
     "GradientProposer",
@@ -138,7 +142,9 @@ __all__ = [
     "NegExpectedCalibrationError",
     "NormalBound",
     "Objective",
+    "Optimizer",
     "Outcome",
+    "PBTProposer",
     "PairedBound",
     "Pipeline",
     "toy_model",
@@ -155,6 +161,7 @@ __all__ = [
     "WeightedSum",
     "candidate_mesh",
     "errors",
+    "gradient_evaluations",
     "hookimpl",
     "hookspecs",
     "latest_checkpoint",
