@@ -48,6 +48,11 @@ from ._explore.gradient import (
     GradientProposerState as GradientProposerState,
 )
 from ._explore.losses import CrossEntropy as CrossEntropy
+from ._host.cache import (
+    default_cache_dir as default_cache_dir,
+    disable_compilation_cache as disable_compilation_cache,
+    enable_compilation_cache as enable_compilation_cache,
+)
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
@@ -141,6 +146,9 @@ __all__ = [
     "WeightedChebyshev",
     "WeightedSum",
     "candidate_mesh",
+    "default_cache_dir",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "errors",
     "hookimpl",
     "hookspecs",
