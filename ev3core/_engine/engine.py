@@ -33,6 +33,7 @@ from .._types import (
     Outcome,
     State,
     StepInfo,
+    shared_forward,
     split_model,
     tree_all_finite,
     tree_concat,
@@ -316,13 +317,19 @@ class Engine(eqx.Module):
         - `model`: an Equinox module called on one example.
         - `key`: a PRNG key (`jax.random.key(seed)`).
         """
-        params, static = split_model(model)
-        if not jax.tree.leaves(params):
+        if not jax.tree.leaves(split_model(model)[0]):
             raise ConfigurationError(
                 f"The model {type(model).__name__} has no array leaves to optimise."
             )
+        # One compiled program instead of a dozen eagerly dispatched ones (each compiled on
+        # its own): a shorter start-up.
+        state = _init_state(self, model, key)
+        return state if self.mesh is None else shard_state(state, self.mesh)
+
+    def _init_pure(self, model: Any, key: PRNGKeyArray) -> State:
+        params, static = split_model(model)
         keys = jax.random.split(key, len(self.proposers) + 1)
-        state = State(
+        return State(
             step=jnp.zeros((), jnp.int32),
             key=keys[0],
             current=params,
@@ -334,7 +341,6 @@ class Engine(eqx.Module):
             history=History.empty(self.history_size, len(self.assessors)),
             static=static,
         )
-        return state if self.mesh is None else shard_state(state, self.mesh)
 
     def check_data(self, data: Data, state: State | None = None) -> None:
         """Raise `ConfigurationError` if `data` cannot feed this engine (host side, no compile).
@@ -485,7 +491,8 @@ class Engine(eqx.Module):
     ) -> Array:
         def score(p):
             model = eqx.combine(p, static)
-            return jnp.stack([a(model, batch).astype(jnp.float32) for a in self.assessors])
+            with shared_forward():  # assessors share one traced forward pass of `model`
+                return jnp.stack([a(model, batch).astype(jnp.float32) for a in self.assessors])
 
         n = jax.tree.leaves(params)[0].shape[0]
         if chunk is None or chunk >= n:
@@ -693,6 +700,11 @@ class Engine(eqx.Module):
     def scan_donated(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
         """`scan` that reuses the buffers of `state` (see `step_donated`)."""
         return _scan_donated((self, data, num_steps), state)
+
+
+@eqx.filter_jit
+def _init_state(engine: Engine, model: Any, key: PRNGKeyArray) -> State:
+    return engine._init_pure(model, key)
 
 
 @functools.partial(eqx.filter_jit, donate="all-except-first")

@@ -10,6 +10,7 @@ on 128 examples with alpha 0.5; decide on 2048 examples with alpha 4, with the r
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import equinox as eqx
@@ -32,6 +33,11 @@ NUM_EXAMPLES = 100_000
 
 def smoke_data(key: PRNGKeyArray, n: int = NUM_EXAMPLES) -> tuple[Data, tuple[Array, Array]]:
     """`(Data, test_set)` for the smoke problem; every split is drawn independently."""
+    return _smoke_data(key, int(n))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one program, not one per operation
+def _smoke_data(key: PRNGKeyArray, n: int) -> tuple[Data, tuple[Array, Array]]:
     kw, kp, ka, kd, kt = jax.random.split(key, 5)
     w = jax.random.normal(kw, (2,))
 
@@ -44,6 +50,11 @@ def smoke_data(key: PRNGKeyArray, n: int = NUM_EXAMPLES) -> tuple[Data, tuple[Ar
 
 def smoke_model(key: PRNGKeyArray) -> Any:
     """MLP 2 -> 8 (ReLU) -> 2."""
+    return _smoke_model(key)
+
+
+@eqx.filter_jit  # one program, not one per operation
+def _smoke_model(key: PRNGKeyArray) -> Any:
     return eqx.nn.MLP(2, 2, 8, 1, activation=jax.nn.relu, key=key)
 
 
