@@ -38,7 +38,7 @@ def child(cache: str | None) -> None:
     import jax
 
     import ev3core
-    from ev3core._host.smoke import smoke_data, smoke_model, smoke_pipeline
+    from ev3core._host.smoke import smoke_pipeline
 
     t_import = time.perf_counter()
     if cache is None:
@@ -46,9 +46,9 @@ def child(cache: str | None) -> None:
     else:
         ev3core.enable_compilation_cache(cache)
     k_data, k_model, k_run = jax.random.split(jax.random.key(0), 3)
-    data, _ = smoke_data(k_data)
-    engine = smoke_pipeline().build()
-    state = engine.init(smoke_model(k_model), k_run)
+    data, _ = ev3core.toy_problem(k_data)
+    engine = smoke_pipeline(plugins=ev3core.plugin_manager()).build()
+    state = engine.init(ev3core.toy_model(k_model), k_run)
     jax.block_until_ready(state)
     t_build = time.perf_counter()
     state, info = engine.step(state, data)
