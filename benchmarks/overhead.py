@@ -13,6 +13,8 @@ For each depth, medians over `--iters` calls (each after the previous result is 
 * `step_total_s`: the call plus waiting for its result,
 * `floor_call_s`: the same compiled program called as a plain `jax.jit` on the flat list of
   array leaves, the least host work any entry point can do,
+* `filter_jit_call_s`: the same step behind `eqx.filter_jit` (the entry point `Engine.step`
+  had before), which partitions engine, state and data on every call,
 
 and the ratios 50-layer / 1-layer (target: `step_call_s` within 20%). Run:
 
@@ -85,6 +87,16 @@ def measure(depth: int, iters: int) -> dict:
         e, s, d = eqx.combine(jax.tree.unflatten(treedef, xs), static)
         return e.step_pure(s, d)
 
+    # The entry point `Engine.step` had before: `eqx.filter_jit`, re-partitioning every call.
+    filtered = eqx.filter_jit(lambda e, s, d: e.step_pure(s, d))
+    jax.block_until_ready(filtered(engine, state, data))
+    filter_calls = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        out = filtered(engine, state, data)
+        filter_calls.append(time.perf_counter() - t0)
+        jax.block_until_ready(out)
+
     jax.block_until_ready(flat_step(*flat))
     floors = []
     for _ in range(iters):
@@ -99,6 +111,7 @@ def measure(depth: int, iters: int) -> dict:
         "step_call_s": statistics.median(calls),
         "step_total_s": statistics.median(totals),
         "floor_call_s": statistics.median(floors),
+        "filter_jit_call_s": statistics.median(filter_calls),
     }
 
 
@@ -117,17 +130,19 @@ def main() -> None:
         print(
             f"depth {depth:3d} ({r['state_and_data_leaves']:4d} leaves): step call "
             f"{r['step_call_s'] * 1e3:7.3f} ms, call + wait {r['step_total_s'] * 1e3:7.3f} ms, "
-            f"plain jit call {r['floor_call_s'] * 1e3:7.3f} ms",
+            f"plain jit call {r['floor_call_s'] * 1e3:7.3f} ms, eqx.filter_jit call "
+            f"{r['filter_jit_call_s'] * 1e3:7.3f} ms",
             flush=True,
         )
     first, last = rows[0], rows[-1]
     ratios = {
-        key: last[key] / first[key] for key in ("step_call_s", "step_total_s", "floor_call_s")
+        key: last[key] / first[key]
+        for key in ("step_call_s", "step_total_s", "floor_call_s", "filter_jit_call_s")
     }
     print(
         f"depth {last['depth']} / depth {first['depth']}: step call {ratios['step_call_s']:.2f}x "
         f"(target <= 1.2), call + wait {ratios['step_total_s']:.2f}x, plain jit call "
-        f"{ratios['floor_call_s']:.2f}x"
+        f"{ratios['floor_call_s']:.2f}x, eqx.filter_jit call {ratios['filter_jit_call_s']:.2f}x"
     )
     result = {
         "rows": rows,
