@@ -71,6 +71,10 @@ class Outcome(eqx.Module):
     - `params`: the new current parameters.
     - `changed`: whether the current model changed this step (accepted, or rolled back to
       the stable model); `None` (for outcomes built by hand) means the same as `accepted`.
+    - `scores`: each objective's assess summary (`assessor.summary`, higher is better) of
+      *this proposer's* candidates, `-inf` where a candidate was masked invalid; the engine
+      always fills it, `None` for outcomes built by hand. Population methods rank their
+      members on it (`PBTProposer`, `Evolve(truncate=...)`).
     """
 
     accepted_index: Int[Array, ""]
@@ -78,6 +82,7 @@ class Outcome(eqx.Module):
     significant: Bool[Array, ""]
     params: PyTree[Array]
     changed: Bool[Array, ""] | None = None
+    scores: Float[Array, "objective candidate"] | None = None
 
     @property
     def current_changed(self) -> Bool[Array, ""]:

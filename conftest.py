@@ -1,5 +1,6 @@
-"""Test configuration: strict dtype and rank promotion, 8 virtual CPU devices for sharding
-tests, and the plugin sets tests share.
+"""Test configuration shared by `tests/` and every `plugins/*/tests/` (it lives at the repository
+root so that pytest applies it to both): strict dtype and rank promotion, 8 virtual CPU
+devices for sharding tests, and the plugin sets tests share.
 
 Warnings are errors (pyproject.toml) and jaxtyping checks every ev3core signature at run
 time (`--jaxtyping-packages=ev3core,beartype.beartype`).
