@@ -57,6 +57,19 @@ def pip_install_target():
     return _pip_install_target
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """`ev3 run` processes started by the tests keep their compilation cache (on by default
+    in the per-user cache directory) in a directory of the test session, not the user's."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
+
+
 @pytest.fixture(scope="session")
 def tiny_problem():
     """`(data, model)`: 256 2-D points, label `x0 + x1 > 0` in every stream, and an MLP

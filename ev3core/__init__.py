@@ -52,6 +52,11 @@ from ._explore.gradient import (
 from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import CrossEntropy as CrossEntropy
 from ._explore.pbt import PBTProposer as PBTProposer
+from ._host.cache import (
+    default_cache_dir as default_cache_dir,
+    disable_compilation_cache as disable_compilation_cache,
+    enable_compilation_cache as enable_compilation_cache,
+)
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
@@ -160,6 +165,9 @@ __all__ = [
     "WeightedChebyshev",
     "WeightedSum",
     "candidate_mesh",
+    "default_cache_dir",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "errors",
     "gradient_evaluations",
     "hookimpl",

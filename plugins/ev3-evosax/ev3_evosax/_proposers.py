@@ -7,11 +7,10 @@ import difflib
 import functools
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
-import evosax.algorithms
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,8 +24,33 @@ from ev3core.errors import ConfigurationError
 Recenter = Literal["moved", "always", "never"]
 _RECENTER = ("moved", "always", "never")
 
+
+class _Strategies(Mapping[str, type]):
+    """evosax's distribution-based algorithms, imported on first use: importing evosax takes
+    seconds, and every process that loads the installed plugins (`ev3 run`, whatever it runs)
+    imports this module to register the proposers."""
+
+    @functools.cached_property
+    def _algorithms(self) -> dict[str, type]:
+        import evosax.algorithms
+
+        return dict(evosax.algorithms.distribution_based_algorithms)
+
+    def __getitem__(self, name: str) -> type:
+        return self._algorithms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._algorithms)
+
+    def __len__(self) -> int:
+        return len(self._algorithms)
+
+    def __repr__(self) -> str:
+        return repr(self._algorithms)
+
+
 #: Distribution-based evosax algorithms (they keep a mean, which EV3 can re-centre).
-STRATEGIES: dict[str, type] = dict(evosax.algorithms.distribution_based_algorithms)
+STRATEGIES: Mapping[str, type] = _Strategies()
 
 
 def _standard_promotion() -> Any:
