@@ -43,6 +43,15 @@ from ._assess.scores import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine.engine import Engine as Engine
+from ._explore.augment import (
+    AbstractAugment as AbstractAugment,
+    Compose as Compose,
+    HorizontalFlip as HorizontalFlip,
+    RandomCrop as RandomCrop,
+    Reshaped as Reshaped,
+    Shift1D as Shift1D,
+    augment_batch as augment_batch,
+)
 from ._explore.gradient import (
     GradientProposer as GradientProposer,
     GradientProposerState as GradientProposerState,
@@ -59,6 +68,7 @@ from ._host.observe import (
     ProgressBar as ProgressBar,
 )
 from ._host.run import run as run
+from ._host.stream import DataStream as DataStream
 from ._interfaces import (
     AbstractAssessor as AbstractAssessor,
     AbstractLoss as AbstractLoss,
@@ -76,6 +86,11 @@ from ._sharding import (
     candidate_mesh as candidate_mesh,
     replicate as replicate,
     shard_state as shard_state,
+)
+from ._stateful import (
+    Stateful as Stateful,
+    TrainingView as TrainingView,
+    batch_apply as batch_apply,
 )
 from ._types import (
     CURRENT as CURRENT,
@@ -95,6 +110,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AUC",
     "AbstractAssessor",
+    "AbstractAugment",
     "AbstractBatchAssessor",
     "AbstractBound",
     "AbstractLoss",
@@ -106,9 +122,11 @@ __all__ = [
     "BootstrapBound",
     "CURRENT",
     "Checkpointer",
+    "Compose",
     "Constraint",
     "CrossEntropy",
     "Data",
+    "DataStream",
     "Decision",
     "EV3Scheduler",
     "EV3SchedulerState",
@@ -119,6 +137,7 @@ __all__ = [
     "GradientProposer",
     "GradientProposerState",
     "History",
+    "HorizontalFlip",
     "Interval",
     "JsonlLogger",
     "Lexicographic",
@@ -132,14 +151,21 @@ __all__ = [
     "Pipeline",
     "Plugins",
     "ProgressBar",
+    "RandomCrop",
+    "Reshaped",
     "STABLE",
+    "Shift1D",
     "StallPriority",
     "State",
+    "Stateful",
     "StepInfo",
+    "TrainingView",
     "UCBPriority",
     "WINNER",
     "WeightedChebyshev",
     "WeightedSum",
+    "augment_batch",
+    "batch_apply",
     "candidate_mesh",
     "errors",
     "hookimpl",

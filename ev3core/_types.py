@@ -20,6 +20,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 #: Index of the assess winner in the decide stage's stacked models.
@@ -38,7 +39,8 @@ class Data(eqx.Module):
     Each stream is any pytree of arrays sharing a leading *example* axis (for instance a
     tuple `(x, y)`). The engine samples from them with its own key, so the whole data set can
     live on the device; a host loop may instead pass small fresh streams at every step (keep
-    their shapes fixed to avoid recompiling).
+    their shapes fixed to avoid recompiling). Host NumPy arrays are accepted too (a
+    `DataStream` yields them and puts them on the device).
 
     **Arguments:**
 
@@ -49,9 +51,9 @@ class Data(eqx.Module):
       make the accept / roll back decision.
     """
 
-    propose: PyTree[Array]
-    assess: PyTree[Array]
-    decide: PyTree[Array]
+    propose: PyTree[Array | np.ndarray]
+    assess: PyTree[Array | np.ndarray]
+    decide: PyTree[Array | np.ndarray]
 
 
 class Outcome(eqx.Module):
@@ -308,4 +310,6 @@ def _as_float_array(x: Any) -> Float[Array, ""]:
 
 
 def _logits(model: Any, x: Array) -> Float[Array, "example class"]:
-    return jax.vmap(model)(x)
+    from ._stateful import batch_apply
+
+    return batch_apply(model, x)

@@ -13,6 +13,7 @@ import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractLoss, AbstractProposer
+from .._stateful import Stateful, loss_and_state, trainable, with_trainable
 from .._types import (
     Outcome,
     tree_all_finite,
@@ -22,6 +23,7 @@ from .._types import (
     tree_where,
 )
 from ..errors import ConfigurationError
+from .augment import AbstractAugment, augment_batch
 
 RejectPolicy = Literal["keep", "reset", "copy", "continue"]
 _POLICIES = ("keep", "reset", "copy", "continue")
@@ -149,6 +151,14 @@ class GradientProposer(AbstractProposer):
       candidates (`lax.map` with `batch_size`, each group running its whole trajectory), so
       only one group's gradients, updates and activations are alive at once; same batches,
       same results. `None` (default): all candidates in one vmapped trajectory.
+    - `augment`: an `ev3core.AbstractAugment` (e.g. `Compose([RandomCrop(4),
+      HorizontalFlip()])`) applied to the inputs of every training batch, one key per
+      example from the trajectory step's key; `None` (default): no augmentation.
+
+    Models with BatchNorm or dropout (`ev3core.Stateful`) train in training mode with a key
+    per step (losses see `Stateful.training(key)`; see `ev3core.batch_apply`), and their
+    running statistics are threaded through each trajectory: every candidate ends with its
+    own. Gradients and optimizer states cover the weights only.
 
     ```python
     proposer = GradientProposer(
@@ -170,6 +180,7 @@ class GradientProposer(AbstractProposer):
     growth_factor: Float[Array, ""]
     patience: Int[Array, ""]
     chunk_size: int | None = eqx.field(static=True, default=None)
+    augment: AbstractAugment | None = None
 
     def __init__(
         self,
@@ -183,6 +194,7 @@ class GradientProposer(AbstractProposer):
         growth_factor: float | Array = 2.0,
         patience: int | Array = 3,
         chunk_size: int | None = None,
+        augment: AbstractAugment | None = None,
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
@@ -244,6 +256,12 @@ class GradientProposer(AbstractProposer):
                 "to advance every candidate at once)."
             )
         self.chunk_size = None if chunk_size is None else int(chunk_size)
+        if augment is not None and not isinstance(augment, AbstractAugment):
+            raise ConfigurationError(
+                f"GradientProposer: augment={augment!r} is not an ev3core.AbstractAugment "
+                "(e.g. ev3core.Compose([ev3core.RandomCrop(4), ev3core.HorizontalFlip()]))."
+            )
+        self.augment = augment
         if not isinstance(self.growth_factor, jax.core.Tracer) and not (
             float(self.growth_factor) >= 1.0 and int(self.patience) >= 1
         ):
@@ -273,7 +291,7 @@ class GradientProposer(AbstractProposer):
         del static, key
         return GradientProposerState(
             opt_states=tuple(
-                tuple(_broadcast(opt.init(params), len(g)) for g in self.groups)
+                tuple(_broadcast(opt.init(trainable(params)), len(g)) for g in self.groups)
                 for opt in self.optimizers
             ),
             length=jnp.asarray(self.steps, jnp.int32) if self.grows else None,
@@ -318,15 +336,35 @@ class GradientProposer(AbstractProposer):
                 blocks.append((opt, dyn, lstatic, start, size))
                 start += size
 
+        stateful = isinstance(static, Stateful)
+
         def one(opt, lstatic, p, o, loss_dyn, batch, k):
             loss = eqx.combine(loss_dyn, lstatic)
+            if self.augment is not None:
+                k, k_aug = jax.random.split(k)
+                batch = augment_batch(self.augment, batch, k_aug)
+            if not stateful:
 
-            def f(p):
-                return loss(eqx.combine(p, static), batch, k)
+                def f(p):
+                    return loss(eqx.combine(p, static), batch, k)
 
-            grads = eqx.filter_grad(f)(p)
-            updates, o = opt.update(grads, o, p)
-            return optax.apply_updates(p, updates), o
+                grads = eqx.filter_grad(f)(p)
+                updates, o = opt.update(grads, o, p)
+                return optax.apply_updates(p, updates), o
+
+            k, k_model = jax.random.split(k)
+
+            def g(w):  # the weights only; the running statistics come out as aux
+                model = eqx.combine(with_trainable(p, w), static)
+                return loss_and_state(model, k_model, lambda v: loss(v, batch, k), batch)
+
+            grads, new_state = eqx.filter_grad(g, has_aux=True)(trainable(p))
+            updates, o = opt.update(grads, o, trainable(p))
+            w = optax.apply_updates(trainable(p), updates)
+            p = eqx.tree_at(lambda q: q.model, p, w)
+            if new_state is not None:
+                p = eqx.tree_at(lambda q: q.state, p, new_state)
+            return p, o
 
         def advance(carry, idx_t, keys_t):
             new_carry = []
@@ -438,7 +476,7 @@ class GradientProposer(AbstractProposer):
         for j, (opt, per_opt) in enumerate(zip(self.optimizers, state.opt_states)):
             base = j * n_loss
             if self.on_reject == "reset":
-                fresh = opt.init(outcome.params)
+                fresh = opt.init(trainable(outcome.params))
                 blocks = []
                 start = base
                 for o, size in zip(per_opt, sizes):
@@ -470,7 +508,7 @@ class GradientProposer(AbstractProposer):
         changed = outcome.current_changed
         lineages, states = [], []
         for opt, per_lin, per_opt in zip(self.optimizers, state.lineages, opt_states):
-            fresh = opt.init(outcome.params)
+            fresh = opt.init(trainable(outcome.params))
             lin_blocks, opt_blocks = [], []
             for p, o in zip(per_lin, per_opt):
                 finite = tree_all_finite(p, batch_dims=1)

@@ -16,6 +16,7 @@ from .._faults import component_owner, describe_component
 from .._plugins.manager import Plugins, plugins as default_plugins
 from .._types import Data, State, StepInfo
 from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
+from .stream import DataStream
 
 logger = logging.getLogger("ev3core")
 
@@ -99,7 +100,7 @@ def call_lifecycle(plugins: Plugins, name: str, **kwargs: Any) -> None:
 def run(
     engine: Engine,
     state: State,
-    data: Data,
+    data: Data | DataStream,
     num_steps: int,
     *,
     plugins: Plugins | None = None,
@@ -109,7 +110,10 @@ def run(
 
     **Arguments:**
 
-    - `engine`, `state`, `data`: as for `Engine.step`.
+    - `engine`, `state`: as for `Engine.step`.
+    - `data`: a `Data` on the device (the fast path: the engine samples every batch on the
+      device), or a `DataStream` yielding a fresh `Data` per step from the host (e.g. a grain
+      loader; see `DataStream`), for data that does not fit on the device.
     - `num_steps`: steps to take.
     - `plugins`: whose lifecycle hooks to call (default `ev3core.plugins()`).
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
@@ -129,8 +133,17 @@ def run(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
     plugins = plugins if plugins is not None else default_plugins()
+    stream = data if isinstance(data, DataStream) else None
+    if stream is not None and int(chunk) != 1:
+        raise ConfigurationError(
+            f"run: chunk={chunk} with a DataStream; streamed data gives one Data per step, "
+            "so use chunk=1 (put the data on the device as one Data to scan chunks)."
+        )
     # Abstract evaluation (no compilation) of every component on the data's shapes.
-    _guarded(engine, plugins, engine.check_data, data, state)
+    if stream is None:
+        _guarded(engine, plugins, engine.check_data, data, state)
+    elif num_steps:
+        _guarded(engine, plugins, engine.check_data, stream.peek(), state)
     call_lifecycle(plugins, "ev3_run_start", engine=engine, state=state, num_steps=num_steps)
     infos: list[StepInfo] = []
     done = 0
@@ -140,7 +153,10 @@ def run(
         try:
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
-                if n == 1:
+                if stream is not None:
+                    state, info = _guarded(engine, plugins, engine.step, state, next(stream))
+                    batch = [info]
+                elif n == 1:
                     state, info = _guarded(engine, plugins, engine.step, state, data)
                     batch = [info]
                 else:

@@ -18,6 +18,7 @@ from ._experiment import (
 from ._growth import (
     GrowthPolicy as GrowthPolicy,
     StudentArchive as StudentArchive,
+    grow_resnet as grow_resnet,
     grow_state as grow_state,
 )
 from ._losses import DistillLoss as DistillLoss, LabelLoss as LabelLoss, kd_loss as kd_loss
@@ -30,10 +31,27 @@ from ._models import (
     model_from_description as model_from_description,
     widen as widen,
 )
+from ._resnet import (
+    BasicBlock as BasicBlock,
+    ResNet as ResNet,
+    deepen_resnet as deepen_resnet,
+    embed as embed,
+    grow_tree as grow_tree,
+    make_resnet as make_resnet,
+    widen_resnet as widen_resnet,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BasicBlock",
+    "ResNet",
+    "deepen_resnet",
+    "embed",
+    "grow_resnet",
+    "grow_tree",
+    "make_resnet",
+    "widen_resnet",
     "CNN",
     "DATASETS",
     "DistillConfig",
