@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -142,7 +143,7 @@ class Compose(AbstractAugment):
 
     augments: tuple[AbstractAugment, ...]
 
-    def __init__(self, augments: Sequence[AbstractAugment]):
+    def __init__(self, augments: Sequence[Any]):  # checked below, with a clear error
         augments = tuple(augments)
         for a in augments:
             if not isinstance(a, AbstractAugment):

@@ -194,7 +194,7 @@ class GradientProposer(AbstractProposer):
         growth_factor: float | Array = 2.0,
         patience: int | Array = 3,
         chunk_size: int | None = None,
-        augment: AbstractAugment | None = None,
+        augment: Any = None,  # an AbstractAugment or None, checked below with a clear error
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
