@@ -50,9 +50,9 @@ def trained():
 
 
 def test_resnet_shapes_and_depth():
-    model, state = make_resnet((32, 32, 3), 10, depth=14, key=jax.random.key(0))
+    model, state = make_resnet((8, 8, 3), 10, depth=14, key=jax.random.key(0))
     assert model.depth == 14 and model.blocks == (2, 2, 2) and model.widths == (16, 32, 64)
-    y = _infer(model, state, jnp.ones((2, 32, 32, 3)))
+    y = _infer(model, state, jnp.ones((2, 8, 8, 3)))
     assert y.shape == (2, 10)
     with pytest.raises(ConfigurationError, match="6 s \\+ 2"):
         ResNet((32, 32, 3), 10, depth=10, key=jax.random.key(0))

@@ -837,7 +837,9 @@ def check_assessor(
         )
     if chk.wants("vmap"):
         params, static = split_model(problem.model)
-        stacked = jax.tree.map(lambda x: jnp.stack([x, x * 0.5]), params)
+        # halve the float leaves (a model's state may hold integer or boolean counters)
+        halve = lambda x: x * 0.5 if jnp.issubdtype(x.dtype, jnp.inexact) else x  # noqa: E731
+        stacked = jax.tree.map(lambda x: jnp.stack([x, halve(x)]), params)
         batched = chk.run(
             "vmap",
             "a call vmapped over two stacked models (as the engine does)",
@@ -845,7 +847,7 @@ def check_assessor(
             assessor,
             stacked,
         )
-        half = eqx.combine(jax.tree.map(lambda x: x * 0.5, params), static)
+        half = eqx.combine(jax.tree.map(halve, params), static)
         if not (_close(batched[0], out) and _close(batched[1], jscore(assessor, half))):
             chk.fail(
                 "vmap",
