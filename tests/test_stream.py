@@ -34,7 +34,20 @@ def _grain_dataset():
         p, a, d = idx[:B], idx[B : 2 * B], idx[2 * B :]
         return ev3.Data(propose=(x[p], y[p]), assess=(x[a], y[a]), decide=(x[d], y[d]))
 
-    return grain.MapDataset.source(np.arange(N)).shuffle(seed=7).batch(3 * B).map(to_data)
+    return (
+        grain.MapDataset.source(np.arange(N))
+        .shuffle(seed=7)
+        .batch(3 * B, drop_remainder=True)
+        .map(to_data)
+    )
+
+
+def _ragged():
+    """Full batches, then the short remainder batch of an epoch (no drop_remainder)."""
+    x, y = _arrays()
+    for idx in (np.arange(3 * B), np.arange(3 * B, 3 * B + 2 * B)):
+        p, a, d = idx[:B], idx[B : 2 * B], idx[2 * B :]
+        yield ev3.Data(propose=(x[p], y[p]), assess=(x[a], y[a]), decide=(x[d], y[d]))
 
 
 @pytest.fixture(scope="module")
@@ -114,6 +127,9 @@ def test_stream_errors_are_explained(problem):
     engine, init = problem
     with pytest.raises(ConfigurationError, match="ran out"):
         ev3.run(engine, init, ev3.DataStream(_grain_dataset()[:2]), 5, plugins=_plugins())
+    ragged = ev3.DataStream(_ragged())
+    with pytest.raises(ConfigurationError, match="element 1 has shapes"):
+        ev3.run(engine, init, ragged, 3, plugins=_plugins())
     with pytest.raises(ConfigurationError, match="not an ev3core.Data"):
         ev3.run(engine, init, ev3.DataStream(iter([1, 2])), 1, plugins=_plugins())
     with pytest.raises(ConfigurationError, match="chunk=1"):

@@ -15,6 +15,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import jax
+import numpy as np
 
 from .._types import Data
 from ..errors import CheckpointError, ConfigurationError
@@ -54,9 +55,10 @@ class DataStream:
         self.iterable = iterable
         self.prefetch = int(prefetch)
         self.device = device
-        self._it = iter(iterable)
+        self._it: Any = iter(iterable)  # grain iterators add get_state / set_state
         self._ahead: collections.deque[tuple[Any, Data]] = collections.deque()
         self.taken = 0
+        self._shapes: Any = None  # the first element's structure, shapes and dtypes
 
     @property
     def resumable(self) -> bool:
@@ -78,6 +80,22 @@ class DataStream:
                 f"DataStream: the iterable yielded a {type(item).__name__}, not an "
                 "ev3core.Data. Map each element to Data(propose=..., assess=..., decide=...) "
                 "(e.g. grain's .map(to_data))."
+            )
+        shapes = [
+            (name, [(tuple(np.shape(a)), np.result_type(a).name) for a in jax.tree.leaves(part)])
+            for name, part in (
+                ("propose", item.propose),
+                ("assess", item.assess),
+                ("decide", item.decide),
+            )
+        ]
+        if self._shapes is None:
+            self._shapes = shapes
+        elif shapes != self._shapes:
+            raise ConfigurationError(
+                f"DataStream: element {self.taken + len(self._ahead)} has shapes {shapes}, but "
+                f"the first had {self._shapes}; every step's Data needs the same shapes (a "
+                "short last batch? batch with drop_remainder=True)."
             )
         self._ahead.append((pos, jax.device_put(item, self.device)))
 
