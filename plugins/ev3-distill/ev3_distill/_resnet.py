@@ -202,10 +202,16 @@ def make_resnet(
     key: PRNGKeyArray,
 ) -> tuple[ResNet, eqx.nn.State]:
     """`(model, state)`: a `ResNet` and its initial BatchNorm state
-    (`eqx.nn.make_with_state(ResNet)(...)`)."""
-    return eqx.nn.make_with_state(ResNet)(
+    (`eqx.nn.make_with_state(ResNet)(...)`), with running means 0 and variances 1, so
+    that a model assessed before any training step is not scaled by `1 / sqrt(eps)`."""
+    model, state = eqx.nn.make_with_state(ResNet)(
         in_shape, num_classes, depth, widths, blocks=blocks, key=key
     )
+    is_bn = lambda x: isinstance(x, eqx.nn.BatchNorm)  # noqa: E731
+    for bn in [x for x in jax.tree.leaves(model, is_leaf=is_bn) if is_bn(x)]:
+        mean, var = state.get(bn.ema_state_index)
+        state = state.set(bn.ema_state_index, (jnp.zeros_like(mean), jnp.ones_like(var)))
+    return model, state
 
 
 # ---------------------------------------------------------------------------- growth
