@@ -44,6 +44,15 @@ from ._assess.scores import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine.engine import Engine as Engine
+from ._explore.augment import (
+    AbstractAugment as AbstractAugment,
+    Compose as Compose,
+    HorizontalFlip as HorizontalFlip,
+    RandomCrop as RandomCrop,
+    Reshaped as Reshaped,
+    Shift1D as Shift1D,
+    augment_batch as augment_batch,
+)
 from ._explore.compute import gradient_evaluations as gradient_evaluations
 from ._explore.gradient import (
     GradientProposer as GradientProposer,
@@ -70,6 +79,7 @@ from ._host.observe import (
     step_record as step_record,
 )
 from ._host.run import run as run
+from ._host.stream import DataStream as DataStream
 from ._interfaces import (
     AbstractAssessor as AbstractAssessor,
     AbstractLoss as AbstractLoss,
@@ -89,6 +99,11 @@ from ._sharding import (
     candidate_mesh as candidate_mesh,
     replicate as replicate,
     shard_state as shard_state,
+)
+from ._stateful import (
+    Stateful as Stateful,
+    TrainingView as TrainingView,
+    batch_apply as batch_apply,
 )
 from ._toy import toy_model as toy_model, toy_problem as toy_problem
 from ._types import (
@@ -112,6 +127,7 @@ except importlib.metadata.PackageNotFoundError:  # a source tree that was never 
 __all__ = [
     "AUC",
     "AbstractAssessor",
+    "AbstractAugment",
     "AbstractBatchAssessor",
     "AbstractBound",
     "AbstractLoss",
@@ -125,9 +141,11 @@ __all__ = [
     "BootstrapBound",
     "CURRENT",
     "Checkpointer",
+    "Compose",
     "Constraint",
     "CrossEntropy",
     "Data",
+    "DataStream",
     "Decision",
     "EV3Scheduler",
     "EV3SchedulerState",
@@ -139,6 +157,7 @@ __all__ = [
     "GradientProposer",
     "GradientProposerState",
     "History",
+    "HorizontalFlip",
     "Interval",
     "JsonlLogger",
     "Lexicographic",
@@ -156,14 +175,21 @@ __all__ = [
     "toy_problem",
     "Plugins",
     "ProgressBar",
+    "RandomCrop",
+    "Reshaped",
     "STABLE",
+    "Shift1D",
     "StallPriority",
     "State",
+    "Stateful",
     "StepInfo",
+    "TrainingView",
     "UCBPriority",
     "WINNER",
     "WeightedChebyshev",
     "WeightedSum",
+    "augment_batch",
+    "batch_apply",
     "candidate_mesh",
     "default_cache_dir",
     "disable_compilation_cache",

@@ -23,8 +23,10 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from ._stateful import batch_apply
 from .errors import ConfigurationError
 
 #: Index of the assess winner in the decide stage's stacked models.
@@ -43,7 +45,8 @@ class Data(eqx.Module):
     Each stream is any pytree of arrays sharing a leading *example* axis (for instance a
     tuple `(x, y)`). The engine samples from them with its own key, so the whole data set can
     live on the device; a host loop may instead pass small fresh streams at every step (keep
-    their shapes fixed to avoid recompiling).
+    their shapes fixed to avoid recompiling). Host NumPy arrays are accepted too (a
+    `DataStream` yields them and puts them on the device).
 
     **Arguments:**
 
@@ -54,9 +57,9 @@ class Data(eqx.Module):
       make the accept / roll back decision.
     """
 
-    propose: PyTree[Array]
-    assess: PyTree[Array]
-    decide: PyTree[Array]
+    propose: PyTree[Array | np.ndarray]
+    assess: PyTree[Array | np.ndarray]
+    decide: PyTree[Array | np.ndarray]
 
 
 class Outcome(eqx.Module):
@@ -344,13 +347,13 @@ def shared_forward() -> Iterator[None]:
 def _logits(model: Any, x: Array) -> Float[Array, "example class"]:
     memo = _FORWARD_MEMO.get()
     if memo is None:
-        return jax.vmap(model)(x)
+        return batch_apply(model, x)
     trace = _trace_state()
     if trace is not None:
         for m, xs, t, out in memo:
             if m is model and xs is x and t == trace:
                 return out
-    out = jax.vmap(model)(x)
+    out = batch_apply(model, x)
     if trace is not None:
         memo.append((model, x, trace, out))
     return out

@@ -15,6 +15,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractLoss, AbstractProposer
+from .._stateful import Stateful, loss_and_state, trainable, with_trainable
 from .._types import (
     Outcome,
     tree_all_finite,
@@ -24,6 +25,7 @@ from .._types import (
     tree_where,
 )
 from ..errors import ConfigurationError
+from .augment import AbstractAugment, augment_batch
 from .hyper import Evolve, Optimizer, _Fixed, as_optimizer, opt_hyperparams, with_opt_hyperparams
 from .population import Slot, log_move, pick, rows_of, take_rows
 
@@ -182,6 +184,14 @@ class GradientProposer(AbstractProposer):
     - `evolve`: an `ev3core.Evolve`: candidates' hyperparameters (learning rates, loss
       temperatures) move toward the accepted candidate's after each acceptance, and
       optionally only the worse lineages restart (see `Evolve`). `None` (default): fixed.
+    - `augment`: an `ev3core.AbstractAugment` (e.g. `Compose([RandomCrop(4),
+      HorizontalFlip()])`) applied to the inputs of every training batch, one key per
+      example from the trajectory step's key; `None` (default): no augmentation.
+
+    Models with BatchNorm or dropout (`ev3core.Stateful`) train in training mode with a key
+    per step (losses see `Stateful.training(key)`; see `ev3core.batch_apply`), and their
+    running statistics are threaded through each trajectory: every candidate ends with its
+    own. Gradients and optimizer states cover the weights only.
 
     ```python
     proposer = GradientProposer(
@@ -205,6 +215,7 @@ class GradientProposer(AbstractProposer):
     patience: Int[Array, ""]
     chunk_size: int | None = eqx.field(static=True, default=None)
     evolve: Evolve | None = None
+    augment: AbstractAugment | None = None
 
     def __init__(
         self,
@@ -219,6 +230,7 @@ class GradientProposer(AbstractProposer):
         patience: int | Array = 3,
         chunk_size: int | None = None,
         evolve: Evolve | None = None,
+        augment: Any = None,  # an AbstractAugment or None, checked below with a clear error
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
@@ -274,6 +286,12 @@ class GradientProposer(AbstractProposer):
                 "to advance every candidate at once)."
             )
         self.chunk_size = None if chunk_size is None else int(chunk_size)
+        if augment is not None and not isinstance(augment, AbstractAugment):
+            raise ConfigurationError(
+                f"GradientProposer: augment={augment!r} is not an ev3core.AbstractAugment "
+                "(e.g. ev3core.Compose([ev3core.RandomCrop(4), ev3core.HorizontalFlip()]))."
+            )
+        self.augment = augment
         if not isinstance(self.growth_factor, jax.core.Tracer) and not (
             float(self.growth_factor) >= 1.0 and int(self.patience) >= 1
         ):
@@ -327,7 +345,10 @@ class GradientProposer(AbstractProposer):
         evolving = self.evolve is not None
         return GradientProposerState(
             opt_states=tuple(
-                tuple(_broadcast(opt.transformation().init(params), len(g)) for g in self.groups)
+                tuple(
+                    _broadcast(opt.transformation().init(trainable(params)), len(g))
+                    for g in self.groups
+                )
                 for opt in self.optimizers
             ),
             length=jnp.asarray(self.steps, jnp.int32) if self.grows else None,
@@ -539,15 +560,35 @@ class GradientProposer(AbstractProposer):
                 blocks.append((tx, dyn, lstatic, start, size))
                 start += size
 
+        stateful = isinstance(static, Stateful)
+
         def one(opt, lstatic, p, o, loss_dyn, batch, k):
             loss = eqx.combine(loss_dyn, lstatic)
+            if self.augment is not None:
+                k, k_aug = jax.random.split(k)
+                batch = augment_batch(self.augment, batch, k_aug)
+            if not stateful:
 
-            def f(p):
-                return loss(eqx.combine(p, static), batch, k)
+                def f(p):
+                    return loss(eqx.combine(p, static), batch, k)
 
-            grads = eqx.filter_grad(f)(p)
-            updates, o = opt.update(grads, o, p)
-            return optax.apply_updates(p, updates), o
+                grads = eqx.filter_grad(f)(p)
+                updates, o = opt.update(grads, o, p)
+                return optax.apply_updates(p, updates), o
+
+            k, k_model = jax.random.split(k)
+
+            def g(w):  # the weights only; the running statistics come out as aux
+                model = eqx.combine(with_trainable(p, w), static)
+                return loss_and_state(model, k_model, lambda v: loss(v, batch, k), batch)
+
+            grads, new_state = eqx.filter_grad(g, has_aux=True)(trainable(p))
+            updates, o = opt.update(grads, o, trainable(p))
+            w = optax.apply_updates(trainable(p), updates)
+            p = eqx.tree_at(lambda q: q.model, p, w)
+            if new_state is not None:
+                p = eqx.tree_at(lambda q: q.state, p, new_state)
+            return p, o
 
         def advance(carry, idx_t, keys_t):
             new_carry = []
@@ -670,7 +711,7 @@ class GradientProposer(AbstractProposer):
         for j, (opt, per_opt) in enumerate(zip(self.optimizers, state.opt_states)):
             base = j * n_loss
             if self.on_reject == "reset":
-                fresh = opt.transformation().init(outcome.params)
+                fresh = opt.transformation().init(trainable(outcome.params))
                 blocks = []
                 start = base
                 for o, size in zip(per_opt, sizes):
@@ -698,7 +739,7 @@ class GradientProposer(AbstractProposer):
         changed = outcome.current_changed
         lineages, states = [], []
         for opt, per_lin, per_opt in zip(self.optimizers, state.lineages, opt_states):
-            fresh = opt.transformation().init(outcome.params)
+            fresh = opt.transformation().init(trainable(outcome.params))
             lin_blocks, opt_blocks = [], []
             for p, o in zip(per_lin, per_opt):
                 finite = tree_all_finite(p, batch_dims=1)

@@ -502,6 +502,10 @@ class Checkpointer:
     - `keep`: checkpoints kept on disk.
     - `metadata`: a dict, or a callable returning one at save time, stored in every
       checkpoint next to the pipeline description (`metadata["pipeline"]`).
+    - `stream`: the `ev3core.DataStream` the run reads; its position (of the next element
+      the run will take) is stored as `metadata["data_position"]`, and
+      `stream.restore(manifest)` resumes it, so a resumed run reads exactly what an
+      uninterrupted one would have.
 
     ```python
     plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", every=10)])
@@ -515,6 +519,7 @@ class Checkpointer:
         every: int = 100,
         keep: int = 3,
         metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+        stream: Any = None,
     ):
         if int(every) < 1 or int(keep) < 1:
             raise CheckpointError(f"Checkpointer: every={every} and keep={keep} must both be >= 1.")
@@ -522,6 +527,9 @@ class Checkpointer:
         self.every = int(every)
         self.keep = int(keep)
         self.metadata = metadata
+        self.stream = stream
+        if stream is not None and not stream.resumable:
+            stream.position()  # raises: explains why this stream cannot be checkpointed
         self.last_saved: int | None = None
         self.last_path: Path | None = None
         self._start: int | None = None
@@ -531,6 +539,8 @@ class Checkpointer:
         extra = self.metadata() if callable(self.metadata) else (self.metadata or {})
         out = {"pipeline": self._pipeline}
         out.update(extra)
+        if self.stream is not None:
+            out["data_position"] = self.stream.position()
         return out
 
     def save(self, state: State) -> Path:

@@ -17,6 +17,7 @@ from .._faults import component_owner, describe_component
 from .._plugins.manager import Plugins, plugin_manager
 from .._types import Data, State, StepInfo
 from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
+from .stream import DataStream
 
 logger = logging.getLogger("ev3core")
 
@@ -132,7 +133,7 @@ def _host_steps(stacked: StepInfo, n: int) -> list[StepInfo]:
 def run(
     engine: Engine,
     state: State,
-    data: Data,
+    data: Data | DataStream,
     num_steps: int,
     *,
     plugins: Plugins | None = None,
@@ -143,7 +144,10 @@ def run(
 
     **Arguments:**
 
-    - `engine`, `state`, `data`: as for `Engine.step`.
+    - `engine`, `state`: as for `Engine.step`.
+    - `data`: a `Data` on the device (the fast path: the engine samples every batch on the
+      device), or a `DataStream` yielding a fresh `Data` per step from the host (e.g. a grain
+      loader; see `DataStream`), for data that does not fit on the device.
     - `num_steps`: steps to take.
     - `plugins`: whose lifecycle hooks to call (default `ev3core.plugin_manager()`).
     - `observers`: objects for this run only (a `ProgressBar`, a `Checkpointer`, a
@@ -170,8 +174,17 @@ def run(
     plugins = plugins if plugins is not None else plugin_manager()
     observers = tuple(observers)
     _check_observers(observers)
+    stream = data if isinstance(data, DataStream) else None
+    if stream is not None and int(chunk) != 1:
+        raise ConfigurationError(
+            f"run: chunk={chunk} with a DataStream; streamed data gives one Data per step, "
+            "so use chunk=1 (put the data on the device as one Data to scan chunks)."
+        )
     # Abstract evaluation (no compilation) of every component on the data's shapes.
-    _guarded(engine, plugins, engine.check_data, data, state)
+    if stream is None:
+        _guarded(engine, plugins, engine.check_data, data, state)
+    elif num_steps:
+        _guarded(engine, plugins, engine.check_data, stream.peek(), state)
     call_lifecycle(
         plugins, "ev3_run_start", observers, engine=engine, state=state, num_steps=num_steps
     )
@@ -183,7 +196,10 @@ def run(
         try:
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
-                if n == 1:
+                if stream is not None:
+                    state, info = _guarded(engine, plugins, engine.step, state, next(stream))
+                    batch = [info]
+                elif n == 1:
                     # device arrays: the host queues the next step unless a hook reads them
                     state, info = _guarded(engine, plugins, engine.step, state, data)
                     batch = [info]

@@ -53,7 +53,11 @@ from ._engine import check_engine as check_engine
 from ._example import Example as Example
 from ._losses import check_loss as check_loss
 from ._priorities import check_priority as check_priority
-from ._problem import Problem as Problem, default_problem as default_problem
+from ._problem import (
+    Problem as Problem,
+    default_problem as default_problem,
+    stateful_problem as stateful_problem,
+)
 from ._proposers import check_proposer as check_proposer
 from ._registry import (
     check as check,
@@ -83,6 +87,7 @@ __all__ = [
     "check_registered",
     "check_scheduler",
     "default_problem",
+    "stateful_problem",
     "examples",
     "registered_examples",
 ]

@@ -128,7 +128,9 @@ def _scores_fit(chk: _Checker, out: Any, batch: Any, where: str) -> None:
 
 def _vmap(chk: _Checker, assessor: Any, model: Any, batch: Any, out: Any, jscore: Any) -> None:
     params, static = split_model(model)
-    stacked = jax.tree.map(lambda x: jnp.stack([x, x * 0.5]), params)
+    # halve the float leaves (a model's state may hold integer or boolean counters)
+    halve = lambda x: x * 0.5 if jnp.issubdtype(x.dtype, jnp.inexact) else x  # noqa: E731
+    stacked = jax.tree.map(lambda x: jnp.stack([x, halve(x)]), params)
     batched = chk.run(
         "vmap",
         "a call vmapped over two stacked models (as the engine does)",
@@ -136,7 +138,7 @@ def _vmap(chk: _Checker, assessor: Any, model: Any, batch: Any, out: Any, jscore
         assessor,
         stacked,
     )
-    half = eqx.combine(jax.tree.map(lambda x: x * 0.5, params), static)
+    half = eqx.combine(jax.tree.map(halve, params), static)
     if not (_close(batched[0], out) and _close(batched[1], jscore(assessor, half, batch))):
         chk.fail(
             "vmap",

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from .._assess.scores import Accuracy, NegCrossEntropy
+from .._stateful import Stateful
 from .._types import Data
 
 
@@ -67,6 +68,42 @@ def default_problem(
         bad_model=_Linear(w * -10.0),
         assessors=(NegCrossEntropy(), Accuracy()),
     )
+
+
+class _BatchNormMLP(eqx.Module):
+    """Linear - BatchNorm - ReLU - Dropout - Linear, called the Equinox way
+    (`model(x, state, *, key) -> (y, state)`)."""
+
+    first: eqx.nn.Linear
+    norm: eqx.nn.BatchNorm
+    drop: eqx.nn.Dropout
+    last: eqx.nn.Linear
+
+    def __init__(self, num_features: int, num_classes: int, width: int, *, key: Any):
+        k1, k2 = jax.random.split(key)
+        self.first = eqx.nn.Linear(num_features, width, key=k1)
+        self.norm = eqx.nn.BatchNorm(width, "batch", momentum=0.9, mode="ema")
+        self.drop = eqx.nn.Dropout(0.1)
+        self.last = eqx.nn.Linear(width, num_classes, key=k2)
+
+    def __call__(self, x: jax.Array, state: eqx.nn.State, *, key: Any = None) -> Any:
+        h, state = self.norm(self.first(x), state)
+        return self.last(self.drop(jax.nn.relu(h), key=key)), state
+
+
+def stateful_problem(seed: int = 0, **kwargs: Any) -> Problem:
+    """`default_problem` with a model that has BatchNorm state and dropout
+    (`ev3core.Stateful`): proposers must train it in training mode and carry its running
+    statistics in their candidates; assessors score it in inference mode. Pass it as
+    `problem=` to `check_proposer` / `check_assessor`; first-party proposers and assessors
+    are checked on it."""
+    base = default_problem(seed, **kwargs)
+    num_features = base.data.propose[0].shape[-1]
+    num_classes = base.good_model.weight.shape[-1]
+    model, state = eqx.nn.make_with_state(_BatchNormMLP)(
+        num_features, num_classes, 16, key=jax.random.key(seed + 1)
+    )
+    return dataclasses.replace(base, model=Stateful(model, state))
 
 
 @functools.cache

@@ -12,6 +12,7 @@ from ._experiment import distill_experiment as distill_experiment
 from ._growth import (
     GrowthPolicy as GrowthPolicy,
     StudentArchive as StudentArchive,
+    grow_resnet as grow_resnet,
     grow_state as grow_state,
 )
 from ._loop import run_ev3 as run_ev3
@@ -25,11 +26,28 @@ from ._models import (
     model_from_description as model_from_description,
     widen as widen,
 )
+from ._resnet import (
+    BasicBlock as BasicBlock,
+    ResNet as ResNet,
+    deepen_resnet as deepen_resnet,
+    embed as embed,
+    grow_tree as grow_tree,
+    make_resnet as make_resnet,
+    widen_resnet as widen_resnet,
+)
 from ._resume import load_resume_point as load_resume_point
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "BasicBlock",
+    "ResNet",
+    "deepen_resnet",
+    "embed",
+    "grow_resnet",
+    "grow_tree",
+    "make_resnet",
+    "widen_resnet",
     "CNN",
     "DATASETS",
     "DistillConfig",

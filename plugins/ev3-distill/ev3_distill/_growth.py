@@ -18,17 +18,53 @@ import equinox as eqx
 import jax
 from jaxtyping import PRNGKeyArray
 
-from ev3core import Engine, State
+from ev3core import Engine, State, Stateful
 from ev3core.errors import ConfigurationError
 
 from ._models import CNN, MLP, GrowMode, count_params, deepen, widen
+from ._resnet import ResNet, deepen_resnet, grow_tree, widen_resnet
 
 
-def grow_state(engine: Engine, state: State, new_model: Any, new_stable: Any = None) -> State:
+def _resnet_of(model: Any) -> bool:
+    return isinstance(model, Stateful) and isinstance(model.model, ResNet)
+
+
+def grow_resnet(model: Stateful, op: str, *, factor: float = 2.0, key: PRNGKeyArray) -> Stateful:
+    """`widen_resnet` (`op="widen"`) or `deepen_resnet` (`op="deepen"`) of a ResNet held in
+    an `ev3core.Stateful`, returning the grown `Stateful` (same `inputs` selector)."""
+    if not _resnet_of(model):
+        raise ConfigurationError(
+            f"grow_resnet: expected ev3core.Stateful(ResNet, state), got {type(model).__name__}."
+        )
+    if op == "widen":
+        m, s = widen_resnet(model.model, model.state, factor, key=key)
+    elif op == "deepen":
+        m, s = deepen_resnet(model.model, model.state, key=key)
+    else:
+        raise ConfigurationError(f"grow_resnet: op={op!r} is not 'widen' or 'deepen'.")
+    return Stateful(m, s, inputs=model.inputs)
+
+
+def grow_state(
+    engine: Engine,
+    state: State,
+    new_model: Any,
+    new_stable: Any = None,
+    *,
+    carry: bool = False,
+) -> State:
     """The engine state with the model replaced by a (grown) one.
 
     Proposer states are rebuilt for the new parameter shapes with `proposer.init` (keys split
-    from the state's key); `step`, `history`, `scheduler_state` and `key` are kept. The
+    from the state's key); with `carry=True` the old proposer states are then grown into them
+    (`grow_tree`): optimizer moments keep their values on the old units and start from the
+    optimizer's initial values on the new ones, step counts and injected hyperparameters are
+    kept, and each `on_reject="continue"` lineage keeps its own weights with the new units of
+    the grown current model (zero BatchNorm scales, zero outgoing weights), so every lineage
+    computes what it computed before. Use `carry=True` only for growth that keeps every old
+    array at its place in the tree and only appends units (`widen`, `widen_resnet`,
+    `deepen_resnet`); `deepen` of an MLP or CNN inserts a layer and needs `carry=False`.
+    `step`, `history`, `scheduler_state` and `key` are kept. The
     `engine` may also be a different engine with the same number of objectives (for instance
     one with extra teacher losses for a later distillation pass).
 
@@ -39,6 +75,7 @@ def grow_state(engine: Engine, state: State, new_model: Any, new_stable: Any = N
     - `new_model`: the new current model (an Equinox module).
     - `new_stable`: the new stable model (default: `new_model`); it must have the same
       structure as `new_model`.
+    - `carry`: grow the old proposer states instead of starting them afresh (see above).
 
     **Returns:** the new `State`.
     """
@@ -62,7 +99,8 @@ def grow_state(engine: Engine, state: State, new_model: Any, new_stable: Any = N
         current=params,
         stable=stable,
         proposer_states=tuple(
-            p.init(params, static, k) for p, k in zip(engine.proposers, keys[1:])
+            grow_tree(old, p.init(params, static, k)) if carry else p.init(params, static, k)
+            for p, k, old in zip(engine.proposers, keys[1:], state.proposer_states)
         ),
         scheduler_state=state.scheduler_state,
         history=state.history,
@@ -84,6 +122,12 @@ class GrowthPolicy:
     convolution (CNN) narrower than `max_width` is widened by `factor` (capped at
     `max_width`); when all are at `max_width`, a layer is inserted after the last one while
     the depth is below `max_depth`. A growth that would exceed `max_params` is not done.
+
+    A ResNet student (`ev3core.Stateful(ResNet, state)`) is widened by `factor` while its
+    widest stage stays within `max_width`, then deepened (one block per stage, depth + 6)
+    while its depth stays within `max_depth` (ResNet depth, `6 s + 2`). Both are
+    function-preserving, and the proposer states (optimizer moments, lineages) are grown
+    with the model instead of restarting.
 
     **Arguments:**
 
@@ -114,6 +158,15 @@ class GrowthPolicy:
 
     def next_model(self, model: Any, key: PRNGKeyArray) -> tuple[Any, str] | None:
         """`(grown model, description)` of the next growth, or `None` at the cap."""
+        if _resnet_of(model):
+            net = model.model
+            if max(int(round(w * self.factor)) for w in net.widths) <= self.max_width:
+                grown = grow_resnet(model, "widen", factor=self.factor, key=key)
+                return grown, f"widen {list(net.widths)} -> {list(grown.model.widths)}"
+            if net.depth + 6 <= self.max_depth:
+                grown = grow_resnet(model, "deepen", key=key)
+                return grown, f"deepen depth {net.depth} -> {grown.model.depth}"
+            return None
         if not isinstance(model, MLP | CNN):
             return None
         widths = model.widths
@@ -156,7 +209,8 @@ class GrowthPolicy:
         # in preserve mode, its own outputs.
         stable, _ = self.next_model(state.stable_model, key)  # type: ignore[misc]
         self.last_growth_step = int(state.step)
-        return grow_state(engine, state, grown, stable), op
+        carry = _resnet_of(grown) or op.startswith("widen")
+        return grow_state(engine, state, grown, stable, carry=carry), op
 
 
 @dataclasses.dataclass
