@@ -7,6 +7,7 @@ import json
 import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from .._plugins.manager import Plugins, load_plugins, plugin_manager
@@ -37,7 +38,7 @@ def _setup_compile_cache(args: argparse.Namespace) -> None:
         disable_compilation_cache()
         return
     if not os.environ.get("EV3_COMPILE_CACHE") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
-        directory = os.environ["JAX_COMPILATION_CACHE_DIR"]
+        directory = Path(os.environ["JAX_COMPILATION_CACHE_DIR"])
     try:
         enable_compilation_cache(directory)
     except OSError as exc:  # e.g. a read-only home: run without the cache
