@@ -6,18 +6,91 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import CheckpointError, EV3Error
+from ..errors import CheckpointError, EV3Error, PluginError
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
+    _validate_run_args(args)
     name = _pick_experiment(args)
     if name is None:
         return _run_smoke(args)
     return _run_experiment(name, args)
+
+
+def _probe_writable_file(path: str, option: str) -> None:
+    """Fail now, not after the run, when `path` cannot be written (opened and closed in
+    append mode; a file created by the probe is removed again)."""
+    from ..errors import ConfigurationError
+
+    if os.path.isdir(path):
+        raise ConfigurationError(f"{option} {path}: that is a directory; pass a file name.")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}). Pass a path in a "
+            "directory that exists and that you can write to."
+        ) from exc
+    if not existed:
+        os.unlink(path)
+
+
+def _probe_writable_dir(path: str, option: str) -> None:
+    from ..errors import ConfigurationError
+
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigurationError(
+            f"{option} {path}: that is a file, not a directory; pass a directory (it is "
+            "created if needed)."
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}). Pass a directory "
+            "that you can write to."
+        ) from exc
+
+
+def _validate_run_args(args: argparse.Namespace) -> None:
+    """Every option of `ev3 run` checked before anything expensive (data, compilation,
+    teacher training) starts."""
+    from ..errors import ConfigurationError
+
+    minimum = {
+        "--steps": (args.steps, 0),
+        "--chunk": (args.chunk, 1),
+        "--print-every": (args.print_every, 1),
+        "--checkpoint-every": (args.checkpoint_every, 1),
+        "--keep": (args.keep, 1),
+        "--examples": (args.examples, 1),
+    }
+    for option, (value, low) in minimum.items():
+        if value is not None and value < low:
+            raise ConfigurationError(f"{option} {value}: must be at least {low}.")
+    if args.resume is not None and not os.path.isdir(args.resume):
+        raise ConfigurationError(
+            f"--resume {args.resume}: no such directory. Pass the --out directory of an "
+            "earlier `ev3 run`."
+        )
+    if args.out is not None:
+        _probe_writable_dir(args.out, "--out")
+    if args.resume is not None:
+        _probe_writable_dir(args.resume, "--resume")
+    if args.json is not None:
+        _probe_writable_file(args.json, "--json")
+    if args.log_jsonl is not None:
+        _probe_writable_file(args.log_jsonl, "--log-jsonl")
 
 
 def _pick_experiment(args: argparse.Namespace) -> str | None:
@@ -28,7 +101,7 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
     `--experiment NAME` runs that one; otherwise the `distill` experiment if a plugin
     registered it (the ev3-distill package), else smoke.
     """
-    from .._plugins.manager import plugins as default_plugins
+    from .._plugins.manager import _env_flag, plugins as default_plugins
     from ..errors import ConfigurationError
 
     if args.smoke:
@@ -56,6 +129,12 @@ def _pick_experiment(args: argparse.Namespace) -> str | None:
         return args.experiment
     if "distill" in plugins.components("experiment"):
         return "distill"
+    if _env_flag("EV3_DISABLE_PLUGIN_AUTOLOAD") and not args.resume:
+        raise ConfigurationError(
+            "`ev3 run` runs the experiment of an installed plugin (distillation), but plugin "
+            "loading is disabled (EV3_DISABLE_PLUGIN_AUTOLOAD=1), so none is loaded. Pass "
+            "--smoke for the built-in smoke experiment, or unset EV3_DISABLE_PLUGIN_AUTOLOAD."
+        )
     if args.pipeline:
         raise ConfigurationError(
             f"`ev3 run {args.pipeline}`: no installed experiment runs pipeline files. Install "
@@ -77,10 +156,10 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
                 f"--resume is supported by the smoke and distill experiments, not by {name!r}; "
                 "start a new run with --out DIR."
             )
-        if args.out or args.pipeline or args.dataset:
+        if args.out or args.dataset:
             raise ConfigurationError(
                 f"--resume {args.resume} continues that run with its recorded options; drop "
-                "--out, --dataset and the pipeline file."
+                "--out and --dataset (a pipeline file may be named: it must be the run's)."
             )
         resume = {"resume": args.resume}
     experiment = default_plugins().get("experiment", name)
@@ -122,7 +201,7 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
             "ev3 run --resume DIR)"
         )
         print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -131,29 +210,38 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
 
 
 def _smoke_resume_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The options of the run being resumed (from its newest usable checkpoint's metadata)."""
-    from .checkpoint import list_checkpoints
+    """The options of the run being resumed, from its newest checkpoint that passes every
+    check (manifest and leaves checksums, field types) — nothing of a manifest is used
+    before it is verified."""
+    from .checkpoint import list_checkpoints, newest_verified_manifest
 
     if not args.resume:
         return None
-    manifests = list_checkpoints(args.resume)
-    if not manifests:
+    if not list_checkpoints(args.resume):
         raise CheckpointError(
             f"--resume {args.resume}: no checkpoint there. Pass the --out directory of an "
             "earlier `ev3 run`."
         )
-    for manifest in reversed(manifests):  # the newest readable one; load_checkpoint verifies
-        try:
-            cli = json.loads(manifest.read_text())["metadata"]["cli"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if cli.get("experiment") != "smoke":
+    _, body, _ = newest_verified_manifest(args.resume)
+    cli = body["metadata"].get("cli")
+    if not isinstance(cli, dict) or cli.get("experiment") != "smoke":
+        what = cli.get("experiment") if isinstance(cli, dict) else None
+        raise CheckpointError(
+            f"--resume {args.resume}: the checkpoint is of the {what!r} experiment; "
+            "`ev3 run --smoke --resume` continues smoke runs only."
+        )
+    for name, low in (("seed", None), ("steps", 0), ("chunk", 1), ("examples", 1)):
+        value = cli.get(name)
+        if name in cli and (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or (low is not None and value < low)
+        ):
             raise CheckpointError(
-                f"--resume {args.resume}: the checkpoint is of the {cli.get('experiment')!r} "
-                "experiment; `ev3 run --resume` continues smoke runs only."
+                f"--resume {args.resume}: the checkpoint records {name}={value!r}, which is "
+                "not a valid option value; the run directory was edited. Start a new run."
             )
-        return cli
-    raise CheckpointError(f"--resume {args.resume}: no readable checkpoint manifest there.")
+    return cli
 
 
 def _run_smoke(args: argparse.Namespace) -> int:
@@ -234,7 +322,7 @@ def _run_smoke(args: argparse.Namespace) -> int:
             else " (no checkpoint: pass --out DIR to be able to resume)"
         )
         print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum
     finally:
         for name in names:
             if name is not None:
@@ -253,11 +341,11 @@ def _run_smoke(args: argparse.Namespace) -> int:
         "wall_seconds": time.perf_counter() - t0,
     }
     print(json.dumps(summary, indent=2))
+    if out:  # first: the run's own record does not depend on the optional copy
+        with open(os.path.join(out, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    if out:
-        with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return 0
 
@@ -275,7 +363,21 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         smoke_pipeline(plugins=plugins).build()
     else:
         plugins = default_plugins()
-    report = plugins.describe()
+    try:
+        report = plugins.describe()
+    except EV3Error:
+        if plugins.raise_errors:
+            raise
+        # describe() reports plugin failures itself; anything left is listed, not fatal.
+        report = {"plugins": [], "failures": []}
+        report["failures"].append(
+            {
+                "name": None,
+                "distribution": None,
+                "stage": "describe",
+                "error": repr(sys.exc_info()[1]),
+            }
+        )
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -365,6 +467,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except EV3Error as exc:
+        from .._plugins.manager import _env_flag
+
+        if _env_flag("EV3_RAISE_PLUGIN_ERRORS") and isinstance(exc, PluginError):
+            # The plugin author needs the traceback (with its cause: the plugin's own code).
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"ev3: error: {exc}", file=sys.stderr)
         return 2
 

@@ -67,13 +67,13 @@ class Pipeline:
     def build(self) -> Engine:
         """Resolve every component and return the `Engine`."""
         plugins = self.plugins if self.plugins is not None else default_plugins()
-        hook = plugins.pm.hook
         proposers = tuple(plugins.resolve("proposer", p) for p in self.proposers)
         assessors = tuple(plugins.resolve("assessor", a) for a in self.assessors)
         scheduler = plugins.resolve("scheduler", self.scheduler)
-        proposers = tuple(hook.ev3_explore(pipeline=self, proposers=proposers))
-        assessors = tuple(hook.ev3_assess(pipeline=self, assessors=assessors))
-        scheduler = hook.ev3_adapt(pipeline=self, scheduler=scheduler)
+        # A stage hook that raises is a PluginError naming its plugin.
+        proposers = tuple(plugins.call_hook("ev3_explore", pipeline=self, proposers=proposers))
+        assessors = tuple(plugins.call_hook("ev3_assess", pipeline=self, assessors=assessors))
+        scheduler = plugins.call_hook("ev3_adapt", pipeline=self, scheduler=scheduler)
         return Engine(
             proposers=proposers,
             assessors=assessors,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import hashlib
 import json
 import logging
 import math
@@ -232,18 +233,74 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     The file must define `pipeline`: an `ev3core.Pipeline`, or a function
     `pipeline(num_teachers, config) -> Pipeline`. It may define `student(key, splits)`
     returning the starting student, `growth` (a `GrowthPolicy`, or `None` for a fixed size)
-    and `config` (a dict of `DistillConfig` fields).
+    and `config` (a dict of `DistillConfig` fields). Every name is checked here, before any
+    training starts.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"pipeline file {str(path)!r} does not exist.")
     namespace = runpy.run_path(str(path))
+    where = f"pipeline file {str(path)!r}"
     if "pipeline" not in namespace:
         raise ConfigurationError(
-            f"pipeline file {str(path)!r} defines no `pipeline`. Define `pipeline = "
+            f"{where} defines no `pipeline`. Define `pipeline = "
             "ev3core.Pipeline(...)` or `def pipeline(num_teachers, config): ...`."
         )
+    pipe = namespace["pipeline"]
+    if not isinstance(pipe, Pipeline) and not callable(pipe):
+        raise ConfigurationError(
+            f"{where}: `pipeline` is {type(pipe).__name__} {pipe!r}; it must be an "
+            "ev3core.Pipeline or a function `pipeline(num_teachers, config) -> Pipeline`."
+        )
+    if "student" in namespace and not callable(namespace["student"]):
+        raise ConfigurationError(
+            f"{where}: `student` must be a function `student(key, splits) -> model`, got "
+            f"{type(namespace['student']).__name__}."
+        )
+    growth = namespace.get("growth", None)
+    if growth is not None and not isinstance(growth, GrowthPolicy):
+        raise ConfigurationError(
+            f"{where}: `growth` must be a GrowthPolicy or None, got {type(growth).__name__}."
+        )
+    config = namespace.get("config", {})
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    if not isinstance(config, dict) or set(config) - fields:
+        raise ConfigurationError(
+            f"{where}: `config` must be a dict of DistillConfig fields; got "
+            + (
+                f"unknown field(s) {sorted(set(config) - fields)}"
+                if isinstance(config, dict)
+                else type(config).__name__
+            )
+            + f". Fields: {sorted(fields)}."
+        )
+    if not isinstance(pipe, Pipeline):
+        built = pipe(1, DistillConfig(**config))
+        if not isinstance(built, Pipeline):
+            raise ConfigurationError(
+                f"{where}: `pipeline(num_teachers, config)` returned {type(built).__name__}; "
+                "it must return an ev3core.Pipeline."
+            )
     return namespace
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _inside(directory: Path, name: Any) -> Path:
+    """`directory / name` for a relative `name` recorded in a checkpoint; a path that would
+    leave the run directory (absolute, `..`, a link out) is an error, never followed."""
+    from ev3core.errors import CheckpointError
+
+    base = directory.resolve()
+    target = (directory / str(name)).resolve()
+    if not isinstance(name, str) or Path(name).is_absolute() or not target.is_relative_to(base):
+        raise CheckpointError(
+            f"the checkpoint names the file {name!r}, which is outside the run directory "
+            f"{directory}; the run directory was edited. Restore it or start a new run."
+        )
+    return target
 
 
 def _teacher_columns(teachers: list[Any], x: jax.Array) -> jax.Array:
@@ -327,6 +384,7 @@ class _Job:
         self.explored = 0
         self.baseline_at: dict[int, float] = {}
         self.pipeline_file: str | None = None
+        self.pipeline_sha256: str | None = None
         self.t0 = time.perf_counter()
         self.wall_before = 0.0  # wall time of the run before it was resumed
 
@@ -406,6 +464,7 @@ class _Job:
         return {
             "config": dataclasses.asdict(self.cfg),
             "pipeline_file": self.pipeline_file,
+            "pipeline_sha256": self.pipeline_sha256,
             "architecture": state_model.describe() if hasattr(state_model, "describe") else None,
             "pass": self.current_pass,
             "teachers": [
@@ -435,7 +494,7 @@ def load_resume_point(
     students and extra teachers are read from `students/`.
     """
     from ev3core import load_checkpoint
-    from ev3core._host.checkpoint import list_checkpoints
+    from ev3core._host.checkpoint import list_checkpoints, read_manifest
     from ev3core.errors import CheckpointError
 
     from ._models import model_from_description
@@ -445,7 +504,7 @@ def load_resume_point(
     errors = []
     for manifest in reversed(manifests):
         try:
-            record = json.loads(manifest.read_text())["metadata"]["distill"]
+            record = read_manifest(manifest)["metadata"]["distill"]  # verified first
             key = jax.random.key(0)
             like_model = model_from_description(record["architecture"], key=key)
             engine = engine_for(1 + len(record["teachers"]))
@@ -457,7 +516,7 @@ def load_resume_point(
 
         def load(entry: dict[str, Any]) -> Any:
             like = model_from_description(entry["architecture"], key=jax.random.key(0))
-            return eqx.tree_deserialise_leaves(directory / entry["file"], like)
+            return eqx.tree_deserialise_leaves(_inside(directory, entry["file"]), like)
 
         teachers = [load(t) for t in record["teachers"]]
         archive = {
@@ -548,6 +607,7 @@ def run_ev3(
     job = _Job(splits, cfg, out, on_iteration)
     job.baseline_at = dict(baseline_curve or [])
     job.pipeline_file = pipeline_file
+    job.pipeline_sha256 = None if pipeline_file is None else _file_sha256(pipeline_file)
     start_params = count_params(student)
     start_test = accuracy(student, splits.test.x, splits.test.y)
     if resume is None:
@@ -833,19 +893,54 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def _resume_record(directory: Path) -> dict[str, Any]:
-    """The `distill` metadata of the newest checkpoint manifest in `directory/checkpoint`."""
-    from ev3core._host.checkpoint import list_checkpoints
+    """The `distill` metadata of the newest verified checkpoint in `directory/checkpoint`."""
+    from ev3core._host.checkpoint import list_checkpoints, newest_verified_manifest
     from ev3core.errors import CheckpointError
 
-    for manifest in reversed(list_checkpoints(directory / "checkpoint")):
-        try:
-            return json.loads(manifest.read_text())["metadata"]["distill"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise CheckpointError(
-        f"--resume {directory}: no distillation checkpoint in {directory / 'checkpoint'}. Pass "
-        "the --out directory of an earlier `ev3 run`."
-    )
+    if not list_checkpoints(directory / "checkpoint"):
+        raise CheckpointError(
+            f"--resume {directory}: no distillation checkpoint in {directory / 'checkpoint'}. "
+            "Pass the --out directory of an earlier `ev3 run`."
+        )
+    _, body, _ = newest_verified_manifest(directory / "checkpoint")
+    record = body["metadata"].get("distill")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(
+            f"--resume {directory}: the newest checkpoint holds no distillation record; it "
+            "was not written by `ev3 run` (distill)."
+        )
+    return record
+
+
+def _resume_pipeline(directory: Path, record: dict[str, Any], named: Any) -> str | None:
+    """The pipeline file to run again when resuming.
+
+    A file is never run because a checkpoint names it (a checkpoint's checksums detect
+    damage, not tampering): the user names it (`ev3 run FILE --resume DIR`), and when the
+    run recorded a SHA-256 of its pipeline file, the named file must have that content.
+    """
+    recorded = record.get("pipeline_file")
+    digest = record.get("pipeline_sha256")
+    if recorded is None:
+        if named is not None:
+            raise ConfigurationError(
+                f"--resume {directory}: that run used the built-in pipeline, not a pipeline "
+                f"file; drop {named}."
+            )
+        return None
+    if named is None:
+        raise ConfigurationError(
+            f"--resume {directory}: that run used the pipeline file {recorded!r}. ev3 does not "
+            "run a file because a checkpoint names it; name it yourself to resume: "
+            f"ev3 run {recorded} --resume {directory}"
+        )
+    if isinstance(digest, str) and _file_sha256(named) != digest:
+        raise ConfigurationError(
+            f"--resume {directory}: {named} is not the pipeline file the run was started with "
+            f"({recorded!r}, SHA-256 {digest[:12]}...): its content differs. Resume with the "
+            "same file, or start a new run."
+        )
+    return str(named)
 
 
 def distill_experiment(
@@ -893,13 +988,19 @@ def distill_experiment(
     if resume is not None:
         out = Path(resume)
         record = _resume_record(out)
-        recorded = DistillConfig(**record["config"])
+        try:
+            recorded = DistillConfig(**record["config"])
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"--resume {out}: the checkpoint's recorded options do not fit this version of "
+                f"the distillation plugin ({exc}). Start a new run."
+            ) from exc
         if steps is not None and int(steps) != recorded.steps:
             raise ConfigurationError(
                 f"--resume {out}: that run was started with --steps {recorded.steps}; resuming "
                 f"continues it as it was (drop --steps {steps}), or start a new run."
             )
-        pipeline = record.get("pipeline_file")
+        pipeline = _resume_pipeline(out, record, pipeline)
         cfg = recorded
         user = load_pipeline_file(pipeline) if pipeline is not None else {}
     else:
