@@ -478,3 +478,172 @@ def test_a_stage_hook_that_raises_is_a_plugin_error_naming_the_plugin():
     with pytest.raises(PluginError, match=r"plugin '.*_BadStage' raised in ev3_explore") as err:
         _engine(plugins=_plugins(_BadStage()))
     assert "stage hook exploded" in str(err.value)
+
+
+# -------------------------------------------------- 5: scheduler indices are not trusted
+class _Wayward(ev3core.AbstractScheduler):
+    """A broken scheduler: `select` returns `index`, or `decide` chooses `index`."""
+
+    index: jax.Array
+    stage: str = eqx.field(static=True)
+
+    def init(self, num_objectives):
+        return None
+
+    def select(self, scores, valid, state, history):
+        return self.index if self.stage == "select" else jnp.int32(0)
+
+    def decide(self, scores, winner_valid, state, history):
+        choice = self.index if self.stage == "decide" else jnp.int32(ev3core.WINNER)
+        return (
+            ev3core.Decision(
+                choice=choice,
+                update_stable=jnp.array(True),
+                significant=jnp.array(True),
+                lower=jnp.zeros(3),
+                upper=jnp.zeros(3),
+                priorities=jnp.ones(scores.shape[0]) / scores.shape[0],
+            ),
+            state,
+        )
+
+
+@pytest.mark.parametrize("stage", ["select", "decide"])
+def test_out_of_range_scheduler_indices_keep_the_current_model(tiny, stage, caplog):
+    _, data, states = tiny
+    engine = _engine(scheduler=_Wayward(jnp.int32(0), stage))
+    state = engine.init(states[0].model, jax.random.key(2))
+    k = engine.num_candidates
+    bad = [k, k + 9, -1] if stage == "select" else [3, 7, -1]
+    for index in bad:  # an array leaf: one compiled step for all of them
+        wayward = eqx.tree_at(lambda e: e.scheduler.index, engine, jnp.int32(index))
+        new, info = wayward.step(state, data)
+        assert int(info.bad_indices) == 1, index
+        assert not bool(info.accepted) and not bool(info.rolled_back), index
+        assert int(info.choice) == ev3core.CURRENT and not bool(info.significant)
+        assert _bits(new.current) == _bits(state.current), index  # nothing moved
+        assert _bits(new.stable) == _bits(state.stable), index
+    with caplog.at_level("WARNING", logger="ev3core"):
+        ev3core.run(wayward, state, data, 2, plugins=_plugins())
+    assert "out-of-range index(es) in 2 step(s)" in caplog.text
+
+
+# ------------------------------------------------------- 9: alphas changed by tree_at
+def test_an_invalid_alpha_set_by_tree_at_never_makes_acceptance_easier(tiny):
+    engine, data, states = tiny
+    # A negative alpha turns the lower confidence bound into an upper one: without the guard
+    # inside the step, a winner no better than the current model is accepted at once.
+    for alpha in (-5.0, float("nan"), 0.0, float("-inf")):
+        decide = eqx.tree_at(lambda e: e.scheduler.decide_alpha, engine, jnp.float32(alpha))
+        assess = eqx.tree_at(lambda e: e.scheduler.assess_alpha, engine, jnp.float32(alpha))
+        for state in states[:3]:
+            _, info = decide.step(state, data)
+            assert not bool(info.accepted) and not bool(info.significant), alpha
+            assert not bool(info.rolled_back), alpha
+            _, info = assess.step(state, data)  # only changes which candidate is tested
+            assert 0 <= int(info.winner) < engine.num_candidates
+
+
+# --------------------------------------------------------- 8: inputs that run silently
+def _with(data, stream, y=None, x=None):
+    old = getattr(data, stream)
+    new = (old[0] if x is None else x, old[1] if y is None else y)
+    return ev3core.Data(
+        **{s: new if s == stream else getattr(data, s) for s in ("propose", "assess", "decide")}
+    )
+
+
+def test_labels_outside_the_models_classes_are_rejected_up_front(tiny):
+    engine, data, states = tiny
+    y = data.assess[1]
+    for bad in (y.at[3].set(2), y.at[0].set(-1)):
+        with pytest.raises(ConfigurationError, match=r"Data.assess has labels in .* 2 classes"):
+            engine.check_data(_with(data, "assess", y=bad), states[0])
+        with pytest.raises(ConfigurationError, match="labels"):
+            ev3core.run(engine, states[0], _with(data, "assess", y=bad), 1, plugins=_plugins())
+
+
+def test_non_finite_data_is_reported_as_data(tiny):
+    engine, data, states = tiny
+    x = data.assess[0].at[17, 1].set(jnp.nan)
+    with pytest.raises(ConfigurationError, match=r"Data.assess has 1 of 256 example\(s\)") as err:
+        engine.check_data(_with(data, "assess", x=x), states[0])
+    assert "examples [17]" in str(err.value)
+
+
+def test_a_model_with_nan_weights_is_rejected_at_init(tiny):
+    engine, _, states = tiny
+    model = states[0].model
+    broken = eqx.tree_at(lambda m: m.layers[0].weight, model, model.layers[0].weight * jnp.nan)
+    with pytest.raises(ConfigurationError, match=r"NaN or Inf parameters .*layers\[0\]\.weight"):
+        engine.init(broken, jax.random.key(0))
+
+
+# --------------------------------------------------------------- 12: error messages
+class _Shrink(ev3core.AbstractProposer):
+    """Returns candidates whose first weight lost a row (a wrong-shape proposer)."""
+
+    inner: ev3core.AbstractProposer
+
+    @property
+    def num_candidates(self):
+        return self.inner.num_candidates
+
+    def labels(self):
+        return self.inner.labels()
+
+    def init(self, params, static, key):
+        return self.inner.init(params, static, key)
+
+    def propose(self, params, static, state, data, key):
+        cands, state = self.inner.propose(params, static, state, data, key)
+        return eqx.tree_at(
+            lambda c: c.layers[0].weight, cands, cands.layers[0].weight[:, 1:]
+        ), state
+
+    def adapt(self, state, outcome):
+        return self.inner.adapt(state, outcome)
+
+
+class _BadCarry(ev3core.AbstractProposer):
+    """Its scan's carry changes dtype (bfloat16 in, float32 out): a trace-time TypeError."""
+
+    @property
+    def num_candidates(self):
+        return 1
+
+    def labels(self):
+        return ("bad-carry",)
+
+    def init(self, params, static, key):
+        return None
+
+    def propose(self, params, static, state, data, key):
+        def body(c, _):
+            return c.astype(jnp.float32) * 2, None
+
+        jax.lax.scan(body, jnp.zeros((), jnp.bfloat16), None, length=2)
+        return jax.tree.map(lambda x: x[None], params), state
+
+    def adapt(self, state, outcome):
+        return state
+
+
+def test_a_wrong_shape_proposer_error_lists_the_leaf_and_names_the_proposer(tiny):
+    _, data, states = tiny
+    engine = _engine(proposers=[_Shrink(_GRAD)])
+    state = engine.init(states[0].model, jax.random.key(2))
+    with pytest.raises(ConfigurationError) as err:
+        engine.check_data(data, state)
+    msg = str(err.value)
+    assert "proposer #0" in msg and "_Shrink" in msg
+    assert ".layers[0].weight: expected (4, 4, 2) float32, got (4, 3, 2) float32" in msg
+    assert msg.count("\n") < 3 and "MLP(" not in msg  # not the whole model, twice
+
+
+def test_a_proposers_trace_time_type_error_names_the_component(tiny):
+    _, data, states = tiny
+    engine = _engine(proposers=[_BadCarry()])
+    state = engine.init(states[0].model, jax.random.key(2))
+    with pytest.raises(ev3core.errors.ComponentError, match=r"proposer #0 .*_BadCarry.*TypeError"):
+        engine.check_data(data, state)

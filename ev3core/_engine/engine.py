@@ -10,6 +10,7 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from jaxtyping import Array, Int, PRNGKeyArray, PyTree
 
@@ -40,7 +41,7 @@ from .._types import (
     tree_stack,
     tree_where,
 )
-from ..errors import ConfigurationError, EV3Error
+from ..errors import ComponentError, ConfigurationError, EV3Error
 
 logger = logging.getLogger("ev3core")
 
@@ -167,6 +168,88 @@ def _check_stream(name: str, stream: PyTree[Any]) -> int:
     if n == 0:
         raise ConfigurationError(f"Data.{name} has zero examples; pass at least one example.")
     return n
+
+
+def _concrete(tree: PyTree[Any]) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def _check_finite_stream(name: str, stream: PyTree[Any], n: int) -> None:
+    """Non-finite *data* is the data's problem: say so, naming the stream and the examples,
+    instead of letting every candidate scored on it look invalid."""
+    bad = np.zeros(n, bool)
+    where = []
+    for path, x in jax.tree_util.tree_flatten_with_path(stream)[0]:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            continue
+        rows = ~np.asarray(jnp.all(jnp.isfinite(jnp.reshape(x, (n, -1))), axis=1))
+        if rows.any():
+            bad |= rows
+            where.append(jax.tree_util.keystr(path) or "(the array)")
+    if bad.any():
+        first = np.flatnonzero(bad)[:5].tolist()
+        raise ConfigurationError(
+            f"Data.{name} has {int(bad.sum())} of {n} example(s) with NaN or Inf values (in "
+            f"{', '.join(where)}; examples {first}{' ...' if bad.sum() > 5 else ''}). Every "
+            "model scored on them would look invalid, so no candidate could be accepted. "
+            "Remove or impute those examples."
+        )
+
+
+def _check_labels(name: str, stream: PyTree[Any], model: Any) -> None:
+    """Integer class labels (`(x, y, ...)` streams) must index the model's outputs: a label
+    outside `[0, classes)` would make every candidate's score invalid, or wrap silently."""
+    if not isinstance(stream, (tuple, list)) or len(stream) < 2:
+        return
+    x, y = stream[0], stream[1]
+    if not (
+        eqx.is_array(y) and jnp.ndim(y) == 1 and jnp.issubdtype(jnp.result_type(y), jnp.integer)
+    ):
+        return
+    try:
+        out = eqx.filter_eval_shape(
+            model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+        )
+    except Exception:  # noqa: BLE001 - the component checks report shape problems
+        return
+    if not hasattr(out, "shape") or len(out.shape) != 1:
+        return
+    classes = out.shape[0]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if lo < 0 or hi >= classes:
+        raise ConfigurationError(
+            f"Data.{name} has labels in [{lo}, {hi}] (element 1 of the stream), but the model "
+            f"{type(model).__name__} outputs {classes} classes, so labels must lie in "
+            f"[0, {classes - 1}]. Fix the labels or give the model {hi + 1} outputs."
+        )
+
+
+def _leaf_differences(want: PyTree[Any], got: PyTree[Any], limit: int = 6) -> str:
+    """The leaves where two trees of arrays differ, as `path: (shape) dtype` lines."""
+
+    def flat(tree: PyTree[Any]) -> dict[str, str]:
+        return {
+            jax.tree_util.keystr(path): f"{tuple(jnp.shape(x))} {jnp.result_type(x)}"
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+
+    a, b = flat(want), flat(got)
+    lines = []
+    for path in [*a, *(p for p in b if p not in a)]:
+        if a.get(path) != b.get(path):
+            lines.append(
+                f"{path or '(root)'}: expected {a.get(path, '(no such leaf)')}, "
+                f"got {b.get(path, '(no such leaf)')}"
+            )
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
+
+
+def _describe(kind: str, index: int, comp: Any) -> str:
+    from .._faults import describe_component
+    from .._plugins.manager import plugins as default_plugins
+
+    return describe_component(kind, index, comp, plugins=default_plugins())
 
 
 class Engine(eqx.Module):
@@ -321,6 +404,18 @@ class Engine(eqx.Module):
             raise ConfigurationError(
                 f"The model {type(model).__name__} has no array leaves to optimise."
             )
+        if _concrete(params):
+            bad = [
+                jax.tree_util.keystr(path)
+                for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))
+            ]
+            if bad:
+                raise ConfigurationError(
+                    f"The model {type(model).__name__} has NaN or Inf parameters from the start "
+                    f"(in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}): no candidate "
+                    "derived from it could be valid. Initialise it with finite values."
+                )
         keys = jax.random.split(key, len(self.proposers) + 1)
         state = State(
             step=jnp.zeros((), jnp.int32),
@@ -352,6 +447,11 @@ class Engine(eqx.Module):
                 f"{type(data).__name__}."
             )
         sizes = {name: _check_stream(name, getattr(data, name)) for name in _STREAMS}
+        if _concrete(data):
+            for name in _STREAMS:
+                _check_finite_stream(name, getattr(data, name), sizes[name])
+                if state is not None and isinstance(state, State) and _concrete(state.current):
+                    _check_labels(name, getattr(data, name), state.model)
         for name, label, size in (
             ("assess", "assess_size", self.assess_size),
             ("decide", "decide_size", self.decide_size),
@@ -413,8 +513,19 @@ class Engine(eqx.Module):
             except EV3Error:
                 raise
             except Exception as exc:
-                if component_owner(self, exc, innermost=True) is not None:
-                    raise  # the component's own code raised: `run` names it (ComponentError)
+                owner = component_owner(self, exc)
+                if owner is not None and (
+                    component_owner(self, exc, innermost=True) is not None
+                    or isinstance(exc, TypeError)
+                ):
+                    # The component's own code raised, or tracing it failed on a type (a
+                    # carry of the wrong dtype in its scan): name the component.
+                    raise ComponentError(
+                        f"{_describe(*owner)} raised {type(exc).__name__} while being traced "
+                        f"on Data.{stream} ({_describe_stream(getattr(data, stream))}): "
+                        f"{str(exc).strip()[:800]}. Fix the component or remove it from the "
+                        "pipeline."
+                    ) from exc
                 msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
                 raise ConfigurationError(
                     f"{what} cannot run on Data.{stream} "
@@ -461,11 +572,15 @@ class Engine(eqx.Module):
             if jax.tree.structure(want) != jax.tree.structure(got) or jax.tree.leaves(
                 want, is_leaf=lambda x: isinstance(x, tuple)
             ) != jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, tuple)):
+                expected = jax.tree.map(
+                    lambda x, k=p.num_candidates: jax.ShapeDtypeStruct((k, *x.shape), x.dtype),
+                    state.current,
+                )
                 raise ConfigurationError(
-                    f"{what} returned candidates that are not the parameters stacked "
-                    f"{p.num_candidates} times: expected (shape, dtype) {want}, got {got}. A "
-                    "proposer returns full parameters with a leading candidate axis of size "
-                    "num_candidates."
+                    f"{_describe('proposer', i, p)} returned candidates that are not the "
+                    f"parameters stacked {p.num_candidates} times: "
+                    f"{_leaf_differences(expected, cands)}. A proposer returns full parameters "
+                    "with a leading candidate axis of size num_candidates."
                 )
             sig = lambda t: [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(t)]
             if jax.tree.structure(new_ps) != jax.tree.structure(ps) or sig(new_ps) != sig(ps):
@@ -579,8 +694,12 @@ class Engine(eqx.Module):
             assess_batch = _sample(data.assess, k_assess, self.assess_size)
             scores_a, valid, padded, pick = self._assess_sharded(candidates, state, assess_batch)
         valid = valid & jnp.all(jnp.isfinite(scores_a[:, :K]), axis=(0, 2))
-        winner = self.scheduler.select(scores_a, valid, state.scheduler_state, state.history)
-        winner_valid = valid[winner]
+        selected = self.scheduler.select(scores_a, valid, state.scheduler_state, state.history)
+        # The scheduler is a plugin: its indices are checked, never trusted. An index out of
+        # range (JAX would clamp it to a real candidate) means "no winner: keep current".
+        select_ok = (selected >= 0) & (selected < K)
+        winner = jnp.where(select_ok, selected, 0).astype(jnp.int32)
+        winner_valid = valid[winner] & select_ok
         if self.mesh is None:
             winner_params = tree_index(candidates, winner)
         else:
@@ -593,12 +712,15 @@ class Engine(eqx.Module):
         decision, sstate = self.scheduler.decide(
             scores_d, winner_valid, state.scheduler_state, state.history
         )
-        # Safety net independent of the scheduler: an invalid winner is never taken.
+        # Safety net independent of the scheduler: an invalid winner is never taken, and a
+        # choice that is none of WINNER, CURRENT, STABLE keeps the current model.
+        choice_ok = (decision.choice >= 0) & (decision.choice <= 2)
         choice = jnp.where(
-            (decision.choice == WINNER) & ~winner_valid, CURRENT, decision.choice
+            ((decision.choice == WINNER) & ~winner_valid) | ~choice_ok, CURRENT, decision.choice
         ).astype(jnp.int32)
-        update_stable = decision.update_stable & winner_valid
-        significant = decision.significant & winner_valid
+        update_stable = decision.update_stable & winner_valid & choice_ok
+        significant = decision.significant & winner_valid & choice_ok
+        bad_indices = (~select_ok).astype(jnp.int32) + (~choice_ok).astype(jnp.int32)
         new_current = tree_index(trio, choice)
         new_stable = tree_where(update_stable, winner_params, state.stable)
         accepted = choice == WINNER
@@ -653,6 +775,7 @@ class Engine(eqx.Module):
             decide_lower=decision.lower,
             decide_upper=decision.upper,
             priorities=decision.priorities,
+            bad_indices=bad_indices,
         )
         return new_state, info
 

@@ -217,6 +217,15 @@ def run(
             call_lifecycle(plugins, "ev3_run_end", engine=engine, state=state, infos=infos)
     stacked_infos = infos.stacked()
     if stacked_infos is not None:
+        bad = int(np.sum(stacked_infos.bad_indices))
+        if bad:
+            logger.warning(
+                "ev3core: the scheduler %s returned %d out-of-range index(es) in %d step(s); "
+                "each kept the current model. Fix the scheduler's select/decide.",
+                type(engine.scheduler).__qualname__,
+                bad,
+                int(np.sum(stacked_infos.bad_indices > 0)),
+            )
         masked = int(np.sum(stacked_infos.num_invalid))
         if masked:
             logger.warning(
