@@ -470,7 +470,7 @@ def test_a_name_registered_twice_fails_only_the_later_plugin_for_that_name():
 
 class _BadStage:
     @ev3core.hookimpl
-    def ev3_explore(self, pipeline, proposers):
+    def ev3_explore(self, proposers):
         raise RuntimeError("stage hook exploded")
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +14,13 @@ import numpy as np
 
 from .._engine.engine import Engine
 from .._faults import component_owner, describe_component
-from .._plugins.manager import Plugins, hook_culprit as _culprit, plugins as default_plugins
+from .._plugins.manager import Plugins, plugin_manager
 from .._types import Data, State, StepInfo
 from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 
 logger = logging.getLogger("ev3core")
+
+_LIFECYCLE = ("ev3_run_start", "ev3_after_step", "ev3_run_end")
 
 
 class _StopOnInterrupt:
@@ -118,12 +121,34 @@ class _InfoLog(Sequence[StepInfo]):
         return jax.tree.unflatten(self._treedef, [a[: self._n] for a in self._arrays])
 
 
+def _culprit(hook_caller: Any, exc: BaseException, observers: Sequence[Any] = ()) -> str:
+    codes = {
+        impl.function.__code__: impl.plugin_name
+        for impl in hook_caller.get_hookimpls()
+        if hasattr(impl.function, "__code__")
+    }
+    name = hook_caller.name
+    for obs in observers:
+        method = getattr(obs, name, None)
+        if method is not None and hasattr(method, "__code__"):
+            codes[method.__code__] = f"observer {type(obs).__name__}"
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code in codes:
+            return codes[frame.f_code]
+    return "<unknown plugin>"
+
+
 def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
     """Call a compiled engine method; a component's exception becomes `ComponentError`."""
     try:
         return fn(*args)
-    except EV3Error:
-        raise
+    except EV3Error as exc:
+        owner = getattr(exc, "component", None)
+        if owner is None:
+            raise
+        # The engine's checks name the component; the plugin that registered it is known here.
+        short, who = describe_component(*owner), describe_component(*owner, plugins=plugins)
+        raise type(exc)(str(exc).replace(short, who, 1)) from exc
     except Exception as exc:
         owner = component_owner(engine, exc)
         if owner is None:
@@ -136,18 +161,42 @@ def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
         ) from exc
 
 
-def call_lifecycle(plugins: Plugins, name: str, **kwargs: Any) -> None:
-    """Call a lifecycle hook; an exception is re-raised as `PluginError` naming the plugin."""
+def call_lifecycle(
+    plugins: Plugins, name: str, observers: Sequence[Any] = (), **kwargs: Any
+) -> None:
+    """Call a lifecycle hook on the plugins and on this run's `observers` (objects with
+    methods named like the hooks); an exception is re-raised as `PluginError` naming the
+    plugin or observer."""
     caller = getattr(plugins.pm.hook, name)
+    extra = [m for m in (getattr(o, name, None) for o in observers) if m is not None]
     try:
-        caller(**kwargs)
+        if extra:
+            caller.call_extra(extra, kwargs)
+        else:
+            caller(**kwargs)
     except EV3Error:
         raise  # ev3core's own errors (a Checkpointer's CheckpointError) say what is wrong
     except Exception as exc:
         raise PluginError(
-            f"plugin {_culprit(caller, exc)!r} raised in {name}: {type(exc).__name__}: {exc}. "
-            "The run was stopped; the state passed to the hook is intact."
+            f"plugin {_culprit(caller, exc, observers)!r} raised in {name}: "
+            f"{type(exc).__name__}: {exc}. The run was stopped; the state passed to the hook "
+            "is intact."
         ) from exc
+
+
+def _check_observers(observers: Sequence[Any]) -> None:
+    for obs in observers:
+        if not any(hasattr(obs, h) for h in _LIFECYCLE):
+            raise ConfigurationError(
+                f"run: observer {obs!r} has none of the lifecycle methods {list(_LIFECYCLE)}. "
+                "An observer is an object with methods named like the lifecycle hooks, e.g. "
+                "ev3core.ProgressBar() or ev3core.Checkpointer(dir)."
+            )
+
+
+def _host_steps(host: StepInfo, n: int) -> list[StepInfo]:
+    """`n` per-step infos (NumPy views) from a scanned chunk already on the host."""
+    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(n)]
 
 
 def run(
@@ -157,6 +206,7 @@ def run(
     num_steps: int,
     *,
     plugins: Plugins | None = None,
+    observers: Sequence[Any] = (),
     chunk: int = 1,
 ) -> tuple[State, StepInfo | None]:
     """Run `num_steps` EV3 steps on the host, calling the lifecycle hooks.
@@ -165,10 +215,15 @@ def run(
 
     - `engine`, `state`, `data`: as for `Engine.step`.
     - `num_steps`: steps to take.
-    - `plugins`: whose lifecycle hooks to call (default `ev3core.plugins()`).
+    - `plugins`: whose lifecycle hooks to call (default `ev3core.plugin_manager()`).
+    - `observers`: objects for this run only (a `ProgressBar`, a `Checkpointer`, a
+      `JsonlLogger`, your own) whose methods named like the lifecycle hooks are called
+      after the plugins' implementations; nothing is registered on `plugins`.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
-      after the chunk.
+      after the chunk. Each chunk's infos come to the host in one transfer (hooks see
+      `StepInfo`s of NumPy arrays); with `chunk=1` hooks see device arrays, and reading one
+      waits for that step.
 
     **Returns:** `(final_state, infos)`, where `infos` is a `StepInfo` of NumPy arrays with a
     leading axis of size `num_steps` (`None` when `num_steps` is 0).
@@ -182,10 +237,14 @@ def run(
         raise ConfigurationError(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
-    plugins = plugins if plugins is not None else default_plugins()
+    plugins = plugins if plugins is not None else plugin_manager()
+    observers = tuple(observers)
+    _check_observers(observers)
     # Abstract evaluation (no compilation) of every component on the data's shapes.
     _guarded(engine, plugins, engine.check_data, data, state)
-    call_lifecycle(plugins, "ev3_run_start", engine=engine, state=state, num_steps=num_steps)
+    call_lifecycle(
+        plugins, "ev3_run_start", observers, engine=engine, state=state, num_steps=num_steps
+    )
     infos = _InfoLog(int(num_steps))
     done = 0
     # Ctrl-C stops at the next step boundary, so `ev3_run_end` (checkpointers) sees a
@@ -195,17 +254,21 @@ def run(
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
                 if n == 1:
+                    # device arrays: the host queues the next step unless a hook reads them
                     state, info = _guarded(engine, plugins, engine.step, state, data)
                     batch = [info]
                 else:
                     state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
-                    batch = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
-                # The previous chunk's infos go to the host now that this one is dispatched.
+                    stacked = jax.device_get(stacked)  # one transfer per chunk
+                    batch = _host_steps(stacked, n)
+                # The previous step's infos go to the host now that this one is dispatched:
+                # at most one step's infos stay on the device (none after a chunk).
                 infos.flush()
                 for info in batch:
                     call_lifecycle(
-                        plugins, "ev3_after_step", engine=engine, state=state, info=info, step=done
-                    )
+                        plugins, "ev3_after_step", observers,
+                        engine=engine, state=state, info=info, step=done,
+                    )  # fmt: skip
                     if n == 1:
                         infos.add(info)
                     done += 1
@@ -214,7 +277,9 @@ def run(
                 del batch
         finally:
             infos.flush()
-            call_lifecycle(plugins, "ev3_run_end", engine=engine, state=state, infos=infos)
+            call_lifecycle(
+                plugins, "ev3_run_end", observers, engine=engine, state=state, infos=infos
+            )
     stacked_infos = infos.stacked()
     if stacked_infos is not None:
         bad = int(np.sum(stacked_infos.bad_indices))
