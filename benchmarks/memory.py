@@ -25,7 +25,7 @@ import jax
 import optax
 
 import ev3core
-from ev3core._host.smoke import smoke_data, smoke_model
+from ev3core._toy import toy_model, toy_problem
 
 
 def rss_mb() -> float:
@@ -73,8 +73,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10_000)
     args = parser.parse_args()
 
-    data, _ = smoke_data(jax.random.key(0), n=4096)
-    model = smoke_model(jax.random.key(1))
+    data, _ = toy_problem(jax.random.key(0), n=4096)
+    model = toy_model(jax.random.key(1))
     plugins = ev3core.load_plugins(autoload=False)
 
     t0 = time.perf_counter()
