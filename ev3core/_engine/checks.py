@@ -276,19 +276,19 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
         except EV3Error:
             raise
         except Exception as exc:
-            owner = component_owner(engine, exc)
-            if owner is not None and (
-                component_owner(engine, exc, innermost=True) is not None
-                or isinstance(exc, TypeError)
-            ):
-                # The component's own code raised, or tracing it failed on a type (a carry
-                # of the wrong dtype in its scan): name the component, not just the data.
+            if component_owner(engine, exc, innermost=True) is not None:
+                # The component's own code raised while being traced (for instance a
+                # TypeError from a scan whose carry changes dtype): name the component, not
+                # the data. `run` adds the plugin that registered it.
+                owner = component_owner(engine, exc)
                 raise _component_error(
                     ComponentError,
                     owner,
-                    f"raised {type(exc).__name__} while being traced on Data.{stream} "
-                    f"({_describe_stream(getattr(data, stream))}): {str(exc).strip()[:800]}. "
-                    "Fix the component or remove it from the pipeline.",
+                    f"raised {type(exc).__name__}: {str(exc).strip()[:800]} (while being "
+                    f"traced on Data.{stream}, {_describe_stream(getattr(data, stream))}). "
+                    "The run was stopped before this step changed the state (checkpoints "
+                    "already written are intact). Fix the component or remove it from the "
+                    "pipeline.",
                 ) from exc
             msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
             raise ConfigurationError(

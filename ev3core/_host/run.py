@@ -171,7 +171,10 @@ def call_lifecycle(
     extra = [m for m in (getattr(o, name, None) for o in observers) if m is not None]
     try:
         if extra:
-            caller.call_extra(extra, kwargs)
+            # pluggy calls the methods it is given last-first: reversed, observers run in the
+            # order given (a ProgressBar before the Checkpointer whose metadata reads its
+            # counts, so a checkpoint's counts include its own step).
+            caller.call_extra(list(reversed(extra)), kwargs)
         else:
             caller(**kwargs)
     except EV3Error:
