@@ -44,11 +44,19 @@ from ._assess.scores import (
     NegCrossEntropy as NegCrossEntropy,
 )
 from ._engine.engine import Engine as Engine
+from ._explore.compute import gradient_evaluations as gradient_evaluations
 from ._explore.gradient import (
     GradientProposer as GradientProposer,
     GradientProposerState as GradientProposerState,
 )
+from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import CrossEntropy as CrossEntropy
+from ._explore.pbt import PBTProposer as PBTProposer
+from ._host.cache import (
+    default_cache_dir as default_cache_dir,
+    disable_compilation_cache as disable_compilation_cache,
+    enable_compilation_cache as enable_compilation_cache,
+)
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
@@ -125,6 +133,7 @@ __all__ = [
     "EV3SchedulerState",
     "EXP3Priority",
     "Engine",
+    "Evolve",
     "F1Score",
     "Feedback",
     "GradientProposer",
@@ -138,7 +147,9 @@ __all__ = [
     "NegExpectedCalibrationError",
     "NormalBound",
     "Objective",
+    "Optimizer",
     "Outcome",
+    "PBTProposer",
     "PairedBound",
     "Pipeline",
     "toy_model",
@@ -154,7 +165,11 @@ __all__ = [
     "WeightedChebyshev",
     "WeightedSum",
     "candidate_mesh",
+    "default_cache_dir",
+    "disable_compilation_cache",
+    "enable_compilation_cache",
     "errors",
+    "gradient_evaluations",
     "hookimpl",
     "hookspecs",
     "latest_checkpoint",

@@ -7,6 +7,8 @@ MLP 2 -> 8 (ReLU) -> 2. The built-in smoke experiment runs EV3 on it.
 
 from __future__ import annotations
 
+import functools
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -28,6 +30,11 @@ def toy_problem(
     model = ev3core.toy_model(jax.random.key(1))
     ```
     """
+    return _toy_problem(key, int(n))
+
+
+@functools.partial(jax.jit, static_argnums=1)  # one compiled program, not one per operation
+def _toy_problem(key: PRNGKeyArray, n: int) -> tuple[Data, tuple[Array, Array]]:
     kw, kp, ka, kd, kt = jax.random.split(key, 5)
     w = jax.random.normal(kw, (2,))
 
@@ -40,4 +47,9 @@ def toy_problem(
 
 def toy_model(key: PRNGKeyArray) -> eqx.nn.MLP:
     """The toy problem's model: an MLP 2 -> 8 (ReLU) -> 2, called on one example."""
+    return _toy_model(key)
+
+
+@eqx.filter_jit  # one compiled program, not one per operation
+def _toy_model(key: PRNGKeyArray) -> eqx.nn.MLP:
     return eqx.nn.MLP(2, 2, 8, 1, activation=jax.nn.relu, key=key)

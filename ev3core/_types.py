@@ -15,6 +15,9 @@ negation.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+from collections.abc import Iterator
 from typing import Any
 
 import equinox as eqx
@@ -68,6 +71,10 @@ class Outcome(eqx.Module):
     - `params`: the new current parameters.
     - `changed`: whether the current model changed this step (accepted, or rolled back to
       the stable model); `None` (for outcomes built by hand) means the same as `accepted`.
+    - `scores`: each objective's assess summary (`assessor.summary`, higher is better) of
+      *this proposer's* candidates, `-inf` where a candidate was masked invalid; the engine
+      always fills it, `None` for outcomes built by hand. Population methods rank their
+      members on it (`PBTProposer`, `Evolve(truncate=...)`).
     """
 
     accepted_index: Int[Array, ""]
@@ -75,6 +82,7 @@ class Outcome(eqx.Module):
     significant: Bool[Array, ""]
     params: PyTree[Array]
     changed: Bool[Array, ""] | None = None
+    scores: Float[Array, "objective candidate"] | None = None
 
     @property
     def current_changed(self) -> Bool[Array, ""]:
@@ -309,5 +317,44 @@ def _as_float_array(x: Any) -> Float[Array, ""]:
     return jnp.asarray(x, dtype=jnp.float32)
 
 
+#: Forward passes already traced while one model is scored (see `shared_forward`).
+_FORWARD_MEMO: contextvars.ContextVar[list[tuple[Any, Any, Any, Array]] | None] = (
+    contextvars.ContextVar("ev3core_forward_memo", default=None)
+)
+
+
+def _trace_state() -> Any:
+    try:
+        from jax._src.core import get_opaque_trace_state
+    except ImportError:  # pragma: no cover - then nothing is shared
+        return None
+    return get_opaque_trace_state()
+
+
+@contextlib.contextmanager
+def shared_forward() -> Iterator[None]:
+    """While tracing one model's scores, assessors that call the model on the same batch
+    share one traced forward pass (`Accuracy` and `NegCrossEntropy` of the smoke pipeline
+    trace the MLP once, not twice): a smaller program that compiles faster. A pass is only
+    reused for the very same model and batch objects in the same trace, so the values are
+    exactly those of separate passes."""
+    token = _FORWARD_MEMO.set([])
+    try:
+        yield
+    finally:
+        _FORWARD_MEMO.reset(token)
+
+
 def _logits(model: Any, x: Array) -> Float[Array, "example class"]:
-    return jax.vmap(model)(x)
+    memo = _FORWARD_MEMO.get()
+    if memo is None:
+        return jax.vmap(model)(x)
+    trace = _trace_state()
+    if trace is not None:
+        for m, xs, t, out in memo:
+            if m is model and xs is x and t == trace:
+                return out
+    out = jax.vmap(model)(x)
+    if trace is not None:
+        memo.append((model, x, trace, out))
+    return out

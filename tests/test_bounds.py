@@ -351,7 +351,7 @@ def test_a_model_identical_to_the_reference_is_exactly_tied(bound):
     error, which read as a significant difference and triggered spurious roll backs."""
     rng = np.random.default_rng(0)
     sch = ev3core.EV3Scheduler(0.5, 4.0, bound=bound)
-    state, hist = sch.init(1), ev3core.History.empty(4, 1)
+    state, hist = sch.init(1, jax.random.key(0)), ev3core.History.empty(4, 1)
     interval = jax.jit(lambda s, k: bound.interval(mean_of(0), s, 1, jnp.float32(4.0), k))
     decide = jax.jit(lambda s: sch.decide(s, jnp.bool_(True), state, hist))
     for trial in range(20):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -44,7 +45,10 @@ class _Noise(ev3core.AbstractProposer):
         keys = jax.random.split(key, len(leaves))
         return jax.tree.unflatten(
             treedef,
-            [x + scale * jax.random.normal(k, (2,) + x.shape) for x, k in zip(leaves, keys)],
+            [
+                x[None] + (scale * jax.random.normal(k, (2,) + x.shape)).astype(x.dtype)
+                for x, k in zip(leaves, keys)
+            ],
         )
 
     def propose(self, params, static, state, data, key):
@@ -272,8 +276,138 @@ def test_the_kit_catches_a_broken_component(check, component, options, expected)
 
 
 def test_the_kit_passes_a_correct_component_and_reports_what_ran():
-    ran = et.check_proposer(_Noise())
-    assert set(ran) == set(et.CHECKS) - {"convention"}  # a proposer has no score direction
+    report = et.check_proposer(_Noise())
+    assert set(report) == set(et.CHECKS) - {"convention"}
+    # what did not run says why: a proposer has no score direction
+    assert list(report.not_applicable) == ["convention"]
+    assert "score direction" in report.not_applicable["convention"]
+
+
+def test_a_check_that_does_not_apply_fails_loudly_when_asked_for():
+    with pytest.raises(et.NotApplicableError, match="'convention' check does not apply"):
+        et.check_proposer(_Noise(), checks=("convention",))
+    # an assessor has no state: no checkpoint to round-trip
+    with pytest.raises(et.NotApplicableError, match="no state"):
+        et.check_assessor(ev3core.Accuracy(), checks=("checkpoint",))
+    # no array hyperparameters and nothing to rebuild: the reason names both fixes
+    with pytest.raises(et.NotApplicableError, match="variants=.*rebuild="):
+        et.check_assessor(ev3core.Accuracy(), checks=("no_recompile",))
+
+
+class _Float32Step(_Noise):
+    """Adds a float32 step to every leaf: fine for float32 models, a promotion error (or a
+    silent upcast) for bfloat16 ones."""
+
+    scale: jax.Array = eqx.field(converter=lambda x: jnp.asarray(x, jnp.float32), default=0.1)
+
+    def propose(self, params, static, state, data, key):
+        return jax.tree.map(lambda x: jnp.stack([x, x]) + self.scale, params), state
+
+
+class _Float32Score(ev3core.AbstractAssessor):
+    """Scores that are finite for float32 and bfloat16 models but overflow in float16 (its
+    largest value is 65504)."""
+
+    direction = "max"  # higher scores are better
+
+    @property
+    def name(self):
+        return "exp_logit"
+
+    def __call__(self, model, batch):
+        x, _ = batch
+        return -((jnp.max(jax.vmap(model)(x), axis=-1) * 1e3) ** 2)
+
+
+def test_the_dtype_check_runs_components_on_low_precision_models():
+    with pytest.raises(et.ConformanceError, match="'dtype' check.*bfloat16"):
+        et.check_proposer(_Float32Step(), checks=("dtype",))
+    with pytest.raises(et.ConformanceError, match="'dtype' check.*non-finite.*float16"):
+        et.check_assessor(_Float32Score(), checks=("dtype",))
+    assert et.check_assessor(ev3core.NegCrossEntropy(), checks=("dtype",)) == ("dtype",)
+
+
+class _OptaxProposer(_Noise):
+    """Holds an optax optimizer: its learning rate is a constant inside the closures."""
+
+    opt: optax.GradientTransformation = eqx.field(static=True, default=None)
+
+    def __init__(self, lr=0.1):
+        self.scale = jnp.asarray(0.1)
+        self.opt = optax.sgd(lr)
+
+
+def test_no_recompile_sees_constants_captured_in_optax_closures():
+    with pytest.raises(et.ConformanceError, match="capture Python floats in their closures"):
+        et.check_proposer(_OptaxProposer(), checks=("no_recompile",))
+
+
+class _Rebuilt(_Noise):
+    """Equal settings, but a new function object per build (a static closure)."""
+
+    fn: Any = eqx.field(static=True, default=None)
+
+    def __init__(self):
+        self.scale = jnp.asarray(0.1)
+        self.fn = lambda x: x
+
+
+def test_no_recompile_rebuilds_the_component_from_equal_settings():
+    with pytest.raises(et.ConformanceError, match="built again from the same settings re-traced"):
+        et.check_proposer(_Rebuilt(), rebuild=_Rebuilt, checks=("no_recompile",))
+    # an equal rebuild (and a changed array hyperparameter) reuses the compiled program
+    assert et.check_proposer(_Noise(), rebuild=_Noise, checks=("no_recompile",))
+
+
+class _Stateful(eqx.Module):
+    calls: int = eqx.field(static=True)
+
+
+class _UniformPriority(ev3core.AbstractPriority):
+    """Equal weights, weighted-sum utility, no state (the ones below change one thing)."""
+
+    scalarisation = "sum"
+
+    def init(self, num_objectives):
+        return None
+
+    def priorities(self, state, history, key):
+        n = history.score.shape[-1]
+        return jnp.full((n,), 1.0 / n, jnp.float32)
+
+    def utility(self, values, weights):
+        return jnp.sum(weights * values)
+
+    def update(self, state, feedback, history):
+        return state
+
+    def lexicographic_order(self, num_objectives):
+        return None
+
+
+class _StaticStatePriority(_UniformPriority):
+    """Counts updates in a static field: lost by a checkpoint."""
+
+    def init(self, num_objectives):
+        return _Stateful(0)
+
+    def update(self, state, feedback, history):
+        return _Stateful(state.calls + 1)
+
+
+class _LowerIsBetterPriority(_UniformPriority):
+    def utility(self, values, weights):
+        return -jnp.sum(weights * values)
+
+
+def test_priority_checkpoint_and_convention_checks():
+    with pytest.raises(et.ConformanceError, match="'checkpoint' check"):
+        et.check_priority(_StaticStatePriority(), checks=("checkpoint",))
+    with pytest.raises(et.ConformanceError, match="'convention' check.*higher-is-better"):
+        et.check_priority(_LowerIsBetterPriority(), checks=("convention",))
+    report = et.check_priority(ev3core.WeightedSum([0.5, 0.5]))
+    assert {"convention", "checkpoint"} <= set(report)
+    assert set(report.not_applicable) == {"dtype", "nonfinite"}
 
 
 def test_a_broken_component_fails_the_default_run_too():
@@ -344,9 +478,10 @@ def test_every_kind_and_first_party_plugin_is_covered():
 
 
 def _engine_level(kind, example):
-    """Proposers are run in a real engine together (one compile) by the test below."""
+    """Proposers and assessors are run in a real engine together (one compile) by the test
+    below."""
     return (
-        kind == "proposer"
+        kind in ("proposer", "assessor")
         and "problem" not in example.options
         and "nonfinite" in (example.options.get("checks", et.CHECKS))
     )
@@ -356,19 +491,29 @@ def _engine_level(kind, example):
 def test_registered_component_conforms(case):
     kind, _, example = case
     if example.error is None and _engine_level(kind, example):
+        # the engine-level check runs in the test below; what never applies to the kind
+        # stays out of an explicit list (asking for it would raise NotApplicableError)
+        never = {"proposer": {"convention"}, "assessor": {"checkpoint"}}[kind] | {"nonfinite"}
         checks = example.options.get("checks", et.CHECKS)
-        options = {**example.options, "checks": [c for c in checks if c != "nonfinite"]}
-        example = et.Example(example.component, **options)
+        options = {**example.options, "checks": [c for c in checks if c not in never]}
+        example, rebuild = et.Example(example.component, **options), example.rebuild
+        example.rebuild = rebuild  # the registry's rebuild, for the no_recompile check
     ran = et.check_example(kind, example)
     assert {"structure", "jit", "pure", "no_recompile"} <= set(ran)
 
 
-def test_registered_proposers_together_in_one_engine():
-    proposers = [
-        ex.component for kind, _, ex in CASES if ex.error is None and _engine_level(kind, ex)
-    ]
+def test_registered_proposers_and_assessors_together_in_one_engine():
+    def engine_level(kind):
+        return [
+            ex.component
+            for k, _, ex in CASES
+            if k == kind and ex.error is None and _engine_level(k, ex)
+        ]
+
+    proposers, assessors = engine_level("proposer"), engine_level("assessor")
     assert len(proposers) >= 3  # the built-in and the template's, at least
-    assert set(et.check_engine(proposers)) == {"jit", "nonfinite", "checkpoint"}
+    assert len(assessors) >= 4
+    assert set(et.check_engine(proposers, assessors)) == {"jit", "nonfinite", "checkpoint"}
 
 
 # --------------------------------------------------------------------------- a real install

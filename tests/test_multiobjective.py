@@ -75,8 +75,9 @@ def test_normal_bound_is_exactly_the_reference_rule():
 
 
 @pytest.mark.parametrize("bound", ["paired", "bootstrap"])
-def test_paired_rule(bound):
-    sched = EV3Scheduler(decide_alpha=1.645, bound=bound)
+def test_paired_rule(bound, builtin_plugins):
+    # a component built outside a pipeline takes instances (names resolve at build time)
+    sched = EV3Scheduler(decide_alpha=1.645, bound=builtin_plugins.make("bound", bound))
     d = decide(sched, trio(0.1, 0.0, 0.0))  # winner better than both incumbents
     assert int(d.choice) == WINNER and bool(d.significant)
     np.testing.assert_allclose(d.lower, [0.1, 0.0, 0.0], atol=1e-6)  # relative to current

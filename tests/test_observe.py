@@ -262,8 +262,11 @@ def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
     )
     assert res.returncode == 0, res.stderr
     err = res.stderr
-    for hook in ("ev3_explore(", "ev3_assess(", "ev3_adapt("):
-        assert f"ev3 trace: {hook}pipeline=Pipeline" in err
+    # stage hooks see resolved components, never the pipeline
+    assert "ev3 trace: ev3_explore(proposers=(GradientProposer,), assessors=(" in err
+    assert "ev3 trace: ev3_assess(assessors=(Accuracy, NegCrossEntropy))" in err
+    assert "ev3 trace: ev3_adapt(scheduler=EV3Scheduler, assessors=(" in err
+    assert "pipeline=" not in err
     assert "ev3_adapt returned EV3Scheduler" in err
     assert "ev3core.builtins  [ev3core " in res.stdout
     assert "  proposer: gradient" in res.stdout

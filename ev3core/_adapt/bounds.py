@@ -160,6 +160,7 @@ def _standardised(
     values: Float[Array, "*b model"], scale: Float[Array, " model"]
 ) -> Float[Array, "*b model"]:
     """`values / scale`, with `0 / 0 = 0` (a comparison without noise) and `x / 0 = +-inf`."""
+    scale = jnp.broadcast_to(scale, jnp.shape(values))  # explicit: ranks never promote
     safe = jnp.where(scale > 0, scale, 1.0)
     ratio = values / safe
     degenerate = jnp.where(values > 0, jnp.inf, jnp.where(values < 0, -jnp.inf, 0.0))
@@ -195,7 +196,7 @@ def _max_critical(
     there, and a finite number of draws cannot resolve tails finer than `1 / resamples`.
     """
     m = jnp.sum(mask)
-    top = jnp.max(jnp.where(mask, draws, -jnp.inf), axis=-1)
+    top = jnp.max(jnp.where(jnp.broadcast_to(mask, draws.shape), draws, -jnp.inf), axis=-1)
     q = jnp.quantile(top, 1.0 - ndtr(-z))
     c = jnp.clip(q, z, bonferroni_z(z, m))
     return jnp.where(m > 0, c, z)
@@ -416,7 +417,7 @@ class PairedBound(AbstractBound):
         point, psi = _point_and_influence(utility, scores)
         same = _same_as_reference(scores, reference)
         point = jnp.where(same, 0.0, point - point[reference])
-        psi = jnp.where(same[:, None], 0.0, psi - psi[reference][None])
+        psi = jnp.where(same[:, None], 0.0, psi - psi[reference][None, :])
         return self._influence_intervals(point, psi, reference, z, key, mask, self.num_resamples)
 
 
@@ -486,7 +487,7 @@ class BootstrapBound(AbstractBound):
         draws = jnp.where(same[None, :], 0.0, draws - draws[:, reference : reference + 1])
         mask = self._mask(mask, point.shape[0], reference)
         sd = jnp.std(draws, axis=0, ddof=1)
-        standardised = _standardised(draws - point, sd)
+        standardised = _standardised(draws - point[None, :], sd)
         if self.method == "normal" or self.correction == "max":
             return _normal_intervals(point, sd, z, mask, self.correction, standardised)
         p = ndtr(-z)

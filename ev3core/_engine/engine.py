@@ -7,6 +7,7 @@ candidate mesh) is a placement chosen here, once, when the engine is built.
 from __future__ import annotations
 
 import logging
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -133,7 +134,7 @@ class Engine(eqx.Module):
         - `model`: an Equinox module called on one example.
         - `key`: a PRNG key (`jax.random.key(seed)`).
         """
-        params, static = split_model(model)
+        params = split_model(model)[0]
         if not jax.tree.leaves(params):
             raise ConfigurationError(
                 f"The model {type(model).__name__} has no array leaves to optimise."
@@ -150,8 +151,14 @@ class Engine(eqx.Module):
                     f"(in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}): no candidate "
                     "derived from it could be valid. Initialise it with finite values."
                 )
+        # One compiled program instead of a dozen eagerly dispatched ones (each compiled on
+        # its own): a shorter start-up.
+        return self.placement.place_state(_init_state(self, model, key))
+
+    def _init_pure(self, model: Any, key: PRNGKeyArray) -> State:
+        params, static = split_model(model)
         k_state, k_scheduler, *k_proposers = jax.random.split(key, len(self.proposers) + 2)
-        state = State(
+        return State(
             step=jnp.zeros((), jnp.int32),
             key=k_state,
             current=params,
@@ -163,7 +170,6 @@ class Engine(eqx.Module):
             history=History.empty(self.history_size, len(self.assessors)),
             static=static,
         )
-        return self.placement.place_state(state)
 
     def check_data(self, data: Data, state: State | None = None) -> None:
         """Raise `ConfigurationError` if `data` cannot feed this engine (host side, no compile).
@@ -197,13 +203,32 @@ class Engine(eqx.Module):
         )  # fmt: skip
         return self.placement.constrain_state(new_state), info
 
-    @eqx.filter_jit
     def step(self, state: State, data: Data) -> tuple[State, StepInfo]:
         """One EV3 iteration, compiled (see `step_pure`).
 
+        One dispatch of a plain `jax.jit`: the engine's non-array part is split off once per
+        engine (not per call), and `state` and `data` go to the compiled program as they are,
+        so the host work per step does not depend on the model's size. `state` is left intact
+        (nothing is donated): keep it, compare it, checkpoint it. `step_donated` reuses its
+        buffers instead.
+
         **Returns:** `(new_state, info)`; `info` is a `StepInfo` of device arrays.
         """
-        return self.step_pure(state, data)
+        static, dynamic = self._split()
+        return _jit_step(static, dynamic, state, data)
+
+    def _split(self) -> tuple[_Static, Engine]:
+        """`(static, arrays)` of this engine, computed on first use and kept: an engine is
+        immutable, and a changed hyperparameter makes a new engine with the same static part."""
+        # Kept beside the engine, not on it: an attribute would change its tree structure.
+        entry = _SPLITS.get(id(self))
+        if entry is not None and entry[0]() is self:
+            return entry[1]
+        dynamic, static = eqx.partition(self, eqx.is_array)
+        split = (_Static(static), dynamic)
+        _SPLITS[id(self)] = (weakref.ref(self), split)
+        weakref.finalize(self, _SPLITS.pop, id(self), None)
+        return split
 
     def scan_pure(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
         """`num_steps` iterations in one `lax.scan`, un-jitted."""
@@ -229,16 +254,53 @@ class Engine(eqx.Module):
         states, history). `state` must not be used afterwards: its arrays are deleted. Use
         `step` when you keep old states (comparisons, your own checkpoints).
         """
-        return _step_donated((self, data), state)
+        static, dynamic = self._split()
+        return _jit_step_donated(static, dynamic, state, data)
 
     def scan_donated(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
         """`scan` that reuses the buffers of `state` (see `step_donated`)."""
         return _scan_donated((self, data, num_steps), state)
 
 
-def _step(engine_data: tuple[Engine, Data], state: State) -> tuple[State, StepInfo]:
-    engine, data = engine_data
-    return engine.step_pure(state, data)
+@eqx.filter_jit
+def _init_state(engine: Engine, model: Any, key: PRNGKeyArray) -> State:
+    return engine._init_pure(model, key)
+
+
+#: id(engine) -> (weak reference to it, its `_split()`), dropped with the engine.
+_SPLITS: dict[int, tuple[weakref.ref[Engine], tuple[_Static, Engine]]] = {}
+
+
+class _Static:
+    """An engine's non-array part as a `jax.jit` static argument: hashed once, compared by
+    value (engines rebuilt with other hyperparameters share the compiled step)."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value: Engine):
+        self.value = value
+        self._hash = hash(value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, _Static):
+            return NotImplemented
+        return self.value is other.value or (
+            self._hash == other._hash and bool(self.value == other.value)
+        )
+
+
+def _step_flat(
+    static: _Static, dynamic: Engine, state: State, data: Data
+) -> tuple[State, StepInfo]:
+    return eqx.combine(dynamic, static.value).step_pure(state, data)
+
+
+_jit_step = jax.jit(_step_flat, static_argnums=0)
+# The state's buffers (argument 2) become the new state's.
+_jit_step_donated = jax.jit(_step_flat, static_argnums=0, donate_argnums=2)
 
 
 def _scan(engine_data: tuple[Engine, Data, int], state: State) -> tuple[State, StepInfo]:
@@ -247,5 +309,4 @@ def _scan(engine_data: tuple[Engine, Data, int], state: State) -> tuple[State, S
 
 
 # Everything but the first argument (the engine, the data) is donated: the state's buffers.
-_step_donated = eqx.filter_jit(_step, donate="all-except-first")
 _scan_donated = eqx.filter_jit(_scan, donate="all-except-first")

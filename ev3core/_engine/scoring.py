@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
 from .._interfaces import AbstractAssessor, objective_value
+from .._types import shared_forward
 
 
 def score_models(
@@ -28,7 +29,8 @@ def score_models(
 
     def score(p: PyTree[Array]) -> Array:
         model = eqx.combine(p, static)
-        return jnp.stack([a(model, batch).astype(jnp.float32) for a in assessors])
+        with shared_forward():  # assessors share one traced forward pass of `model`
+            return jnp.stack([a(model, batch).astype(jnp.float32) for a in assessors])
 
     n = jax.tree.leaves(params)[0].shape[0]
     if chunk is None or chunk >= n:

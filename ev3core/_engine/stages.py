@@ -132,8 +132,10 @@ def _adapt_proposers(
     winner: Int[Array, ""],
     decision: Decision,
     params: PyTree[Array],
+    ranked: Float[Array, "objective candidate"],
 ) -> tuple[PyTree, ...]:
-    """Each proposer learns which of its candidates (if any) was accepted."""
+    """Each proposer learns which of its candidates (if any) was accepted, and its
+    candidates' assess summaries (`Outcome.scores`, `-inf` where invalid)."""
     accepted = decision.choice == WINNER
     offset, out = 0, []
     for p, ps in zip(proposers, proposer_states):
@@ -145,6 +147,7 @@ def _adapt_proposers(
             significant=decision.significant,
             params=params,
             changed=decision.choice != CURRENT,
+            scores=ranked[:, offset : offset + p.num_candidates],
         )
         out.append(p.adapt(ps, outcome))
         offset += p.num_candidates
@@ -174,13 +177,16 @@ def adapt(
     new_current = tree_index(trio, choice)
     accepted = choice == WINNER
     decide_mean = summaries(assessors, scores)
+    assess_mean = summaries(assessors, assessed.scores)
+    k = assessed.valid.shape[0]
+    ranked = jnp.where(assessed.valid, assess_mean[:, :k], -jnp.inf)  # Outcome.scores
     new_state = State(
         step=state.step + 1,
         key=next_key,
         current=new_current,
         stable=tree_where(decision.update_stable, assessed.winner_params, state.stable),
         proposer_states=_adapt_proposers(
-            proposers, explored.proposer_states, winner, decision, new_current
+            proposers, explored.proposer_states, winner, decision, new_current, ranked
         ),
         scheduler_state=sstate,
         history=state.history.record(
@@ -202,7 +208,7 @@ def adapt(
         significant=decision.significant,
         num_invalid=jnp.sum(~assessed.valid).astype(jnp.int32),
         valid=assessed.valid,
-        assess_mean=summaries(assessors, assessed.scores),
+        assess_mean=assess_mean,
         decide_mean=decide_mean,
         decide_lower=decision.lower,
         decide_upper=decision.upper,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -9,8 +10,9 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractLoss, AbstractProposer
 from .._types import (
@@ -22,6 +24,8 @@ from .._types import (
     tree_where,
 )
 from ..errors import ConfigurationError
+from .hyper import Evolve, Optimizer, _Fixed, as_optimizer, opt_hyperparams, with_opt_hyperparams
+from .population import Slot, log_move, pick, rows_of, take_rows
 
 RejectPolicy = Literal["keep", "reset", "copy", "continue"]
 _POLICIES = ("keep", "reset", "copy", "continue")
@@ -68,6 +72,17 @@ def _where_rows(mask: Array, on_true: PyTree[Array], on_false: PyTree[Array]) ->
     return jax.tree.map(pick, on_true, on_false)
 
 
+def _slot(
+    name: str, kind: str, blocks: list[tuple[int, int]], rows: dict[tuple[int, int], np.ndarray]
+) -> Slot:
+    return Slot(name, kind, tuple(blocks), np.concatenate([rows[b] for b in blocks]))
+
+
+def _ranks(scores: Array) -> Array:
+    """0 for the lowest score, `K - 1` for the highest (ties in candidate order)."""
+    return jnp.argsort(jnp.argsort(scores, stable=True), stable=True)
+
+
 def _num_examples(data: PyTree[Array]) -> int:
     leaves = jax.tree.leaves(data)
     if not leaves:
@@ -84,12 +99,20 @@ class GradientProposerState(eqx.Module):
     length `length` and the number of consecutive non-significant outcomes `streak`
     (both `None` without growth). With `on_reject="continue"`, `lineages` holds each
     candidate's own parameters, stacked like `opt_states` (`None` otherwise).
+
+    Per-candidate hyperparameters: an `Optimizer`'s (and any `optax.inject_hyperparams`
+    optimizer's) live in its optimizer state (`opt_states[j][g].hyperparams`). With evolving
+    candidates (`GradientProposer(evolve=...)`, `PBTProposer`), `loss_params` holds each
+    candidate's loss array leaves (stacked like `opt_states`; they replace the losses' own
+    leaves) and `key` the key the hyperparameter moves draw from (both `None` otherwise).
     """
 
     opt_states: tuple[tuple[Any, ...], ...]
     length: Int[Array, ""] | None = None
     streak: Int[Array, ""] | None = None
     lineages: tuple[tuple[Any, ...], ...] | None = None
+    loss_params: tuple[tuple[Any, ...], ...] | None = None
+    key: PRNGKeyArray | None = None
 
 
 class GradientProposer(AbstractProposer):
@@ -135,12 +158,19 @@ class GradientProposer(AbstractProposer):
     **Arguments:**
 
     - `losses`: the losses (each an `AbstractLoss`, array hyperparameters as leaves).
-    - `optimizers`: any `optax.GradientTransformation`s, including `inject_hyperparams` ones
-      (whose hyperparameters then live in the state and can be changed without recompiling).
+    - `optimizers`: `ev3core.Optimizer` specs (recommended: `Optimizer(optax.sgd,
+      learning_rate=0.1)`; the factory is static and the numbers are array leaves, applied
+      through `optax.inject_hyperparams`, so each candidate's hyperparameters live in its
+      optimizer state, a rebuilt pipeline never re-traces and a new learning rate never
+      recompiles), or plain `optax.GradientTransformation`s (static: their numbers are
+      compile-time constants, and a freshly built `optax.sgd(0.1)` is a new closure that
+      re-traces the step).
     - `steps`: trajectory length `L`.
     - `batch_size`: examples per optimizer step.
     - `on_reject`: the policy above.
-    - `optimizer_names`: labels for the optimizers (default `opt0`, `opt1`, ...).
+    - `optimizer_names`: labels for the optimizers (default: an `Optimizer`'s own label with
+      its initial values, e.g. `sgd(lr=0.1)`, read when labels are asked for, so that values
+      stay out of the static structure; `opt0`, `opt1`, ... for plain transformations).
     - `max_steps`: the longest trajectory; `None` (default) or `steps` disables growth.
     - `growth_factor`: the length's multiplier after `patience` non-significant steps (an
       array leaf, `>= 1`).
@@ -149,32 +179,37 @@ class GradientProposer(AbstractProposer):
       candidates (`lax.map` with `batch_size`, each group running its whole trajectory), so
       only one group's gradients, updates and activations are alive at once; same batches,
       same results. `None` (default): all candidates in one vmapped trajectory.
+    - `evolve`: an `ev3core.Evolve`: candidates' hyperparameters (learning rates, loss
+      temperatures) move toward the accepted candidate's after each acceptance, and
+      optionally only the worse lineages restart (see `Evolve`). `None` (default): fixed.
 
     ```python
     proposer = GradientProposer(
         losses=[CrossEntropy(t) for t in (0.5, 1.0, 1.5)],
-        optimizers=[optax.sgd(0.1), optax.sgd(0.01, momentum=0.95)],
+        optimizers=[Optimizer(optax.sgd, learning_rate=0.1),
+                    Optimizer(optax.sgd, learning_rate=0.01, momentum=0.95)],
         steps=100, batch_size=32,
     )
     ```
     """
 
     losses: tuple[AbstractLoss, ...]
-    optimizers: tuple[optax.GradientTransformation, ...] = eqx.field(static=True)
+    optimizers: tuple[Optimizer | _Fixed, ...]
     steps: int = eqx.field(static=True)
     batch_size: int = eqx.field(static=True)
     on_reject: str = eqx.field(static=True)
-    optimizer_names: tuple[str, ...] = eqx.field(static=True)
+    optimizer_names: tuple[str, ...] | None = eqx.field(static=True)
     groups: tuple[tuple[int, ...], ...] = eqx.field(static=True)
     max_steps: int = eqx.field(static=True)
     growth_factor: Float[Array, ""]
     patience: Int[Array, ""]
     chunk_size: int | None = eqx.field(static=True, default=None)
+    evolve: Evolve | None = None
 
     def __init__(
         self,
         losses: Sequence[AbstractLoss],
-        optimizers: Sequence[optax.GradientTransformation],
+        optimizers: Sequence[Optimizer | optax.GradientTransformation],
         steps: int = 100,
         batch_size: int = 32,
         on_reject: RejectPolicy = "keep",
@@ -183,6 +218,7 @@ class GradientProposer(AbstractProposer):
         growth_factor: float | Array = 2.0,
         patience: int | Array = 3,
         chunk_size: int | None = None,
+        evolve: Evolve | None = None,
     ):
         losses = tuple(losses)
         optimizers = tuple(optimizers)
@@ -201,12 +237,7 @@ class GradientProposer(AbstractProposer):
                     f"GradientProposer: loss {loss!r} is not an ev3core.AbstractLoss. Wrap a "
                     "plain function in a subclass of AbstractLoss."
                 )
-        for opt in optimizers:
-            if not isinstance(opt, optax.GradientTransformation):
-                raise ConfigurationError(
-                    f"GradientProposer: optimizer {opt!r} is not an optax.GradientTransformation "
-                    "(for example optax.sgd(0.1) or optax.inject_hyperparams(optax.adam)(1e-3))."
-                )
+        optimizers = tuple(as_optimizer(opt) for opt in optimizers)
         if int(steps) < 1 or int(batch_size) < 1:
             raise ConfigurationError(
                 f"GradientProposer: steps={steps} and batch_size={batch_size} must both be >= 1."
@@ -215,14 +246,13 @@ class GradientProposer(AbstractProposer):
             raise ConfigurationError(
                 f"GradientProposer: on_reject={on_reject!r} is not one of {_POLICIES}."
             )
-        if optimizer_names is None:
-            optimizer_names = tuple(f"opt{j}" for j in range(len(optimizers)))
-        optimizer_names = tuple(optimizer_names)
-        if len(optimizer_names) != len(optimizers):
-            raise ConfigurationError(
-                f"GradientProposer: {len(optimizer_names)} optimizer_names for "
-                f"{len(optimizers)} optimizers; give one name per optimizer."
-            )
+        if optimizer_names is not None:
+            optimizer_names = tuple(optimizer_names)
+            if len(optimizer_names) != len(optimizers):
+                raise ConfigurationError(
+                    f"GradientProposer: {len(optimizer_names)} optimizer_names for "
+                    f"{len(optimizers)} optimizers; give one name per optimizer."
+                )
         self.losses = losses
         self.optimizers = optimizers
         self.steps = int(steps)
@@ -251,6 +281,20 @@ class GradientProposer(AbstractProposer):
                 f"GradientProposer: growth_factor={float(self.growth_factor)} must be >= 1 and "
                 f"patience={int(self.patience)} >= 1."
             )
+        if evolve is not None and not isinstance(evolve, Evolve):
+            raise ConfigurationError(
+                f"GradientProposer: evolve={evolve!r} is not an ev3core.Evolve; pass e.g. "
+                "evolve=Evolve(names=('learning_rate',))."
+            )
+        self.evolve = evolve
+        if evolve is not None:
+            self._check_hyper_names(evolve.names, "Evolve")
+            if evolve.truncate is not None and on_reject != "continue":
+                raise ConfigurationError(
+                    f"GradientProposer: Evolve(truncate={evolve.truncate}) restarts only the "
+                    f"worse lineages, but on_reject={on_reject!r} has no lineages. Use "
+                    "on_reject='continue' (or truncate=None)."
+                )
 
     @property
     def grows(self) -> bool:
@@ -266,19 +310,193 @@ class GradientProposer(AbstractProposer):
 
     def labels(self) -> tuple[str, ...]:
         return tuple(
-            f"{self.losses[i].label}|{name}" for name in self.optimizer_names for i in self._order()
+            f"{self.losses[i].label}|{name}" for name in self.names() for i in self._order()
+        )
+
+    def names(self) -> tuple[str, ...]:
+        """One label per optimizer (`optimizer_names`, or the default described above)."""
+        if self.optimizer_names is not None:
+            return self.optimizer_names
+        return tuple(
+            opt.label if isinstance(opt, Optimizer) else f"opt{j}"
+            for j, opt in enumerate(self.optimizers)
         )
 
     def init(self, params: PyTree[Array], static: Any, key: PRNGKeyArray) -> GradientProposerState:
-        del static, key
+        del static
+        evolving = self.evolve is not None
         return GradientProposerState(
             opt_states=tuple(
-                tuple(_broadcast(opt.init(params), len(g)) for g in self.groups)
+                tuple(_broadcast(opt.transformation().init(params), len(g)) for g in self.groups)
                 for opt in self.optimizers
             ),
             length=jnp.asarray(self.steps, jnp.int32) if self.grows else None,
             streak=jnp.zeros((), jnp.int32) if self.grows else None,
             lineages=self._fresh_lineages(params),
+            loss_params=self.initial_loss_params() if evolving else None,
+            key=key if evolving else None,
+        )
+
+    # ------------------------------------------------------------ per-candidate layout
+    def block_rows(self) -> list[tuple[int, int, np.ndarray]]:
+        """`(optimizer j, loss group gi, global candidate indices)` of every block, in the
+        order candidates are concatenated."""
+        out, start = [], 0
+        for j in range(len(self.optimizers)):
+            for gi, g in enumerate(self.groups):
+                out.append((j, gi, np.arange(start, start + len(g))))
+                start += len(g)
+        return out
+
+    def initial_loss_params(self) -> tuple[tuple[Any, ...], ...]:
+        """The losses' array leaves, stacked per block like `opt_states` (what
+        `GradientProposerState.loss_params` starts from)."""
+        stacked = [dyn for dyn, _ in self._stacked_losses()]
+        return tuple(tuple(stacked) for _ in self.optimizers)
+
+    def _loss_fields(self, gi: int) -> dict[str, Any]:
+        loss = self.losses[self.groups[gi][0]]
+        return {
+            f.name: getattr(loss, f.name)
+            for f in dataclasses.fields(loss)
+            if eqx.is_inexact_array(getattr(loss, f.name, None))
+        }
+
+    def _check_hyper_names(self, names: Sequence[str], owner: str) -> None:
+        known: set[str] = set()
+        for opt in self.optimizers:
+            known.update(opt.hyperparams)
+        for gi in range(len(self.groups)):
+            known.update(self._loss_fields(gi))
+        missing = [n for n in names if n not in known]
+        if missing:
+            raise ConfigurationError(
+                f"{owner}: no optimizer or loss of this proposer has the hyperparameter(s) "
+                f"{missing} (known: {sorted(known) or 'none'}). Evolving hyperparameters must "
+                "be array leaves: give optimizers as ev3core.Optimizer(optax.sgd, "
+                "learning_rate=...) and name loss fields that are arrays (e.g. 'temperature')."
+            )
+
+    def slots(self, state: GradientProposerState, names: Sequence[str]) -> list[Slot]:
+        """Where each named hyperparameter lives, grouped by comparable candidates: one slot
+        per (name, optimizer family) for optimizer hyperparameters, one per (name, loss
+        group) for loss fields (those need `state.loss_params`)."""
+        rows = {(j, gi): r for j, gi, r in self.block_rows()}
+        out: list[Slot] = []
+        for name in names:
+            families: dict[Any, list[tuple[int, int]]] = {}
+            for j, opt in enumerate(self.optimizers):
+                if name in opt.hyperparams:
+                    fam = opt.family
+                    for gi in range(len(self.groups)):
+                        families.setdefault(fam, []).append((j, gi))
+            for blocks in families.values():
+                out.append(_slot(name, "opt", blocks, rows))
+            if state.loss_params is None:
+                continue
+            for gi in range(len(self.groups)):
+                if name in self._loss_fields(gi):
+                    blocks = [(j, gi) for j in range(len(self.optimizers))]
+                    out.append(_slot(name, "loss", blocks, rows))
+        return out
+
+    def get_slot(self, state: GradientProposerState, slot: Slot) -> Array:
+        """The slot's per-candidate values, concatenated in the slot's row order."""
+        if slot.kind == "opt":
+            vals = [opt_hyperparams(state.opt_states[j][gi])[slot.name] for j, gi in slot.blocks]
+        else:
+            assert state.loss_params is not None  # loss slots exist only with loss_params
+            vals = [getattr(state.loss_params[j][gi], slot.name) for j, gi in slot.blocks]
+        return jnp.concatenate(vals)
+
+    def initial_slot(self, slot: Slot) -> Array:
+        """The slot's values as constructed (the `Optimizer`s' and losses' own leaves)."""
+        if slot.kind == "opt":
+            vals = [
+                jnp.broadcast_to(
+                    self.optimizers[j].hyperparams[slot.name],
+                    (len(self.groups[gi]),) + jnp.shape(self.optimizers[j].hyperparams[slot.name]),
+                )
+                for j, gi in slot.blocks
+            ]
+        else:
+            lp = self.initial_loss_params()
+            vals = [getattr(lp[j][gi], slot.name) for j, gi in slot.blocks]
+        return jnp.concatenate(vals)
+
+    def set_slot(
+        self, state: GradientProposerState, slot: Slot, values: Array
+    ) -> GradientProposerState:
+        """`state` with the slot's per-candidate values replaced."""
+        opt_states = [list(per) for per in state.opt_states]
+        loss_params = None if state.loss_params is None else [list(p) for p in state.loss_params]
+        start = 0
+        for j, gi in slot.blocks:
+            n = len(self.groups[gi])
+            v = values[start : start + n]
+            start += n
+            if slot.kind == "opt":
+                opt_states[j][gi] = with_opt_hyperparams(opt_states[j][gi], {slot.name: v})
+            else:
+                assert loss_params is not None  # loss slots exist only with loss_params
+                loss_params[j][gi] = eqx.tree_at(
+                    lambda lp, name=slot.name: getattr(lp, name), loss_params[j][gi], v
+                )
+        return dataclasses.replace(
+            state,
+            opt_states=tuple(tuple(p) for p in opt_states),
+            loss_params=None if loss_params is None else tuple(tuple(p) for p in loss_params),
+        )
+
+    def family_groups(self) -> list[list[tuple[int, int, np.ndarray]]]:
+        """Blocks whose optimizer states share a structure (same optimizer family)."""
+        fams: dict[Any, list[tuple[int, int, np.ndarray]]] = {}
+        for j, gi, r in self.block_rows():
+            fams.setdefault(self.optimizers[j].family, []).append((j, gi, r))
+        return list(fams.values())
+
+    def copy_rows(
+        self,
+        state: GradientProposerState,
+        src: Int[Array, " candidate"],
+        lineages: bool = True,
+    ) -> GradientProposerState:
+        """Candidate `i` takes candidate `src[i]`'s optimizer state (when their optimizers
+        are of one family), loss leaves (same loss group) and, with `lineages`, parameters.
+        Rows whose source is incompatible keep their own."""
+        opt_states = [list(per) for per in state.opt_states]
+        for fam in self.family_groups():
+            moved = take_rows([opt_states[j][gi] for j, gi, _ in fam], [r for _, _, r in fam], src)
+            for (j, gi, _), o in zip(fam, moved):
+                opt_states[j][gi] = o
+        out = dataclasses.replace(state, opt_states=tuple(tuple(p) for p in opt_states))
+        if state.loss_params is not None:
+            lp = [list(p) for p in state.loss_params]
+            for gi in range(len(self.groups)):
+                blocks = [(j, gi, r) for j, g2, r in self.block_rows() if g2 == gi]
+                moved = take_rows([lp[j][gi] for j, _, _ in blocks], [r for *_, r in blocks], src)
+                for (j, _, _), t in zip(blocks, moved):
+                    lp[j][gi] = t
+            out = dataclasses.replace(out, loss_params=tuple(tuple(p) for p in lp))
+        if lineages and state.lineages is not None:
+            blocks = self.block_rows()
+            moved = take_rows(
+                [state.lineages[j][gi] for j, gi, _ in blocks], [r for *_, r in blocks], src
+            )
+            it = iter(moved)
+            out = dataclasses.replace(
+                out,
+                lineages=tuple(tuple(next(it) for _ in self.groups) for _ in self.optimizers),
+            )
+        return out
+
+    def lineages_finite(self, state: GradientProposerState) -> Bool[Array, " candidate"]:
+        """Per candidate: whether its lineage's parameters are finite (all true without
+        lineages)."""
+        if state.lineages is None:
+            return jnp.ones((self.num_candidates,), bool)
+        return jnp.concatenate(
+            [tree_all_finite(p, batch_dims=1) for per in state.lineages for p in per]
         )
 
     def _fresh_lineages(self, params: PyTree[Array]) -> tuple[tuple[Any, ...], ...] | None:
@@ -313,9 +531,12 @@ class GradientProposer(AbstractProposer):
 
         blocks = []  # (optimizer, loss_dyn, loss_static, start, size)
         start = 0
-        for opt in self.optimizers:
-            for (dyn, lstatic), size in zip(stacked_losses, sizes):
-                blocks.append((opt, dyn, lstatic, start, size))
+        for j, opt in enumerate(self.optimizers):
+            tx = opt.transformation()
+            for gi, ((dyn, lstatic), size) in enumerate(zip(stacked_losses, sizes)):
+                if state.loss_params is not None:  # per-candidate (evolving) loss leaves
+                    dyn = state.loss_params[j][gi]
+                blocks.append((tx, dyn, lstatic, start, size))
                 start += size
 
         def one(opt, lstatic, p, o, loss_dyn, batch, k):
@@ -367,10 +588,9 @@ class GradientProposer(AbstractProposer):
             it = iter(items)
             return tuple(tuple(next(it) for _ in self.groups) for _ in self.optimizers)
 
-        return candidates, GradientProposerState(
+        return candidates, dataclasses.replace(
+            state,
             opt_states=per_block(o for _, o in carry),
-            length=state.length,
-            streak=state.streak,
             lineages=None if state.lineages is None else per_block(p for p, _ in carry),
         )
 
@@ -421,24 +641,36 @@ class GradientProposer(AbstractProposer):
         longer = jnp.ceil(state.length.astype(jnp.float32) * self.growth_factor)
         longer = jnp.minimum(longer, self.max_steps).astype(jnp.int32)
         length = jnp.where(outcome.significant, self.steps, jnp.where(grow, longer, state.length))
-        return GradientProposerState(
-            opt_states=state.opt_states,
+        return dataclasses.replace(
+            state,
             length=length.astype(jnp.int32),
             streak=jnp.where(grow, 0, streak).astype(jnp.int32),
-            lineages=state.lineages,
         )
 
     def adapt(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
         state = self._grow(state, outcome)
-        if self.on_reject == "keep":
-            return state
+        before = state
+        restart = None
+        if self.on_reject != "keep":
+            new = self._policy_opt_states(state, outcome)
+            if state.lineages is None:
+                state = dataclasses.replace(state, opt_states=new)
+            elif self.evolve is not None and self.evolve.truncate is not None:
+                state, restart = self._truncate_lineages(state, outcome)
+            else:
+                state = self._continue_lineages(state, new, outcome)
+        if self.evolve is not None:
+            state = self._evolve(before, state, outcome, restart)
+        return state
+
+    def _policy_opt_states(self, state: GradientProposerState, outcome: Outcome) -> Any:
         n_loss = len(self.losses)
         sizes = [len(g) for g in self.groups]
         new = []
         for j, (opt, per_opt) in enumerate(zip(self.optimizers, state.opt_states)):
             base = j * n_loss
             if self.on_reject == "reset":
-                fresh = opt.init(outcome.params)
+                fresh = opt.transformation().init(outcome.params)
                 blocks = []
                 start = base
                 for o, size in zip(per_opt, sizes):
@@ -455,11 +687,7 @@ class GradientProposer(AbstractProposer):
                 for o, size in zip(per_opt, sizes):
                     blocks.append(tree_where(inside, _broadcast(src, size), o))
                 new.append(tuple(blocks))
-        if state.lineages is None:
-            return GradientProposerState(
-                opt_states=tuple(new), length=state.length, streak=state.streak
-            )
-        return self._continue_lineages(state, tuple(new), outcome)
+        return tuple(new)
 
     def _continue_lineages(
         self, state: GradientProposerState, opt_states: Any, outcome: Outcome
@@ -470,7 +698,7 @@ class GradientProposer(AbstractProposer):
         changed = outcome.current_changed
         lineages, states = [], []
         for opt, per_lin, per_opt in zip(self.optimizers, state.lineages, opt_states):
-            fresh = opt.init(outcome.params)
+            fresh = opt.transformation().init(outcome.params)
             lin_blocks, opt_blocks = [], []
             for p, o in zip(per_lin, per_opt):
                 finite = tree_all_finite(p, batch_dims=1)
@@ -478,9 +706,87 @@ class GradientProposer(AbstractProposer):
                 opt_blocks.append(_where_rows(~finite, fresh, o))
             lineages.append(tuple(lin_blocks))
             states.append(tuple(opt_blocks))
-        return GradientProposerState(
-            opt_states=tuple(states),
-            length=state.length,
-            streak=state.streak,
-            lineages=tuple(lineages),
+        return dataclasses.replace(state, opt_states=tuple(states), lineages=tuple(lineages))
+
+    def _restart_mask(self, outcome: Outcome) -> Bool[Array, " candidate"]:
+        """Truncation: on an acceptance only the bottom `truncate` fraction of lineages
+        (by assess score) restart; on a roll back all of them; otherwise none."""
+        K = self.num_candidates
+        changed = jnp.broadcast_to(outcome.current_changed, (K,))
+        if outcome.scores is None:
+            return changed
+        s = outcome.scores[self.evolve.objective]
+        s = jnp.where(jnp.isfinite(s), s, -jnp.inf)
+        n = jnp.maximum(1, jnp.ceil(self.evolve.truncate * K)).astype(jnp.int32)
+        bottom = _ranks(s) < n
+        return changed & jnp.where(outcome.accepted, bottom, True)
+
+    def _truncate_lineages(
+        self, state: GradientProposerState, outcome: Outcome
+    ) -> tuple[GradientProposerState, Bool[Array, " candidate"]]:
+        """`"continue"` with `Evolve(truncate=...)`: restarted lineages start from the new
+        current model with the accepted candidate's optimizer state (same family); the others
+        continue with their own; non-finite ones restart with a fresh optimizer state."""
+        assert state.lineages is not None  # "continue" keeps lineages
+        K = self.num_candidates
+        finite = self.lineages_finite(state)
+        restart = self._restart_mask(outcome) | ~finite
+        idx = jnp.arange(K)
+        src = jnp.where(restart & finite, outcome.accepted_index, idx)
+        copied = self.copy_rows(state, src, lineages=False)
+        # The moments come from the accepted candidate; each candidate's hyperparameters and
+        # loss leaves stay its own (the evolving ones are moved by `_evolve`).
+        state = dataclasses.replace(
+            copied,
+            opt_states=tuple(
+                tuple(
+                    with_opt_hyperparams(o, opt_hyperparams(own))
+                    for o, own in zip(per_new, per_own)
+                )
+                for per_new, per_own in zip(copied.opt_states, state.opt_states)
+            ),
+            loss_params=state.loss_params,
         )
+        own_lineages = state.lineages
+        assert own_lineages is not None
+        lineages, states = [], []
+        for j, opt in enumerate(self.optimizers):
+            fresh = opt.transformation().init(outcome.params)
+            lin_blocks, opt_blocks = [], []
+            for gi, (_, _, rows) in enumerate(b for b in self.block_rows() if b[0] == j):
+                r = jnp.asarray(rows)
+                lin_blocks.append(_where_rows(restart[r], outcome.params, own_lineages[j][gi]))
+                opt_blocks.append(_where_rows(~finite[r], fresh, state.opt_states[j][gi]))
+            lineages.append(tuple(lin_blocks))
+            states.append(tuple(opt_blocks))
+        new = dataclasses.replace(state, opt_states=tuple(states), lineages=tuple(lineages))
+        return new, restart
+
+    def _evolve(
+        self,
+        before: GradientProposerState,
+        state: GradientProposerState,
+        outcome: Outcome,
+        restart: Bool[Array, " candidate"] | None,
+    ) -> GradientProposerState:
+        """Move the named hyperparameters toward the accepted candidate's (log space, with
+        log-normal noise); they persist per candidate whatever the `on_reject` policy did to
+        the optimizer states."""
+        ev = self.evolve
+        K = self.num_candidates
+        a = outcome.accepted_index
+        key, k_noise = jax.random.split(before.key)
+        idx = jnp.arange(K)
+        move = (a >= 0) & (idx != a)
+        if restart is not None:
+            move = move & restart
+        slots = self.slots(before, ev.names)
+        noise = ev.sigma * jax.random.normal(k_noise, (max(len(slots), 1), K))
+        for n, slot in enumerate(slots):
+            v = self.get_slot(before, slot)
+            has, target = pick(v, slot, a)
+            m = rows_of(move, slot) & has
+            state = self.set_slot(
+                state, slot, log_move(v, target, m, ev.pull, rows_of(noise[n], slot))
+            )
+        return dataclasses.replace(state, key=key)

@@ -34,7 +34,8 @@ class CrossEntropy(AbstractLoss):
     def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
         del key
         x, y = batch
-        logits = _logits(model, x) * self.temperature
+        # In float32 whatever the model's dtype: a low-precision softmax loses the loss.
+        logits = _logits(model, x).astype(jnp.float32) * self.temperature
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
 
     @property

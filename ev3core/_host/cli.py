@@ -13,10 +13,38 @@ from typing import Any
 
 from .._plugins.manager import Plugins, _env_flag, load_plugins, plugin_manager
 from ..errors import CheckpointError, ConfigurationError, EV3Error, PluginError, RunInterrupted
+from .cache import cache_dir_from_env, disable_compilation_cache, enable_compilation_cache
 from .observe import JsonlLogger
 from .smoke import smoke_pipeline
 
 RUN_RECORD = "ev3-run.json"
+
+
+def _setup_compile_cache(args: argparse.Namespace) -> None:
+    """JAX's persistent compilation cache, on by default (before anything compiles).
+
+    `--no-compile-cache` or `EV3_COMPILE_CACHE=0` turn it off; `--compile-cache DIR` or
+    `EV3_COMPILE_CACHE=DIR` choose the directory (the flag wins over the variable). Without
+    either, a directory the user gave JAX itself (`JAX_COMPILATION_CACHE_DIR`) is kept, else
+    the platform's per-user cache directory is used.
+    """
+    if args.no_compile_cache:
+        disable_compilation_cache()
+        return
+    if args.compile_cache:
+        enable_compilation_cache(args.compile_cache)
+        return
+    directory = cache_dir_from_env()
+    if directory is None:
+        disable_compilation_cache()
+        return
+    if not os.environ.get("EV3_COMPILE_CACHE") and os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        directory = os.environ["JAX_COMPILATION_CACHE_DIR"]
+    try:
+        enable_compilation_cache(directory)
+    except OSError as exc:  # e.g. a read-only home: run without the cache
+        print(f"ev3: compilation cache off ({directory}: {exc})", file=sys.stderr)
+        disable_compilation_cache()
 
 
 def _recorded_experiment(directory: str) -> str | None:
@@ -178,6 +206,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a registered experiment (`ev3_register_experiments`) and print its summary."""
     _validate_run_args(args)
+    _setup_compile_cache(args)
     plugins = plugin_manager()
     name = _pick_experiment(args, plugins)
     options = _options(args)
@@ -304,6 +333,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         type=int,
         default=None,
         help="examples per data split of the smoke experiment (default 100000)",
+    )
+    p_run.add_argument(
+        "--compile-cache",
+        metavar="DIR",
+        help="keep compiled programs in DIR (default: EV3_COMPILE_CACHE, else the per-user "
+        "cache directory, e.g. ~/.cache/ev3core/jax)",
+    )
+    p_run.add_argument(
+        "--no-compile-cache",
+        action="store_true",
+        help="do not read or write the persistent compilation cache (also: EV3_COMPILE_CACHE=0)",
     )
     p_run.set_defaults(func=_cmd_run)
     p_pl = sub.add_parser("plugins", help="list loaded plugins and their components")

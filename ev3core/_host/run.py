@@ -197,9 +197,10 @@ def _check_observers(observers: Sequence[Any]) -> None:
             )
 
 
-def _host_steps(host: StepInfo, n: int) -> list[StepInfo]:
-    """`n` per-step infos (NumPy views) from a scanned chunk already on the host."""
-    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(n)]
+def _host_steps(stacked: StepInfo, n: int) -> list[StepInfo]:
+    """`n` per-step infos from a scanned chunk: one transfer, then NumPy views."""
+    leaves, treedef = jax.tree.flatten(jax.device_get(stacked))
+    return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
 
 
 def run(

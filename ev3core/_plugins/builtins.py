@@ -22,12 +22,13 @@ from .._assess.metrics import AUC, F1Score, NegExpectedCalibrationError
 from .._assess.scores import Accuracy, NegBrierScore, NegCrossEntropy
 from .._explore.gradient import GradientProposer
 from .._explore.losses import CrossEntropy
+from .._explore.pbt import PBTProposer
 from ..hookspecs import hookimpl
 
 
 @hookimpl
 def ev3_register_proposers() -> dict[str, type]:
-    return {"gradient": GradientProposer}
+    return {"gradient": GradientProposer, "pbt": PBTProposer}
 
 
 @hookimpl

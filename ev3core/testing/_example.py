@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 
@@ -11,6 +12,10 @@ class Example:
     Return these from the `ev3_conformance_examples` hook when a component needs its own
     model or data (`problem=`), several objectives (`num_objectives=`), a deterministic
     proposer (`uses_key=False`) or explicit hyperparameter `variants=`.
+
+    `examples()` sets `rebuild` to a function that asks the plugins for the example again,
+    so the `"no_recompile"` check sees whether a component built again from the same
+    settings reuses the compiled program (an optax optimizer built inside the hook does not).
 
     ```python
     Example(MyProposer(scale=0.1), variants=[MyProposer(scale=0.2)])
@@ -22,6 +27,7 @@ class Example:
         self.options = options
         self.error: str | None = None
         self.label = ""
+        self.rebuild: Callable[[], Any] | None = None
 
     def __repr__(self) -> str:
         return f"Example({type(self.component).__qualname__}, {self.label or 'unregistered'})"

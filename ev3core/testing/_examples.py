@@ -15,7 +15,9 @@ from .._adapt.bounds import BootstrapBound, NormalBound
 from .._adapt.priorities import WeightedChebyshev, WeightedSum
 from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
 from .._explore.gradient import GradientProposer
+from .._explore.hyper import Evolve, Optimizer
 from .._explore.losses import CrossEntropy
+from .._explore.pbt import PBTProposer
 from ._example import Example
 
 
@@ -40,6 +42,34 @@ def _gradient() -> list[Any]:
             batch_size=8,
             on_reject="continue",
         ),
+        # evolving candidates: learning rates and temperatures as per-candidate leaves that
+        # move toward the accepted candidate's; only the worse lineages restart
+        GradientProposer(
+            losses=losses,
+            optimizers=[
+                Optimizer(optax.sgd, learning_rate=0.1),
+                Optimizer(optax.sgd, learning_rate=0.03),
+            ],
+            steps=2,
+            batch_size=8,
+            on_reject="continue",
+            evolve=Evolve(names=("learning_rate", "temperature"), truncate=0.5),
+        ),
+    ]
+
+
+def _pbt() -> list[Any]:
+    return [
+        PBTProposer(
+            losses=[CrossEntropy(1.0), CrossEntropy(0.5)],
+            optimizers=[
+                Optimizer(optax.sgd, learning_rate=0.1, momentum=0.9),
+                Optimizer(optax.sgd, learning_rate=0.03, momentum=0.9),
+            ],
+            steps=2,
+            batch_size=8,
+            names=("learning_rate", "temperature"),
+        )
     ]
 
 
@@ -53,6 +83,8 @@ def _ev3() -> list[Any]:
 def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
     if kind == "proposer" and cls is GradientProposer:
         return _gradient()
+    if kind == "proposer" and cls is PBTProposer:
+        return _pbt()
     if kind == "scheduler" and cls is EV3Scheduler:
         return _ev3()
     if kind == "scheduler" and cls is AlwaysAccept:

@@ -5,21 +5,16 @@ from ev3_distill import DistillLoss, MLP, widen, deepen, grow_state, distill_exp
 ```
 """
 
+from ._baseline import run_baseline as run_baseline, train_teacher as train_teacher
+from ._config import DistillConfig as DistillConfig, default_pipeline as default_pipeline
 from ._data import DATASETS as DATASETS, Splits as Splits, load_dataset as load_dataset
-from ._experiment import (
-    DistillConfig as DistillConfig,
-    default_pipeline as default_pipeline,
-    distill_experiment as distill_experiment,
-    load_resume_point as load_resume_point,
-    run_baseline as run_baseline,
-    run_ev3 as run_ev3,
-    train_teacher as train_teacher,
-)
+from ._experiment import distill_experiment as distill_experiment
 from ._growth import (
     GrowthPolicy as GrowthPolicy,
     StudentArchive as StudentArchive,
     grow_state as grow_state,
 )
+from ._loop import run_ev3 as run_ev3
 from ._losses import DistillLoss as DistillLoss, LabelLoss as LabelLoss, kd_loss as kd_loss
 from ._models import (
     CNN as CNN,
@@ -30,6 +25,7 @@ from ._models import (
     model_from_description as model_from_description,
     widen as widen,
 )
+from ._resume import load_resume_point as load_resume_point
 
 __version__ = "0.1.0"
 

@@ -7,11 +7,10 @@ import difflib
 import functools
 import inspect
 import sys
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any, Literal
 
 import equinox as eqx
-import evosax.algorithms
 import jax
 import jax.numpy as jnp
 import optax
@@ -25,8 +24,33 @@ from ev3core.errors import ConfigurationError
 Recenter = Literal["moved", "always", "never"]
 _RECENTER = ("moved", "always", "never")
 
+
+class _Strategies(Mapping[str, type]):
+    """evosax's distribution-based algorithms, imported on first use: importing evosax takes
+    seconds, and every process that loads the installed plugins (`ev3 run`, whatever it runs)
+    imports this module to register the proposers."""
+
+    @functools.cached_property
+    def _algorithms(self) -> dict[str, type]:
+        import evosax.algorithms
+
+        return dict(evosax.algorithms.distribution_based_algorithms)
+
+    def __getitem__(self, name: str) -> type:
+        return self._algorithms[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._algorithms)
+
+    def __len__(self) -> int:
+        return len(self._algorithms)
+
+    def __repr__(self) -> str:
+        return repr(self._algorithms)
+
+
 #: Distribution-based evosax algorithms (they keep a mean, which EV3 can re-centre).
-STRATEGIES: dict[str, type] = dict(evosax.algorithms.distribution_based_algorithms)
+STRATEGIES: Mapping[str, type] = _Strategies()
 
 
 def _standard_promotion() -> Any:
@@ -100,8 +124,120 @@ class EvosaxState(eqx.Module):
     fitness: Float[Array, " population"]
 
 
-class _AbstractEvosaxProposer(AbstractProposer):
-    """Shared implementation; the concrete classes below are final (wrap, do not subclass)."""
+def _validate(
+    strategy: str,
+    popsize: int,
+    *,
+    sigma: Any,
+    learning_rate: Any,
+    optimizer: str,
+    generations: int,
+    batch_size: int,
+    fitness: Any,
+    recenter: str,
+    es_params: dict[str, Any],
+    strategy_kwargs: dict[str, Any],
+) -> bool:
+    """Raise `ConfigurationError` on a bad setting; returns whether the strategy takes an
+    optax optimizer."""
+    owner = f"EvosaxProposer({strategy!r})"
+    if strategy not in STRATEGIES:
+        close = difflib.get_close_matches(strategy, list(STRATEGIES), n=3, cutoff=0.4)
+        hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
+        raise ConfigurationError(
+            f"EvosaxProposer: no distribution-based evosax strategy named {strategy!r}.{hint} "
+            f"Available: {', '.join(sorted(STRATEGIES))}."
+        )
+    cls = STRATEGIES[strategy]
+    args = _init_args(cls)
+    if int(popsize) < 2:
+        raise ConfigurationError(f"{owner}: popsize={popsize} must be at least 2.")
+    if (
+        cls is STRATEGIES.get("Open_ES")
+        and strategy_kwargs.get("use_antithetic_sampling", True)
+        and int(popsize) % 2
+    ):
+        raise ConfigurationError(
+            f"{owner}: popsize={popsize} must be even with antithetic sampling (each "
+            "perturbation is paired with its negation). Use an even popsize."
+        )
+    for bad in ("population_size", "solution", "optimizer", "std_schedule"):
+        if bad in strategy_kwargs:
+            raise ConfigurationError(
+                f"{owner}: strategy_kwargs may not set {bad!r}; it is set by the proposer "
+                "(popsize, the model's parameters, optimizer/learning_rate, sigma)."
+            )
+    unknown = sorted(set(strategy_kwargs) - set(args))
+    if unknown:
+        raise ConfigurationError(
+            f"{owner}: unknown strategy_kwargs {unknown}; {cls.__name__} accepts "
+            f"{[a for a in args if a not in ('self', 'population_size', 'solution')]}."
+        )
+    if int(generations) < 1 or int(batch_size) < 1:
+        raise ConfigurationError(
+            f"{owner}: generations={generations} and batch_size={batch_size} must both be >= 1."
+        )
+    if recenter not in _RECENTER:
+        raise ConfigurationError(f"{owner}: recenter={recenter!r} is not one of {_RECENTER}.")
+    if fitness is not None and not isinstance(fitness, AbstractAssessor):
+        raise ConfigurationError(
+            f"{owner}: fitness={fitness!r} is not an ev3core.AbstractAssessor (per-example "
+            "scores, higher is better), e.g. ev3core.Accuracy()."
+        )
+    takes_optimizer = "optimizer" in args
+    if learning_rate is not None and not takes_optimizer:
+        raise ConfigurationError(
+            f"{owner}: learning_rate={learning_rate} given but {cls.__name__} has no "
+            "optimizer. Leave learning_rate=None (tune it through es_params instead, e.g. "
+            "es_params={'c_mean': 0.5} for CMA-ES)."
+        )
+    if (
+        takes_optimizer
+        and learning_rate is not None
+        and not callable(getattr(optax, optimizer, None))
+    ):
+        raise ConfigurationError(
+            f"{owner}: optimizer={optimizer!r} is not an optax optimizer name such as "
+            "'adam' or 'sgd'."
+        )
+    fields = _strategy_params_fields(cls)
+    bad = sorted(set(es_params) - set(fields))
+    if bad:
+        raise ConfigurationError(
+            f"{owner}: es_params {bad} are not parameters of {cls.__name__}; its "
+            f"parameters are {list(fields) or '(none)'}."
+        )
+    if sigma is not None and not isinstance(sigma, jax.core.Tracer) and not (float(sigma) > 0):
+        raise ConfigurationError(f"{owner}: sigma={sigma} must be positive.")
+    return takes_optimizer
+
+
+class EvosaxProposer(AbstractProposer):
+    """Candidates from any distribution-based evosax strategy (ask / evaluate / tell).
+
+    Every `propose` runs `generations` ES generations: ask a population around the ES mean,
+    score every member with `fitness` on a batch of the propose stream (vmapped over the
+    population), tell the ES. It then asks one more population; its members (after the ES
+    mean) are the EV3 candidates, which the engine assesses on the assess stream like any
+    other. The ES state lives in the proposer state (`EvosaxState`).
+
+    One final class for every strategy; `open_es`, `sep_cma_es` and `cma_es` build it with
+    the settings of their strategy (as optax's `adam`, `sgd`, ... build a
+    `GradientTransformation`).
+
+    **Arguments:**
+
+    - `strategy`: an evosax algorithm name (`"Open_ES"`, `"Sep_CMA_ES"`, `"CMA_ES"`, `"SNES"`,
+      ...; see `ev3_evosax.STRATEGIES`).
+    - `learning_rate`, `optimizer`: for strategies that take an optax optimizer (OpenAI-ES,
+      PGPE, ...): the optax optimizer's name and its learning rate (an array leaf, written into
+      the optimizer state at every generation). `None`: the strategy's default optimizer.
+
+    {common}
+    ```python
+    proposer = EvosaxProposer("SNES", popsize=16, sigma=0.1)
+    ```
+    """
 
     strategy: str = eqx.field(static=True)
     popsize: int = eqx.field(static=True)
@@ -117,94 +253,38 @@ class _AbstractEvosaxProposer(AbstractProposer):
     learning_rate: Float[Array, ""] | None
     es_params: dict[str, Array]
 
-    def _setup(
+    def __init__(
         self,
         strategy: str,
-        popsize: int,
+        popsize: int = 16,
         *,
-        sigma: Any,
-        learning_rate: Any,
-        optimizer: str,
-        generations: int,
-        batch_size: int,
-        fitness: AbstractAssessor | None,
-        include_mean: bool,
-        recenter: str,
-        es_params: Mapping[str, Any] | None,
-        strategy_kwargs: Mapping[str, Any] | None,
-        name: str | None,
-    ) -> None:
-        owner = f"{type(self).__name__}({strategy!r})"
-        if strategy not in STRATEGIES:
-            close = difflib.get_close_matches(strategy, list(STRATEGIES), n=3, cutoff=0.4)
-            hint = f" Did you mean {', '.join(map(repr, close))}?" if close else ""
-            raise ConfigurationError(
-                f"EvosaxProposer: no distribution-based evosax strategy named {strategy!r}.{hint} "
-                f"Available: {', '.join(sorted(STRATEGIES))}."
-            )
-        cls = STRATEGIES[strategy]
-        args = _init_args(cls)
-        if int(popsize) < 2:
-            raise ConfigurationError(f"{owner}: popsize={popsize} must be at least 2.")
+        sigma: float | Array | None = 0.1,
+        learning_rate: float | Array | None = None,
+        optimizer: str = "adam",
+        generations: int = 1,
+        batch_size: int = 64,
+        fitness: AbstractAssessor | None = None,
+        include_mean: bool = True,
+        recenter: Recenter = "moved",
+        es_params: Mapping[str, Any] | None = None,
+        strategy_kwargs: Mapping[str, Any] | None = None,
+        name: str | None = None,
+    ):
+        takes_optimizer = _validate(
+            strategy,
+            popsize,
+            sigma=sigma,
+            learning_rate=learning_rate,
+            optimizer=optimizer,
+            generations=generations,
+            batch_size=batch_size,
+            fitness=fitness,
+            recenter=recenter,
+            es_params=dict(es_params or {}),
+            strategy_kwargs=dict(strategy_kwargs or {}),
+        )
         strategy_kwargs = dict(strategy_kwargs or {})
-        if (
-            cls is STRATEGIES.get("Open_ES")
-            and strategy_kwargs.get("use_antithetic_sampling", True)
-            and int(popsize) % 2
-        ):
-            raise ConfigurationError(
-                f"{owner}: popsize={popsize} must be even with antithetic sampling (each "
-                "perturbation is paired with its negation). Use an even popsize."
-            )
-        for bad in ("population_size", "solution", "optimizer", "std_schedule"):
-            if bad in strategy_kwargs:
-                raise ConfigurationError(
-                    f"{owner}: strategy_kwargs may not set {bad!r}; it is set by the proposer "
-                    "(popsize, the model's parameters, optimizer/learning_rate, sigma)."
-                )
-        unknown = sorted(set(strategy_kwargs) - set(args))
-        if unknown:
-            raise ConfigurationError(
-                f"{owner}: unknown strategy_kwargs {unknown}; {cls.__name__} accepts "
-                f"{[a for a in args if a not in ('self', 'population_size', 'solution')]}."
-            )
-        if int(generations) < 1 or int(batch_size) < 1:
-            raise ConfigurationError(
-                f"{owner}: generations={generations} and batch_size={batch_size} must both be >= 1."
-            )
-        if recenter not in _RECENTER:
-            raise ConfigurationError(f"{owner}: recenter={recenter!r} is not one of {_RECENTER}.")
-        if fitness is not None and not isinstance(fitness, AbstractAssessor):
-            raise ConfigurationError(
-                f"{owner}: fitness={fitness!r} is not an ev3core.AbstractAssessor (per-example "
-                "scores, higher is better), e.g. ev3core.Accuracy()."
-            )
-        takes_optimizer = "optimizer" in args
-        if learning_rate is not None and not takes_optimizer:
-            raise ConfigurationError(
-                f"{owner}: learning_rate={learning_rate} given but {cls.__name__} has no "
-                "optimizer. Leave learning_rate=None (tune it through es_params instead, e.g. "
-                "es_params={'c_mean': 0.5} for CMA-ES)."
-            )
-        if (
-            takes_optimizer
-            and learning_rate is not None
-            and not callable(getattr(optax, optimizer, None))
-        ):
-            raise ConfigurationError(
-                f"{owner}: optimizer={optimizer!r} is not an optax optimizer name such as "
-                "'adam' or 'sgd'."
-            )
-        fields = _strategy_params_fields(cls)
         es_params = dict(es_params or {})
-        bad = sorted(set(es_params) - set(fields))
-        if bad:
-            raise ConfigurationError(
-                f"{owner}: es_params {bad} are not parameters of {cls.__name__}; its "
-                f"parameters are {list(fields) or '(none)'}."
-            )
-        if sigma is not None and not isinstance(sigma, jax.core.Tracer) and not (float(sigma) > 0):
-            raise ConfigurationError(f"{owner}: sigma={sigma} must be positive.")
         self.strategy = strategy
         self.popsize = int(popsize)
         self.generations = int(generations)
@@ -341,7 +421,7 @@ class _AbstractEvosaxProposer(AbstractProposer):
         return EvosaxState(es=state.es.replace(mean=mean), anchor=flat, fitness=state.fitness)
 
 
-_COMMON_DOC = """**Arguments** (shared by every evosax proposer):
+_COMMON_DOC = """**Arguments** (for every strategy):
 
     - `popsize`: ES population size `λ`; the proposer returns `popsize` candidates, plus the ES
       mean first when `include_mean` (default), so `num_candidates = popsize + 1`.
@@ -367,192 +447,62 @@ _COMMON_DOC = """**Arguments** (shared by every evosax proposer):
 """
 
 
-class EvosaxProposer(_AbstractEvosaxProposer):
-    """Candidates from any distribution-based evosax strategy (ask / evaluate / tell).
-
-    Every `propose` runs `generations` ES generations: ask a population around the ES mean,
-    score every member with `fitness` on a batch of the propose stream (vmapped over the
-    population), tell the ES. It then asks one more population; its members (after the ES
-    mean) are the EV3 candidates, which the engine assesses on the assess stream like any
-    other. The ES state lives in the proposer state (`EvosaxState`).
-
-    **Arguments:**
-
-    - `strategy`: an evosax algorithm name (`"Open_ES"`, `"Sep_CMA_ES"`, `"CMA_ES"`, `"SNES"`,
-      ...; see `ev3_evosax.STRATEGIES`).
-    - `learning_rate`, `optimizer`: for strategies that take an optax optimizer (OpenAI-ES,
-      PGPE, ...): the optax optimizer's name and its learning rate (an array leaf, written into
-      the optimizer state at every generation). `None`: the strategy's default optimizer.
-
-    {common}
-    ```python
-    proposer = EvosaxProposer("SNES", popsize=16, sigma=0.1)
-    ```
-    """
-
-    def __init__(
-        self,
-        strategy: str,
-        popsize: int = 16,
-        *,
-        sigma: float | Array | None = 0.1,
-        learning_rate: float | Array | None = None,
-        optimizer: str = "adam",
-        generations: int = 1,
-        batch_size: int = 64,
-        fitness: AbstractAssessor | None = None,
-        include_mean: bool = True,
-        recenter: Recenter = "moved",
-        es_params: Mapping[str, Any] | None = None,
-        strategy_kwargs: Mapping[str, Any] | None = None,
-        name: str | None = None,
-    ):
-        self._setup(
-            strategy,
-            popsize,
-            sigma=sigma,
-            learning_rate=learning_rate,
-            optimizer=optimizer,
-            generations=generations,
-            batch_size=batch_size,
-            fitness=fitness,
-            include_mean=include_mean,
-            recenter=recenter,
-            es_params=es_params,
-            strategy_kwargs=strategy_kwargs,
-            name=name,
-        )
-
-
-class OpenES(_AbstractEvosaxProposer):
+def open_es(
+    popsize: int = 16,
+    *,
+    sigma: float | Array = 0.1,
+    learning_rate: float | Array = 0.05,
+    optimizer: str = "adam",
+    **options: Any,
+) -> EvosaxProposer:
     """OpenAI-ES (Salimans et al. 2017) candidates: `EvosaxProposer("Open_ES", ...)` with a
     tunable learning rate.
 
     The mean moves along the rank-shaped search gradient with optax `optimizer` at
     `learning_rate` (an array leaf, default 0.05); `sigma` is the fixed noise scale (an array
-    leaf); antithetic sampling (so `popsize` is even).
+    leaf); antithetic sampling (so `popsize` is even). `options`: any other
+    `EvosaxProposer` argument (`generations`, `batch_size`, `fitness`, ...).
 
-    {common}
     ```python
-    proposer = OpenES(popsize=16, sigma=0.1, learning_rate=0.05, generations=2)
+    proposer = open_es(popsize=16, sigma=0.1, learning_rate=0.05, generations=2)
     ```
     """
-
-    def __init__(
-        self,
-        popsize: int = 16,
-        *,
-        sigma: float | Array = 0.1,
-        learning_rate: float | Array = 0.05,
-        optimizer: str = "adam",
-        generations: int = 1,
-        batch_size: int = 64,
-        fitness: AbstractAssessor | None = None,
-        include_mean: bool = True,
-        recenter: Recenter = "moved",
-        es_params: Mapping[str, Any] | None = None,
-        strategy_kwargs: Mapping[str, Any] | None = None,
-        name: str | None = "open_es",
-    ):
-        self._setup(
-            "Open_ES",
-            popsize,
-            sigma=sigma,
-            learning_rate=learning_rate,
-            optimizer=optimizer,
-            generations=generations,
-            batch_size=batch_size,
-            fitness=fitness,
-            include_mean=include_mean,
-            recenter=recenter,
-            es_params=es_params,
-            strategy_kwargs=strategy_kwargs,
-            name=name,
-        )
+    options.setdefault("name", "open_es")
+    return EvosaxProposer(
+        "Open_ES",
+        popsize,
+        sigma=sigma,
+        learning_rate=learning_rate,
+        optimizer=optimizer,
+        **options,
+    )
 
 
-class SepCMAES(_AbstractEvosaxProposer):
+def sep_cma_es(popsize: int = 16, *, sigma: float | Array = 0.1, **options: Any) -> EvosaxProposer:
     """Separable CMA-ES (Ros & Hansen 2008) candidates: a diagonal covariance, so memory and
-    time are linear in the number of parameters. `sigma` is the initial step size.
+    time are linear in the number of parameters. `sigma` is the initial step size;
+    `options`: any other `EvosaxProposer` argument.
 
-    {common}
     ```python
-    proposer = SepCMAES(popsize=16, sigma=0.3)
+    proposer = sep_cma_es(popsize=16, sigma=0.3)
     ```
     """
-
-    def __init__(
-        self,
-        popsize: int = 16,
-        *,
-        sigma: float | Array = 0.1,
-        generations: int = 1,
-        batch_size: int = 64,
-        fitness: AbstractAssessor | None = None,
-        include_mean: bool = True,
-        recenter: Recenter = "moved",
-        es_params: Mapping[str, Any] | None = None,
-        strategy_kwargs: Mapping[str, Any] | None = None,
-        name: str | None = "sep_cma_es",
-    ):
-        self._setup(
-            "Sep_CMA_ES",
-            popsize,
-            sigma=sigma,
-            learning_rate=None,
-            optimizer="adam",
-            generations=generations,
-            batch_size=batch_size,
-            fitness=fitness,
-            include_mean=include_mean,
-            recenter=recenter,
-            es_params=es_params,
-            strategy_kwargs=strategy_kwargs,
-            name=name,
-        )
+    options.setdefault("name", "sep_cma_es")
+    return EvosaxProposer("Sep_CMA_ES", popsize, sigma=sigma, **options)
 
 
-class CMAES(_AbstractEvosaxProposer):
+def cma_es(popsize: int = 16, *, sigma: float | Array = 0.1, **options: Any) -> EvosaxProposer:
     """CMA-ES (Hansen 2001/2016) candidates with a full covariance matrix: quadratic memory
     and an eigendecomposition per generation, so use it for models of at most a few thousand
-    parameters (`SepCMAES` otherwise). `sigma` is the initial step size.
+    parameters (`sep_cma_es` otherwise). `sigma` is the initial step size; `options`: any
+    other `EvosaxProposer` argument.
 
-    {common}
     ```python
-    proposer = CMAES(popsize=16, sigma=0.3)
+    proposer = cma_es(popsize=16, sigma=0.3)
     ```
     """
-
-    def __init__(
-        self,
-        popsize: int = 16,
-        *,
-        sigma: float | Array = 0.1,
-        generations: int = 1,
-        batch_size: int = 64,
-        fitness: AbstractAssessor | None = None,
-        include_mean: bool = True,
-        recenter: Recenter = "moved",
-        es_params: Mapping[str, Any] | None = None,
-        strategy_kwargs: Mapping[str, Any] | None = None,
-        name: str | None = "cma_es",
-    ):
-        self._setup(
-            "CMA_ES",
-            popsize,
-            sigma=sigma,
-            learning_rate=None,
-            optimizer="adam",
-            generations=generations,
-            batch_size=batch_size,
-            fitness=fitness,
-            include_mean=include_mean,
-            recenter=recenter,
-            es_params=es_params,
-            strategy_kwargs=strategy_kwargs,
-            name=name,
-        )
+    options.setdefault("name", "cma_es")
+    return EvosaxProposer("CMA_ES", popsize, sigma=sigma, **options)
 
 
-for _cls in (EvosaxProposer, OpenES, SepCMAES, CMAES):
-    _cls.__doc__ = (_cls.__doc__ or "").replace("{common}", _COMMON_DOC.strip())
+EvosaxProposer.__doc__ = (EvosaxProposer.__doc__ or "").replace("{common}", _COMMON_DOC.strip())

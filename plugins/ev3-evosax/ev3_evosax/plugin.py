@@ -8,17 +8,12 @@ import equinox as eqx
 
 import ev3core
 
-from ._proposers import CMAES, EvosaxProposer, OpenES, SepCMAES, _AbstractEvosaxProposer
+from ._proposers import EvosaxProposer, cma_es, open_es, sep_cma_es
 
 
 @ev3core.hookimpl
 def ev3_register_proposers() -> dict[str, type]:
-    return {
-        "evosax": EvosaxProposer,
-        "open_es": OpenES,
-        "sep_cma_es": SepCMAES,
-        "cma_es": CMAES,
-    }
+    return {"evosax": EvosaxProposer}
 
 
 @ev3core.hookimpl(wrapper=True)
@@ -26,12 +21,12 @@ def ev3_explore(proposers: tuple[Any, ...], assessors: tuple[Any, ...]):
     """Evosax proposers built without a `fitness` score their members with the pipeline's
     first assessor (its primary objective)."""
     result = yield
-    if not any(isinstance(p, _AbstractEvosaxProposer) and p.fitness is None for p in result):
+    if not any(isinstance(p, EvosaxProposer) and p.fitness is None for p in result):
         return result
     primary = assessors[0]
     return tuple(
         eqx.tree_at(lambda q: q.fitness, p, primary, is_leaf=lambda x: x is None)
-        if isinstance(p, _AbstractEvosaxProposer) and p.fitness is None
+        if isinstance(p, EvosaxProposer) and p.fitness is None
         else p
         for p in result
     )
@@ -42,22 +37,24 @@ def ev3_conformance_examples(kind: str, name: str, cls: type) -> list | None:
     """Small instances for `ev3core.testing` (the suite runs the kit on every registered
     component, `tests/test_conformance.py`).
 
-    `OpenES` gets every check. The other classes share its code (`_AbstractEvosaxProposer`):
-    they get the checks that depend on the strategy (structure and state of their own evosax
-    state, jit, purity, no recompilation, checkpoint round-trip) but not the engine-level
-    "nonfinite" check or the "vmap" check, which exercise the same code path as OpenES and
-    cost about as much again to compile. CMA-ES could not pass "vmap" anyway: it samples
-    through an eigenbasis of its covariance, which is not unique while the covariance is
-    nearly isotropic, and the last-bit differences between batched and un-batched reductions
-    pick another one, so batched candidates are equally distributed but not equal.
+    The OpenAI-ES example gets every check. The other strategies share its code (one
+    class): they get the checks that depend on the strategy (structure and state of their
+    own evosax state, jit, purity, no recompilation, checkpoint round-trip) but not the
+    engine-level "nonfinite" check, the "vmap" check or the "dtype" check, which exercise
+    the same code path as OpenAI-ES and cost about as much again to compile. CMA-ES could
+    not pass "vmap" anyway: it samples through an eigenbasis of its covariance, which is not
+    unique while the covariance is nearly isotropic, and the last-bit differences between
+    batched and un-batched reductions pick another one, so batched candidates are equally
+    distributed but not equal.
     """
-    if kind != "proposer" or cls not in (EvosaxProposer, OpenES, SepCMAES, CMAES):
+    if kind != "proposer" or cls is not EvosaxProposer:
         return None
     from ev3core.testing import Example
 
-    if cls is OpenES:
-        return [OpenES(popsize=4, batch_size=16)]
     checks = ["structure", "jit", "pure", "no_recompile", "checkpoint"]
-    if cls is EvosaxProposer:
-        return [Example(EvosaxProposer("SNES", popsize=4, batch_size=16), checks=checks)]
-    return [Example(cls(popsize=4, batch_size=16), checks=checks)]
+    return [
+        open_es(popsize=4, batch_size=16),
+        Example(EvosaxProposer("SNES", popsize=4, batch_size=16), checks=checks),
+        Example(sep_cma_es(popsize=4, batch_size=16), checks=checks),
+        Example(cma_es(popsize=4, batch_size=16), checks=checks),
+    ]

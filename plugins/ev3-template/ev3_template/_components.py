@@ -94,15 +94,16 @@ class Signum(ev3core.AbstractProposer):
         idx = jax.random.randint(k_batch, (self.batch_size,), 0, n)
         batch = jax.tree.map(lambda a: a[idx], data)
         grads = jax.grad(lambda p: self.loss(eqx.combine(p, static), batch, k_loss))(params)
-        momentum = jax.tree.map(
-            lambda m, g: (self.beta * m + (1.0 - self.beta) * g).astype(m.dtype),
-            state.momentum,
-            grads,
-        )
+
+        def average(m: Array, g: Array) -> Array:
+            beta = self.beta.astype(m.dtype)  # in the parameters' dtype (bfloat16 models too)
+            return beta * m + (1 - beta) * g
+
+        momentum = jax.tree.map(average, state.momentum, grads)
 
         def step(x: Array, m: Array) -> Array:
             lr = self.learning_rates.reshape((-1,) + (1,) * x.ndim).astype(x.dtype)
-            return x - lr * jnp.sign(m)
+            return x[None] - lr * jnp.sign(m)[None]  # one candidate per learning rate
 
         return jax.tree.map(step, params, momentum), SignumState(momentum=momentum)
 

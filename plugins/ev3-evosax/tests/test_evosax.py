@@ -21,7 +21,7 @@ import ev3core.testing as et
 from ev3core.errors import ConfigurationError
 
 ev3_evosax = pytest.importorskip("ev3_evosax")  # installed by `make setup`
-from ev3_evosax import CMAES, EvosaxProposer, EvosaxState, OpenES, SepCMAES  # noqa: E402
+from ev3_evosax import EvosaxProposer, EvosaxState, cma_es, open_es, sep_cma_es  # noqa: E402
 
 
 class SignPerceptron(eqx.Module):
@@ -74,30 +74,31 @@ def test_found_through_entry_point(plugins):
     assert info.version == ev3_evosax.__version__
     assert {"ev3_register_proposers", "ev3_explore", "ev3_conformance_examples"} <= set(info.hooks)
     comps = plugins.components("proposer")
-    for name, cls in [
-        ("open_es", OpenES),
-        ("sep_cma_es", SepCMAES),
-        ("cma_es", CMAES),
-        ("evosax", EvosaxProposer),
-    ]:
-        assert comps[name].cls is cls and comps[name].plugin == "evosax"
-    # ... and the default plugin set (all installed entry points) lists them too.
-    assert ev3core.plugin_manager().components("proposer")["open_es"].cls is OpenES
+    # One final class; open_es, sep_cma_es and cma_es are factories that build it.
+    assert comps["evosax"].cls is EvosaxProposer and comps["evosax"].plugin == "evosax"
+    assert not {"open_es", "sep_cma_es", "cma_es"} & set(comps)
+    # ... and the default plugin set (all installed entry points) lists it too.
+    assert ev3core.plugin_manager().components("proposer")["evosax"].cls is EvosaxProposer
     assert not [f for f in plugins.failures if f.name == "evosax"]
-    made = plugins.make("proposer", "sep_cma_es", popsize=6)
-    assert isinstance(made, SepCMAES) and made.num_candidates == 7
+    made = plugins.make("proposer", "evosax", strategy="Sep_CMA_ES", popsize=6)
+    assert isinstance(made, EvosaxProposer) and made.num_candidates == 7
+    for factory, strategy in [(open_es, "Open_ES"), (sep_cma_es, "Sep_CMA_ES"), (cma_es, "CMA_ES")]:
+        built = factory(popsize=4)
+        assert type(built) is EvosaxProposer and built.strategy == strategy
+        assert built.labels()[0] == f"{factory.__name__}:mean"
+    assert float(open_es(4).learning_rate) == pytest.approx(0.05)  # OpenAI-ES's own default
 
 
 def test_fitness_defaults_to_the_pipelines_first_assessor(plugins, builtin_plugins):
     engine = ev3core.Pipeline(
-        [OpenES(4), OpenES(4, fitness=ev3core.Accuracy())],
+        [open_es(4), open_es(4, fitness=ev3core.Accuracy())],
         assessors=["neg_cross_entropy", "accuracy"],
         plugins=plugins,
     ).build()
     assert isinstance(engine.proposers[0].fitness, ev3core.NegCrossEntropy)
     assert isinstance(engine.proposers[1].fitness, ev3core.Accuracy)  # explicit wins
     # Without the plugin's hook (plugin not loaded), fitness stays None: accuracy is used.
-    bare = ev3core.Pipeline([OpenES(4)], plugins=builtin_plugins).build()
+    bare = ev3core.Pipeline([open_es(4)], plugins=ev3core.load_plugins(autoload=False)).build()
     assert bare.proposers[0].fitness is None
 
 
@@ -105,20 +106,20 @@ def test_configuration_errors_name_the_fix():
     with pytest.raises(ConfigurationError, match="Did you mean 'Open_ES'"):
         EvosaxProposer("OpenES")
     with pytest.raises(ConfigurationError, match="even"):
-        OpenES(popsize=5)
+        open_es(popsize=5)
     with pytest.raises(ConfigurationError, match="not parameters of CMA_ES"):
-        CMAES(es_params={"learning_rate": 0.1})
+        cma_es(es_params={"learning_rate": 0.1})
     with pytest.raises(ConfigurationError, match="has no optimizer"):
         EvosaxProposer("Sep_CMA_ES", learning_rate=0.1)
     with pytest.raises(ConfigurationError, match="recenter"):
-        SepCMAES(recenter="sometimes")
+        sep_cma_es(recenter="sometimes")
 
 
 # ------------------------------------------------------------------ the ES in the state
 def test_sigma_and_learning_rate_are_array_leaves(digits):
     data, _ = digits
     params, static = eqx.partition(_model(), eqx.is_array)
-    prop = OpenES(popsize=8, sigma=0.1, learning_rate=0.0, batch_size=32)
+    prop = open_es(popsize=8, sigma=0.1, learning_rate=0.0, batch_size=32)
     state = prop.init(params, static, jax.random.key(0))
     assert isinstance(state, EvosaxState)
     propose = eqx.filter_jit(
@@ -153,7 +154,7 @@ def test_sigma_and_learning_rate_are_array_leaves(digits):
 @pytest.mark.parametrize("recenter", ["moved", "never"])
 def test_es_mean_follows_the_current_model(recenter):
     params, static = eqx.partition(_model(), eqx.is_array)
-    prop = SepCMAES(popsize=4, recenter=recenter)
+    prop = sep_cma_es(popsize=4, recenter=recenter)
     state = prop.init(params, static, jax.random.key(0))
     elsewhere = jax.tree.map(lambda x: x + 1.0, params)
     mean0 = state.es.mean
@@ -202,7 +203,7 @@ def test_es_learns_where_gradients_cannot_and_compiles_once(plugins, digits):
 
     # Gradient + OpenAI-ES candidates in one pipeline; sigma and the learning rate change
     # between chunks without re-tracing the step.
-    es = OpenES(popsize=16, sigma=0.1, learning_rate=0.1, generations=4, batch_size=128)
+    es = open_es(popsize=16, sigma=0.1, learning_rate=0.1, generations=4, batch_size=128)
     mixed = ev3core.Pipeline(
         [gradient, es], ["accuracy"], scheduler, assess_size=256, decide_size=256, plugins=plugins
     ).build()
@@ -244,21 +245,16 @@ def test_every_registered_proposer_gives_the_kit_an_example(plugins):
     """The conformance kit itself runs on these examples in tests/test_conformance.py (it is
     parametrised over every registered component of the installed plugins), so it is not
     repeated here: each full check of an evosax proposer costs 15-50 s of compilation."""
-    for name, cls in [
-        ("open_es", OpenES),
-        ("sep_cma_es", SepCMAES),
-        ("cma_es", CMAES),
-        ("evosax", EvosaxProposer),
-    ]:
-        (example,) = et.examples("proposer", name, plugins)
-        assert example.error is None and isinstance(example.component, cls)
+    examples = et.examples("proposer", "evosax", plugins)
+    assert [e.component.strategy for e in examples] == ["Open_ES", "SNES", "Sep_CMA_ES", "CMA_ES"]
+    for example in examples:
+        assert example.error is None and isinstance(example.component, EvosaxProposer)
         checks = set(example.options.get("checks", et.CHECKS))
         assert {"structure", "jit", "pure", "no_recompile", "checkpoint"} <= checks
-    (example,) = et.examples("proposer", "open_es", plugins)
-    assert "checks" not in example.options  # OpenES: every check
+    assert "checks" not in examples[0].options  # OpenAI-ES: every check
 
 
 def test_conformance_kit_quick():
     """The kit's cheapest checks, here too: candidate shapes, state structure, purity."""
-    ran = et.check_proposer(SepCMAES(popsize=4, batch_size=16), checks=["structure", "pure"])
+    ran = et.check_proposer(sep_cma_es(popsize=4, batch_size=16), checks=["structure", "pure"])
     assert set(ran) == {"structure", "pure"}

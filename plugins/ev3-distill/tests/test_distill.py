@@ -36,8 +36,8 @@ from ev3_distill import (
 import ev3core
 from ev3core.errors import ConfigurationError
 
-ROOT = Path(__file__).resolve().parents[1]
-PLUGIN_DIR = ROOT / "plugins" / "ev3-distill"
+PLUGIN_DIR = Path(__file__).resolve().parents[1]
+ROOT = PLUGIN_DIR.parents[1]
 
 
 # ---------------------------------------------------------------------------- growth

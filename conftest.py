@@ -1,5 +1,6 @@
-"""Test configuration: strict dtype and rank promotion, 8 virtual CPU devices for sharding
-tests, and the plugin sets tests share.
+"""Test configuration shared by `tests/` and every `plugins/*/tests/` (it lives at the repository
+root so that pytest applies it to both): strict dtype and rank promotion, 8 virtual CPU
+devices for sharding tests, and the plugin sets tests share.
 
 Warnings are errors (pyproject.toml) and jaxtyping checks every ev3core signature at run
 time (`--jaxtyping-packages=ev3core,beartype.beartype`).
@@ -54,6 +55,19 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
 def pip_install_target():
     """`pip_install_target(target, *package_dirs) -> target`: see `_pip_install_target`."""
     return _pip_install_target
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _private_user_cache(tmp_path_factory):
+    """`ev3 run` processes started by the tests keep their compilation cache (on by default
+    in the per-user cache directory) in a directory of the test session, not the user's."""
+    previous = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    yield
+    if previous is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = previous
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,1239 @@
+"""Does EV3 beat what a user would do instead, at equal TOTAL compute?
+
+Every method gets the same total number of gradient evaluations (one optimizer step on one
+batch of `BATCH` examples, counted for every candidate, every population member and every
+grid point), the same splits, the same teacher and the same decide split for any selection;
+the test split is only ever used to report. Methods:
+
+- `ev3`: EV3 in the library's recommended configuration for the scenario (see
+  `docs/value.md`): K candidates, trajectories of L steps, T iterations: `K * L * T`
+  gradient evaluations.
+- `grid`: every one of EV3's K candidate configurations trained on its own for `L * T`
+  steps (so `K * L * T` in all), checkpoints every L steps (and the start), the checkpoint
+  with the best decide metric of the config with the best decide metric is returned
+  (early stopping).
+- `random`: K configurations drawn at random from the ranges the grid spans, otherwise as
+  `grid`.
+- `pbt`: population-based training (ev3core's PBT component) with K members, ready every
+  L steps, T rounds, ranked on the decide split; the best member on the decide split is
+  returned.
+- `plain`: the default configuration trained for all `K * L * T` steps, the final model (what
+  plain training or fine-tuning gives).
+
+Scenarios (each `SEEDS` seeds; a seed fixes the splits, the teacher, the noise, the starting
+model and every method's randomness):
+
+- (a) `distill_digits`, `distill_mnist1d`: knowledge distillation with growth (digits: MLP
+  student; MNIST-1D: 1-D CNN student family); EV3 is the distillation plugin's job
+  (`ev3_distill.run_ev3`), which starts small and grows; the other methods train the student
+  at the size cap.
+- (b) `noise_{sym,asym}_{scratch,pretrained}`: digits with 40% symmetric or class-flip noise
+  on the training labels (clean assess / decide / test), from a fresh model or from a model
+  pretrained on a disjoint clean split.
+- (c) `imbalance_worst_class`: digits with a class-imbalanced training split (ratio
+  `IMBALANCE`), decided and reported on worst-class accuracy (a non-differentiable target).
+
+Prints one table per scenario (mean +- sd of the test metric, the compute of each method)
+and the paired difference EV3 - best alternative with its 95% CI over seeds (t interval,
+paired by seed); writes every per-seed figure to the JSON and the plot to `docs/value.png`.
+
+```bash
+.venv/bin/python benchmarks/value.py --json benchmarks/value.json
+.venv/bin/python benchmarks/value.py --quick --json /tmp/value_quick.json
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jaxtyping import Array, Float, PyTree
+
+import ev3core as ev3
+from ev3core import AbstractBatchAssessor, AbstractLoss, Accuracy, EV3Scheduler, Objective
+from ev3core._types import tree_index, tree_stack
+
+BATCH = 32
+NOISE = 0.4
+IMBALANCE = 10.0  # most / least frequent class in the imbalanced training split
+PRETRAIN_STEPS = 1500
+METHODS = ("ev3", "grid", "random", "pbt", "plain")
+ALTERNATIVES = ("grid", "random", "pbt", "plain")
+GROUPS = {
+    "a": ("distill_digits", "distill_mnist1d"),
+    "b": (
+        "noise_sym_scratch",
+        "noise_sym_pretrained",
+        "noise_asym_scratch",
+        "noise_asym_pretrained",
+    ),
+    "c": ("imbalance_worst_class",),
+}
+# A class-flip noise: each class goes to a fixed look-alike class (a derangement of 0-9).
+FLIP = np.array([6, 7, 3, 8, 9, 6, 5, 1, 3, 4])
+FLIP[5] = 9  # 5 -> 9, 6 -> 5, 9 -> 4: no fixed points
+assert np.all(FLIP != np.arange(10))
+
+
+_ADAM: dict[float, optax.GradientTransformation] = {}
+
+
+def _adam(lr: float) -> optax.GradientTransformation:
+    """One `optax.adam(lr)` object per learning rate, so that engines built for several seeds
+    have equal static fields and share their compiled step."""
+    return _ADAM.setdefault(float(lr), optax.adam(float(lr)))
+
+
+# ---------------------------------------------------------------------------- metrics
+def _predict(model: Any, x: Array) -> Array:
+    return jnp.argmax(jax.vmap(model)(x), axis=-1)
+
+
+def accuracy_of(model: Any, x: Array, y: Array) -> Array:
+    return jnp.mean((_predict(model, x) == y).astype(jnp.float32))
+
+
+def worst_class_of(model: Any, x: Array, y: Array, num_classes: int = 10) -> Array:
+    hit = (_predict(model, x) == y).astype(jnp.float32)
+    onehot = jax.nn.one_hot(y, num_classes)
+    per = (hit @ onehot) / jnp.maximum(jnp.sum(onehot, axis=0), 1.0)
+    return jnp.min(jnp.where(jnp.sum(onehot, axis=0) > 0, per, 1.0))
+
+
+class WorstClassAccuracy(AbstractBatchAssessor):
+    """Worst-class accuracy (the lowest per-class recall) as a batch-level objective.
+
+    Per example the value encodes `label * num_classes + prediction`; `metric` rebuilds the
+    weighted confusion diagonal from it.
+    """
+
+    num_classes: int = eqx.field(static=True, default=10)
+    direction = "max"  # higher is better
+
+    @property
+    def name(self) -> str:
+        return "worst_class_accuracy"
+
+    def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
+        x, y = batch[0], batch[1]
+        return (y * self.num_classes + _predict(model, x)).astype(jnp.float32)
+
+    def metric(
+        self, values: Float[Array, " example"], weights: Float[Array, " example"]
+    ) -> Float[Array, ""]:
+        v = values.astype(jnp.int32)
+        y, pred = v // self.num_classes, v % self.num_classes
+        onehot = jax.nn.one_hot(y, self.num_classes) * weights[:, None]
+        total = jnp.sum(onehot, axis=0)
+        hit = jnp.sum(onehot * (pred == y)[:, None], axis=0)
+        per = hit / jnp.where(total > 0, total, 1.0)
+        return jnp.min(jnp.where(total > 0, per, 1.0))
+
+
+class WeightedCE(AbstractLoss):
+    """Cross-entropy with label smoothing and per-class weights (array leaves), for batches
+    `(x, y, ...)`: the candidate losses of scenarios (b) and (c)."""
+
+    smoothing: Float[Array, ""]
+    class_weights: Float[Array, " classes"]
+
+    def __init__(self, smoothing: Any = 0.0, class_weights: Any = None, num_classes: int = 10):
+        self.smoothing = jnp.asarray(smoothing, jnp.float32)
+        self.class_weights = (
+            jnp.ones((num_classes,), jnp.float32)
+            if class_weights is None
+            else jnp.asarray(class_weights, jnp.float32)
+        )
+
+    def __call__(self, model: Any, batch: PyTree[Array], key: Any) -> Float[Array, ""]:
+        del key
+        x, y = batch[0], batch[1]
+        logits = jax.vmap(model)(x)
+        n = logits.shape[-1]
+        target = jax.nn.one_hot(y, n) * (1.0 - self.smoothing) + self.smoothing / n
+        ce = optax.softmax_cross_entropy(logits, target)
+        w = self.class_weights[y]
+        return jnp.sum(w * ce) / jnp.sum(w)
+
+    @property
+    def label(self) -> str:
+        try:
+            s = float(self.smoothing)
+            bal = float(jnp.max(self.class_weights)) != float(jnp.min(self.class_weights))
+            return f"ce(s={s:g}{',balanced' if bal else ''})"
+        except (TypeError, jax.errors.ConcretizationTypeError):
+            return "ce"
+
+
+# ---------------------------------------------------------------------------- training
+def _fit(static, params, loss, opt, train, key, steps: int, batch: int):
+    """Plain training of one model with one loss and one optimizer (pure; vmapped by the
+    callers): batches drawn with replacement, as the gradient proposer does."""
+    n = jax.tree.leaves(train)[0].shape[0]
+
+    def body(carry, k):
+        p, o = carry
+        k_idx, k_loss = jax.random.split(k)
+        idx = jax.random.randint(k_idx, (batch,), 0, n)
+        b = jax.tree.map(lambda a: a[idx], train)
+        g = jax.grad(lambda p: loss(eqx.combine(p, static), b, k_loss))(p)
+        u, o = opt.update(g, o, p)
+        return (optax.apply_updates(p, u), o), None
+
+    (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
+    return params
+
+
+@eqx.filter_jit
+def fit_seeds(static, params, loss, opt, train, keys, steps: int, batch: int = BATCH):
+    """`_fit` for every seed (leading axis of `params`, `train`, `keys`)."""
+    return jax.vmap(lambda p, t, k: _fit(static, p, loss, opt, t, k, steps, batch))(
+        params, train, keys
+    )
+
+
+def _curves(
+    static,
+    params0,
+    loss_dyn,
+    loss_static,
+    lr,
+    train,
+    decide,
+    test,
+    key,
+    score,
+    rounds: int,
+    every: int,
+):
+    """One configuration from `params0`: the decide and test metric at the start and after
+    every `every` steps (`rounds` times). Returns two arrays `[rounds + 1]`."""
+    loss = eqx.combine(loss_dyn, loss_static)
+    opt = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))  # = adam(lr)
+    n = jax.tree.leaves(train)[0].shape[0]
+
+    def step(carry, k):
+        p, o = carry
+        k_idx, k_loss = jax.random.split(k)
+        idx = jax.random.randint(k_idx, (BATCH,), 0, n)
+        batch = jax.tree.map(lambda a: a[idx], train)
+        g = jax.grad(lambda p: loss(eqx.combine(p, static), batch, k_loss))(p)
+        u, o = opt.update(g, o, p)
+        return (optax.apply_updates(p, u), o), None
+
+    def chunk(carry, k):
+        carry, _ = jax.lax.scan(step, carry, jax.random.split(k, every))
+        m = eqx.combine(carry[0], static)
+        return carry, (score(m, *decide), score(m, *test))
+
+    m0 = eqx.combine(params0, static)
+    _, (dec, tst) = jax.lax.scan(chunk, (params0, opt.init(params0)), jax.random.split(key, rounds))
+    return (
+        jnp.concatenate([score(m0, *decide)[None], dec]),
+        jnp.concatenate([score(m0, *test)[None], tst]),
+    )
+
+
+@eqx.filter_jit
+def search_curves(static, params0, losses, lrs, train, decide, test, keys, score, rounds, every):
+    """`_curves` for every seed (outer axis) and configuration (inner axis of `losses`, `lrs`).
+
+    `params0` has a seed axis (every configuration of a seed starts from the same model).
+    Returns decide and test metrics `[seed, config, rounds + 1]`.
+    """
+    loss_dyn, loss_static = eqx.partition(losses, eqx.is_array)
+
+    def per_seed(p0, tr, de, te, k):
+        ks = jax.random.split(k, lrs.shape[0])
+        return jax.vmap(
+            lambda ld, lr, kk: _curves(
+                static, p0, ld, loss_static, lr, tr, de, te, kk, score, rounds, every
+            )
+        )(loss_dyn, lrs, ks)
+
+    return jax.vmap(per_seed)(params0, train, decide, test, keys)
+
+
+def early_stopped(dec: np.ndarray, tst: np.ndarray) -> dict[str, Any]:
+    """Search with early stopping, per seed, from curves `[seed, config, checkpoints]`:
+    the checkpoint with the best decide metric of the configuration with the best decide
+    metric (first on ties). Also the selected test metric at every prefix of the budget."""
+    S, C, R = dec.shape
+    best_so_far = np.maximum.accumulate(dec, axis=2)
+    # test metric at the best-decide checkpoint so far, per config
+    arg = np.zeros((S, C, R), int)
+    for r in range(1, R):
+        better = dec[:, :, r] > best_so_far[:, :, r - 1]
+        arg[:, :, r] = np.where(better, r, arg[:, :, r - 1])
+    test_at = np.take_along_axis(tst, arg, axis=2)
+    pick = np.argmax(best_so_far, axis=1)  # [S, R] config with the best decide metric so far
+    curve = np.take_along_axis(test_at, pick[:, None, :], axis=1)[:, 0, :]
+    return {
+        "test": curve[:, -1],
+        "curve": curve,  # [S, R]
+        "config": pick[:, -1],
+        "checkpoint": np.take_along_axis(arg[:, :, -1], pick[:, -1:], axis=1)[:, 0],
+        "decide": np.take_along_axis(best_so_far[:, :, -1], pick[:, -1:], axis=1)[:, 0],
+    }
+
+
+# ---------------------------------------------------------------------------- EV3 (no growth)
+@eqx.filter_jit
+def ev3_seeds(engine, states, data, test, score, iterations: int):
+    """`iterations` EV3 steps for every seed (leading axis of `states`, `data`, `test`);
+    returns the final states and, per seed and iteration, the current model's test metric
+    and whether the step accepted."""
+
+    def one(state, d, te):
+        def body(s, _):
+            s, info = engine.step_pure(s, d)
+            return s, (score(s.model, *te), info.accepted)
+
+        return jax.lax.scan(body, state, None, length=iterations)
+
+    return jax.vmap(one)(states, data, test)
+
+
+# ---------------------------------------------------------------------------- scenarios (b), (c)
+@dataclasses.dataclass
+class Budget:
+    """EV3's shape: K candidates (from the configurations), trajectories of `trajectory`
+    steps, `iterations` iterations; every other method gets `K * trajectory * iterations`."""
+
+    trajectory: int
+    iterations: int
+
+    @property
+    def lineage(self) -> int:
+        return self.trajectory * self.iterations
+
+    def total(self, k: int) -> int:
+        return k * self.lineage
+
+
+def _digits_mlp(key) -> Any:
+    from ev3_distill import MLP
+
+    return MLP(64, 10, (32, 32), key=key)
+
+
+def _stack_splits(parts: list[dict[str, tuple[np.ndarray, ...]]]) -> dict[str, tuple[Array, ...]]:
+    return {
+        k: tuple(jnp.asarray(np.stack([p[k][i] for p in parts])) for i in range(len(parts[0][k])))
+        for k in parts[0]
+    }
+
+
+def noisy_labels(y: np.ndarray, kind: str, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """`rate` of the labels corrupted: `"sym"` to a uniformly drawn other class, `"asym"` to
+    the class's fixed look-alike (`FLIP`)."""
+    flip = rng.random(len(y)) < rate
+    if kind == "sym":
+        other = (y + rng.integers(1, 10, len(y))) % 10
+    else:
+        other = FLIP[y]
+    return np.where(flip, other, y).astype(np.int32)
+
+
+def imbalanced_counts(rate: float = IMBALANCE, top: int = 80) -> np.ndarray:
+    return np.floor(top * rate ** (-np.arange(10) / 9.0)).astype(int)
+
+
+def build_label_problem(variant: str, seeds: list[int]) -> dict[str, Any]:
+    """Data of scenario (b) or (c) for every seed, stacked on a leading seed axis.
+
+    Digits (scikit-learn) splits of `ev3_distill.load_dataset(seed)`: assess, decide and test
+    are untouched. (b): the training split's first 487 examples (clean labels) only pretrain
+    the `pretrained` starting model; the other 500 get noisy labels and are what every method
+    trains on. (c): the training split keeps `imbalanced_counts()` examples per class.
+    """
+    from ev3_distill import load_dataset
+
+    parts, info = [], []
+    for seed in seeds:
+        s = load_dataset("digits", seed)
+        rng = np.random.default_rng(10_000 + seed)
+        x, y = s.train.x, s.train.y
+        part: dict[str, Any] = {
+            "assess": (s.assess.x, s.assess.y),
+            "decide": (s.decide.x, s.decide.y),
+            "test": (s.test.x, s.test.y),
+        }
+        if variant.startswith("noise"):
+            kind = variant.split("_")[1]
+            noisy = noisy_labels(y[487:], kind, NOISE, rng)
+            part["train"] = (x[487:], noisy)
+            part["pretrain"] = (x[:487], y[:487])
+            info.append({"seed": seed, "noise_rate_realised": float(np.mean(noisy != y[487:]))})
+        else:
+            counts = imbalanced_counts()
+            keep = []
+            for c in range(10):
+                idx = np.flatnonzero(y == c)
+                if len(idx) < counts[c]:
+                    raise AssertionError(f"digits seed {seed}: class {c} has {len(idx)} examples")
+                keep.append(rng.choice(idx, counts[c], replace=False))
+            keep = np.sort(np.concatenate(keep))
+            part["train"] = (x[keep], y[keep])
+            info.append({"seed": seed, "class_counts": counts.tolist()})
+        parts.append(part)
+    return {"data": _stack_splits(parts), "info": info}
+
+
+def label_configs(variant: str, key, k_random: int):
+    """EV3's candidate configurations (the grid) and `k_random` random ones from the same
+    ranges: `(losses, learning rates)` for the grid, the same for random search."""
+    lrs = (3e-4, 1e-3, 3e-3)
+    counts = imbalanced_counts().astype(np.float32)
+    balanced = (1.0 / counts) / np.mean(1.0 / counts)
+    if variant.startswith("noise"):
+        losses = [WeightedCE(0.0), WeightedCE(0.3)]
+    else:
+        losses = [WeightedCE(0.0), WeightedCE(0.0, balanced)]
+    k_lr, k_h = jax.random.split(key)
+    r_lr = np.asarray(
+        jnp.exp(
+            jax.random.uniform(k_lr, (k_random,), minval=math.log(lrs[0]), maxval=math.log(lrs[-1]))
+        )
+    )
+    u = np.asarray(jax.random.uniform(k_h, (k_random,)))
+    if variant.startswith("noise"):
+        r_losses = [WeightedCE(0.3 * float(v)) for v in u]
+    else:
+        r_losses = [
+            WeightedCE(0.0, (counts ** -float(v)) / np.mean(counts ** -float(v))) for v in u
+        ]
+    return (losses, lrs), (r_losses, tuple(float(v) for v in r_lr))
+
+
+def _grid_arrays(losses, lrs):
+    """The grid losses x learning rates in GradientProposer's candidate order (optimizer
+    major, losses in order)."""
+    ls = [loss for _ in lrs for loss in losses]
+    lr = [lr for lr in lrs for _ in losses]
+    return (
+        tree_stack(ls),
+        jnp.asarray(lr, jnp.float32),
+        [f"{c.label}|adam{r:g}" for c, r in zip(ls, lr)],
+    )
+
+
+def _seed_keys(scenario: str, seeds: list[int]) -> Array:
+    tag = sum(ord(c) * 31**i for i, c in enumerate(scenario)) % (2**31)
+    return jnp.stack([jax.random.fold_in(jax.random.key(seed), tag) for seed in seeds])
+
+
+def _target(variant: str):
+    """The scenario's target assessor and its `Objective` (the metric that decides)."""
+    if variant.startswith("imbalance"):
+        a = WorstClassAccuracy()
+        return a, Objective("worst_class_accuracy", metric=a)
+    return Accuracy(), Objective("accuracy")
+
+
+def label_engine(variant: str, losses, lrs, budget: Budget, sizes: dict[str, int]) -> ev3.Engine:
+    """EV3's recommended configuration for scenarios (b) and (c): the candidate grid losses x
+    Adam learning rates as evolving candidates (`Evolve`: learning rates follow the accepted
+    candidate's, only the worse half of the lineages restart on an acceptance), lineages that
+    continue while rejected (`on_reject="continue"`), the scenario's target metric decides on
+    the whole decide split (`decide_alpha=1`)."""
+    target, objective = _target(variant)
+    proposer = ev3.GradientProposer(
+        losses=losses,
+        optimizers=[ev3.Optimizer(optax.adam, learning_rate=lr) for lr in lrs],
+        optimizer_names=[f"adam{lr:g}" for lr in lrs],
+        steps=budget.trajectory,
+        batch_size=BATCH,
+        on_reject="continue",
+        evolve=ev3.Evolve(names=("learning_rate",), pull=0.5, sigma=0.2, truncate=0.5),
+    )
+    return ev3.Pipeline(
+        proposers=[proposer],
+        assessors=[target],
+        scheduler=EV3Scheduler(assess_alpha=0.5, decide_alpha=1.0, objectives=[objective]),
+        assess_size=sizes["assess"],
+        decide_size=sizes["decide"],
+    ).build()
+
+
+def pbt_engine(losses, lrs, budget: Budget, target, decide_size: int, names=("learning_rate",)):
+    """Population-based training (`ev3core.PBTProposer` with the `always_accept` scheduler):
+    one member per configuration, ready every `trajectory` steps, the bottom quarter copies
+    the top quarter (parameters and optimizer state) and perturbs `names` by x0.8 / x1.2 or
+    resamples them. Members are ranked on the assess stream, to which the decide split is
+    passed (`Data(assess=decide)`), so the current model is the best member on it."""
+    proposer = ev3.PBTProposer(
+        losses=losses,
+        optimizers=[ev3.Optimizer(optax.adam, learning_rate=lr) for lr in lrs],
+        optimizer_names=[f"adam{lr:g}" for lr in lrs],
+        steps=budget.trajectory,
+        batch_size=BATCH,
+        names=names,
+    )
+    return ev3.Pipeline(
+        proposers=[proposer],
+        assessors=[target],
+        scheduler="always_accept",
+        assess_size=decide_size,
+        decide_size=decide_size,
+    ).build()
+
+
+def engine_arm(engine, params0, static, data, test, keys, score, iterations: int) -> dict[str, Any]:
+    """Run `engine` from every seed's starting model (vmapped over seeds): the final test
+    metric per seed, the mean curve against total gradient evaluations, acceptances."""
+    S = keys.shape[0]
+    states = tree_stack(
+        [engine.init(eqx.combine(tree_index(params0, i), static), keys[i]) for i in range(S)]
+    )
+    t = time.perf_counter()
+    start = np.asarray(
+        jax.vmap(lambda p, x, y: score(eqx.combine(p, static), x, y))(params0, *test)
+    )
+    states, (curve, accepted) = ev3_seeds(engine, states, data, test, score, iterations)
+    curve = np.asarray(curve)
+    final_decide = jax.vmap(lambda s, x, y: score(s.model, x, y))(states, *data.decide)
+    per_step = ev3.gradient_evaluations(engine)
+    return {
+        "test": curve[:, -1].tolist(),
+        "gradient_evaluations": per_step * iterations,
+        "curve_x": [t * per_step for t in range(iterations + 1)],
+        "curve": np.concatenate([start[:, None], curve], axis=1).mean(0).tolist(),
+        "accepted": np.asarray(accepted).sum(1).tolist(),
+        "final_decide": np.asarray(final_decide).tolist(),
+        "config": {"candidates": list(engine.labels()), "iterations": iterations},
+        "wall_seconds": time.perf_counter() - t,
+    }
+
+
+def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> dict[str, Any]:
+    """Scenario (b) or (c) for every seed at once (vmapped over seeds and configurations)."""
+    t0 = time.perf_counter()
+    prob = build_label_problem(variant, seeds)
+    d = prob["data"]
+    score = worst_class_of if variant.startswith("imbalance") else accuracy_of
+    keys = _seed_keys(variant, seeds)
+    k_init, k_pre, k_ev3, k_grid, k_rand, k_cfg, k_plain, k_pbt = (
+        jnp.stack([jax.random.fold_in(k, i) for k in keys]) for i in range(8)
+    )
+    models = [_digits_mlp(k) for k in k_init]
+    params0, static = eqx.partition(tree_stack(models), eqx.is_array)
+    if variant.endswith("pretrained"):
+        params0 = fit_seeds(
+            static, params0, WeightedCE(0.0), _adam(1e-3), d["pretrain"], k_pre, PRETRAIN_STEPS
+        )
+    start_test = np.asarray(
+        jax.vmap(lambda p, x, y: score(eqx.combine(p, static), x, y))(params0, *d["test"])
+    )
+    (losses, lrs), (r_losses, r_lrs) = label_configs(variant, k_cfg[0], 6)
+    K = len(losses) * len(lrs)
+    total = budget.total(K)
+    out: dict[str, Any] = {
+        "scenario": variant,
+        "metric": "worst_class_accuracy" if variant.startswith("imbalance") else "accuracy",
+        "seeds": seeds,
+        "data": prob["info"],
+        "sizes": {k: int(v[0].shape[1]) for k, v in d.items()},
+        "start_test": start_test.tolist(),
+        "methods": {},
+    }
+
+    # --- EV3
+    data = ev3.Data(propose=d["train"], assess=d["assess"], decide=d["decide"])
+    engine = label_engine(variant, losses, lrs, budget, out["sizes"])
+    out["methods"]["ev3"] = engine_arm(
+        engine, params0, static, data, d["test"], k_ev3, score, budget.iterations
+    )
+    out["methods"]["ev3"]["config"] |= {
+        "trajectory": budget.trajectory,
+        "decide_alpha": 1.0,
+        "evolve": "learning_rate, pull 0.5, sigma 0.2, truncate 0.5",
+    }
+
+    # --- PBT: same K, N = trajectory, T rounds, ranked on the decide split
+    target, _ = _target(variant)
+    pbt = pbt_engine(losses, lrs, budget, target, out["sizes"]["decide"])
+    pbt_data = ev3.Data(propose=d["train"], assess=d["decide"], decide=d["decide"])
+    out["methods"]["pbt"] = engine_arm(
+        pbt, params0, static, pbt_data, d["test"], k_pbt, score, budget.iterations
+    )
+    out["methods"]["pbt"]["config"] |= {
+        "ready_every": budget.trajectory,
+        "quantile": 0.25,
+        "perturb": [0.8, 1.2],
+        "resample_probability": 0.25,
+    }
+
+    # --- grid and random search with early stopping
+    for name, (ls, lr_list), kk in (
+        ("grid", (losses, lrs), k_grid),
+        ("random", (r_losses, r_lrs), k_rand),
+    ):
+        t = time.perf_counter()
+        if name == "grid":
+            stacked, lr_arr, labels = _grid_arrays(ls, lr_list)
+        else:
+            stacked, lr_arr = tree_stack(list(ls)), jnp.asarray(lr_list, jnp.float32)
+            labels = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
+        dec, tst = search_curves(
+            static,
+            params0,
+            stacked,
+            lr_arr,
+            d["train"],
+            d["decide"],
+            d["test"],
+            kk,
+            score,
+            budget.iterations,
+            budget.trajectory,
+        )
+        es = early_stopped(np.asarray(dec), np.asarray(tst))
+        out["methods"][name] = {
+            "test": es["test"].tolist(),
+            "gradient_evaluations": len(labels) * budget.lineage,
+            "curve_x": [r * len(labels) * budget.trajectory for r in range(budget.iterations + 1)],
+            "curve": es["curve"].mean(0).tolist(),
+            "chosen_config": [labels[i] for i in es["config"]],
+            "chosen_step": (es["checkpoint"] * budget.trajectory).tolist(),
+            "config": {"configs": labels, "early_stopping_every": budget.trajectory},
+            "wall_seconds": time.perf_counter() - t,
+        }
+
+    # --- plain training: the default configuration, all the compute, the final model
+    t = time.perf_counter()
+    rounds = total // budget.trajectory
+    _, tst = search_curves(
+        static,
+        params0,
+        tree_stack([losses[0]]),
+        jnp.asarray([1e-3], jnp.float32),
+        d["train"],
+        d["decide"],
+        d["test"],
+        k_plain,
+        score,
+        rounds,
+        budget.trajectory,
+    )
+    tst = np.asarray(tst)[:, 0, :]
+    out["methods"]["plain"] = {
+        "test": tst[:, -1].tolist(),
+        "gradient_evaluations": rounds * budget.trajectory,
+        "curve_x": [r * budget.trajectory for r in range(rounds + 1)],
+        "curve": tst.mean(0).tolist(),
+        "config": {
+            "loss": losses[0].label,
+            "learning_rate": 1e-3,
+            "steps": rounds * budget.trajectory,
+        },
+        "wall_seconds": time.perf_counter() - t,
+    }
+
+    out["wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------- scenario (a)
+def distill_config(dataset: str, seed: int, budget: Budget):
+    """The distillation job's recommended configuration (`ev3 run` defaults) at this budget;
+    MNIST-1D uses the 1-D CNN student family (4 channels, growing to two convolutions of 8)."""
+    from ev3_distill import DistillConfig
+
+    extra = {"student": "cnn", "start_width": 4, "max_width": 8} if dataset == "mnist1d" else {}
+    return DistillConfig(
+        dataset=dataset,
+        seed=seed,
+        steps=budget.iterations,
+        trajectory=budget.trajectory,
+        baseline=False,
+        **extra,
+    )
+
+
+def _distill_pipeline(splits):
+    """`ev3_distill.default_pipeline` with one optimizer object per learning rate (so the
+    seeds share compiled steps); otherwise exactly the job's default."""
+    from ev3_distill import default_pipeline
+
+    def make(num_teachers, cfg):
+        pipe = default_pipeline(
+            num_teachers, cfg, assess_size=len(splits.assess), decide_size=len(splits.decide)
+        )
+        p = pipe.proposers[0]
+        pipe.proposers = (
+            ev3.GradientProposer(
+                losses=p.losses,
+                optimizers=[_adam(lr) for lr in cfg.learning_rates],
+                optimizer_names=p.optimizer_names,
+                steps=p.steps,
+                batch_size=p.batch_size,
+                on_reject=p.on_reject,
+            ),
+        )
+        return pipe
+
+    return make
+
+
+def _teachers(dataset: str, splits_list, keys, steps: int):
+    """A teacher per seed, all seeds at once. Digits: the job's recipe
+    (`ev3_distill.train_teacher`: MLP 64-256-256-10, shifted inputs, AdamW with a cosine
+    schedule, batch 64) for `steps` steps; MNIST-1D: a smaller 1-D CNN than the job's (two
+    convolutions of 16 channels, a 64-unit dense layer; AdamW 1e-3, batch 32), to fit the
+    benchmark's time on two CPU cores."""
+    from ev3_distill import CNN, MLP, LabelLoss
+    from ev3_distill._train import shift_augmented_loss
+
+    s0 = splits_list[0]
+    k_model = [jax.random.split(k)[0] for k in keys]
+    if dataset == "digits":
+        models = [MLP(s0.in_features, 10, (256, 256), key=k) for k in k_model]
+        loss: Any = shift_augmented_loss(s0.in_shape)
+        opt = optax.adamw(optax.cosine_decay_schedule(3e-3, steps), weight_decay=1e-4)
+    else:
+        models = [CNN(s0.in_shape, 10, (16, 16), hidden=64, key=k) for k in k_model]
+        loss = LabelLoss()
+        opt = optax.adamw(1e-3, weight_decay=1e-4)
+    params, static = eqx.partition(tree_stack(models), eqx.is_array)
+    batch = 64 if dataset == "digits" else 32
+    train = (
+        jnp.asarray(np.stack([s.train.x for s in splits_list])),
+        jnp.asarray(np.stack([s.train.y for s in splits_list])),
+    )
+    k_train = jnp.stack([jax.random.split(k)[1] for k in keys])
+    params = fit_seeds(static, params, loss, opt, train, k_train, steps, batch)
+    return [eqx.combine(tree_index(params, i), static) for i in range(len(splits_list))]
+
+
+def run_distill_scenario(
+    dataset: str, seeds: list[int], budget: Budget, quick: bool, log
+) -> dict[str, Any]:
+    """Scenario (a) on one data set: EV3 with growth against the searches at the cap size."""
+    from ev3_distill import DistillLoss, load_dataset, run_ev3
+    from ev3_distill._experiment import make_student
+    from ev3_distill._train import logits_of
+
+    t0 = time.perf_counter()
+    name = f"distill_{dataset}"
+    splits_list = [load_dataset(dataset, s) for s in seeds]
+    keys = _seed_keys(name, seeds)
+    k_teach, k_ev3, k_init, k_grid, k_rand, k_cfg, k_plain, k_pbt = (
+        jnp.stack([jax.random.fold_in(k, i) for k in keys]) for i in range(8)
+    )
+    teachers = _teachers(
+        dataset, splits_list, k_teach, 300 if quick else (1000 if dataset == "digits" else 1500)
+    )
+    teacher_test = [
+        float(accuracy_of(t, jnp.asarray(s.test.x), jnp.asarray(s.test.y)))
+        for t, s in zip(teachers, splits_list)
+    ]
+    log(f"{name}: teachers {np.round(teacher_test, 3).tolist()} ({time.perf_counter() - t0:.0f} s)")
+    cfg0 = distill_config(dataset, seeds[0], budget)
+
+    # --- EV3: the distillation job (grows the student; K changes with the passes)
+    ev3_test, ev3_total, start_test, curves, xs, counts, growth, params_n = (
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+        [],
+    )
+    t = time.perf_counter()
+    labels = None
+    for i, (seed, splits, teacher) in enumerate(zip(seeds, splits_list, teachers)):
+        cfg = distill_config(dataset, seed, budget)
+        res = run_ev3(splits, teacher, cfg, k_ev3[i], pipeline=_distill_pipeline(splits))
+        model = res.state.model
+        ev3_test.append(
+            float(accuracy_of(model, jnp.asarray(splits.test.x), jnp.asarray(splits.test.y)))
+        )
+        ev3_total.append(int(res.gradient_evaluations))
+        start_test.append(res.start_test_accuracy)
+        curves.append([res.start_test_accuracy] + [r["test_accuracy"] for r in res.metrics])
+        xs.append([0] + [r["explored_steps"] for r in res.metrics])
+        counts.append(res.counts)
+        growth.append(res.growth)
+        params_n.append(sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))))
+        if labels is None:
+            labels = [lab for lab in _distill_pipeline(splits)(1, cfg).build().labels()]
+        log(
+            f"  {name} seed {seed}: EV3 {ev3_test[-1]:.4f} ({ev3_total[-1]} evaluations, "
+            f"{res.counts['accepted']} accepted, {len(res.growth)} growths, "
+            f"{time.perf_counter() - t:.0f} s)"
+        )
+    ev3_wall = time.perf_counter() - t
+    if len(set(ev3_total)) != 1:
+        raise AssertionError(f"EV3's compute differs between seeds: {ev3_total}")
+    total = ev3_total[0]
+    K = len(labels)
+    out: dict[str, Any] = {
+        "scenario": name,
+        "metric": "accuracy",
+        "seeds": seeds,
+        "sizes": splits_list[0].sizes(),
+        "teacher_test": teacher_test,
+        "methods": {
+            "ev3": {
+                "test": ev3_test,
+                "gradient_evaluations": total,
+                "curve_x": np.mean(xs, axis=0).tolist(),
+                "curve": np.mean(curves, axis=0).tolist(),
+                "start_test": start_test,
+                "counts": counts,
+                "growth": growth,
+                "params": params_n,
+                "config": dataclasses.asdict(cfg0) | {"first_pass_candidates": labels},
+                "wall_seconds": ev3_wall,
+            }
+        },
+    }
+
+    # --- the searches train the student at EV3's size cap on EV3's first-pass candidates
+    students = [make_student(s, cfg0, k, cfg0.cap_widths) for s, k in zip(splits_list, k_init)]
+    params0, static = eqx.partition(tree_stack(students), eqx.is_array)
+    stack = lambda f: tuple(jnp.asarray(np.stack([f(s)[j] for s in splits_list])) for j in range(2))
+    train = (
+        *stack(lambda s: (s.train.x, s.train.y)),
+        jnp.stack(
+            [
+                logits_of(t, jnp.asarray(s.train.x))[:, None, :]
+                for t, s in zip(teachers, splits_list)
+            ]
+        ),
+    )
+    decide = stack(lambda s: (s.decide.x, s.decide.y))
+    test = stack(lambda s: (s.test.x, s.test.y))
+    grid_losses = [DistillLoss(1.0, 0.0)] + [
+        DistillLoss(tt, w) for tt in cfg0.temperatures for w in cfg0.weights
+    ]
+    per_config = total // K
+    rounds = per_config // budget.trajectory
+    r_u = np.asarray(jax.random.uniform(k_cfg[0], (3, K)))
+    lo, hi = min(cfg0.learning_rates), max(cfg0.learning_rates)
+    r_losses = [
+        DistillLoss(
+            min(cfg0.temperatures) + u0 * (max(cfg0.temperatures) - min(cfg0.temperatures)),
+            u1 * max(cfg0.weights),
+        )
+        for u0, u1 in zip(r_u[0], r_u[1])
+    ]
+    r_lrs = [math.exp(math.log(lo) + u * (math.log(hi) - math.log(lo))) for u in r_u[2]]
+    for mname, (ls, lr_list), kk in (
+        ("grid", (grid_losses, cfg0.learning_rates), k_grid),
+        ("random", (r_losses, r_lrs), k_rand),
+    ):
+        t = time.perf_counter()
+        if mname == "grid":
+            stacked, lr_arr, labs = _grid_arrays(ls, lr_list)
+        else:
+            stacked, lr_arr = tree_stack(list(ls)), jnp.asarray(lr_list, jnp.float32)
+            labs = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
+        dec, tst = search_curves(
+            static,
+            params0,
+            stacked,
+            lr_arr,
+            train,
+            decide,
+            test,
+            kk,
+            accuracy_of,
+            rounds,
+            budget.trajectory,
+        )
+        es = early_stopped(np.asarray(dec), np.asarray(tst))
+        out["methods"][mname] = {
+            "test": es["test"].tolist(),
+            "gradient_evaluations": len(labs) * rounds * budget.trajectory,
+            "curve_x": [r * len(labs) * budget.trajectory for r in range(rounds + 1)],
+            "curve": es["curve"].mean(0).tolist(),
+            "chosen_config": [labs[i] for i in es["config"]],
+            "chosen_step": (es["checkpoint"] * budget.trajectory).tolist(),
+            "config": {
+                "configs": labs,
+                "student_widths": list(cfg0.cap_widths),
+                "early_stopping_every": budget.trajectory,
+            },
+            "wall_seconds": time.perf_counter() - t,
+        }
+    # --- plain distillation (the job's baseline: T=4, w=0.9, Adam 1e-3), all the compute
+    t = time.perf_counter()
+    prounds = total // budget.trajectory
+    _, tst = search_curves(
+        static,
+        params0,
+        tree_stack([DistillLoss(cfg0.baseline_temperature, cfg0.baseline_weight)]),
+        jnp.asarray([cfg0.baseline_learning_rate], jnp.float32),
+        train,
+        decide,
+        test,
+        k_plain,
+        accuracy_of,
+        prounds,
+        budget.trajectory,
+    )
+    tst = np.asarray(tst)[:, 0, :]
+    out["methods"]["plain"] = {
+        "test": tst[:, -1].tolist(),
+        "gradient_evaluations": prounds * budget.trajectory,
+        "curve_x": [r * budget.trajectory for r in range(prounds + 1)],
+        "curve": tst.mean(0).tolist(),
+        "config": {
+            "loss": f"kd(T={cfg0.baseline_temperature:g},w={cfg0.baseline_weight:g})",
+            "learning_rate": cfg0.baseline_learning_rate,
+        },
+        "wall_seconds": time.perf_counter() - t,
+    }
+    # --- PBT over the same configurations at the cap size, ranked on the decide split
+    iters = total // (K * budget.trajectory)
+    pbt = pbt_engine(
+        grid_losses,
+        cfg0.learning_rates,
+        budget,
+        Accuracy(),
+        int(decide[1].shape[1]),
+        names=("learning_rate", "temperature"),
+    )
+    pbt_data = ev3.Data(propose=train, assess=decide, decide=decide)
+    out["methods"]["pbt"] = engine_arm(
+        pbt, params0, static, pbt_data, test, k_pbt, accuracy_of, iters
+    )
+    out["methods"]["pbt"]["config"] |= {
+        "ready_every": budget.trajectory,
+        "quantile": 0.25,
+        "perturb": [0.8, 1.2],
+        "resample_probability": 0.25,
+        "explored": ["learning_rate", "temperature"],
+    }
+    out["wall_seconds"] = time.perf_counter() - t0
+    return out
+
+
+# ---------------------------------------------------------------------------- statistics
+def paired_ci(a: list[float], b: list[float], level: float = 0.95) -> dict[str, float]:
+    """Mean of `a - b` over seeds (paired) and its two-sided t interval."""
+    from scipy import stats
+
+    d = np.asarray(a, float) - np.asarray(b, float)
+    n = len(d)
+    m = float(d.mean())
+    if n < 2:
+        return {"mean": m, "low": float("nan"), "high": float("nan"), "n": n}
+    half = float(stats.t.ppf(0.5 + level / 2, n - 1) * d.std(ddof=1) / math.sqrt(n))
+    return {"mean": m, "low": m - half, "high": m + half, "n": n}
+
+
+def verdict(ci: dict[str, float]) -> str:
+    if ci["low"] > 0:
+        return "win"
+    if ci["high"] < 0:
+        return "loss"
+    return "tie"
+
+
+def summarise(res: dict[str, Any]) -> dict[str, Any]:
+    """Mean / sd per method, the best alternative (highest mean test metric among the
+    alternatives that ran) and the paired CI of EV3 minus it."""
+    methods = res["methods"]
+    table = {}
+    for m, r in methods.items():
+        v = r["test"]
+        table[m] = {
+            "mean": statistics.fmean(v),
+            "sd": statistics.stdev(v) if len(v) > 1 else 0.0,
+            "gradient_evaluations": r["gradient_evaluations"],
+        }
+    alts = [m for m in ALTERNATIVES if m in methods]
+    best = max(alts, key=lambda m: table[m]["mean"])
+    ci = paired_ci(methods["ev3"]["test"], methods[best]["test"])
+    out = {
+        "table": table,
+        "best_alternative": best,
+        "ev3_minus_best": ci,
+        "verdict": verdict(ci),
+        "ev3_minus_each": {m: paired_ci(methods["ev3"]["test"], methods[m]["test"]) for m in alts},
+    }
+    if "start_test" in res:
+        start = np.asarray(res["start_test"])
+        out["below_start"] = {
+            m: int(np.sum(np.asarray(methods[m]["test"]) < start)) for m in methods
+        }
+    return out
+
+
+def group_summary(results: dict[str, dict[str, Any]], names: tuple[str, ...]) -> dict[str, Any]:
+    """A scenario with several variants: per seed, EV3 minus the best alternative averaged
+    over the variants (the best alternative is chosen per variant), and its paired CI."""
+    have = [n for n in names if n in results]
+    if not have:
+        return {}
+    diffs = []
+    for n in have:
+        best = results[n]["summary"]["best_alternative"]
+        m = results[n]["methods"]
+        diffs.append(np.asarray(m["ev3"]["test"]) - np.asarray(m[best]["test"]))
+    d = np.mean(diffs, axis=0)
+    ci = paired_ci(d.tolist(), [0.0] * len(d))
+    return {"variants": have, "ev3_minus_best": ci, "verdict": verdict(ci)}
+
+
+def print_table(name: str, res: dict[str, Any], log) -> None:
+    s = res["summary"]
+    log(f"\n== {name} ({res['metric']}, {len(res['seeds'])} seeds) ==")
+    if "start_test" in res:
+        st = res["start_test"]
+        log(f"  start model       {statistics.fmean(st):.4f}")
+    for m in METHODS:
+        if m not in s["table"]:
+            continue
+        row = s["table"][m]
+        extra = ""
+        if "below_start" in s:
+            extra = f"  below start on {s['below_start'][m]}/{len(res['seeds'])} seeds"
+        log(
+            f"  {m:8s} {row['mean']:.4f} +- {row['sd']:.4f}   gradient evaluations "
+            f"{row['gradient_evaluations']:>8}{extra}"
+        )
+    ci = s["ev3_minus_best"]
+    log(
+        f"  EV3 - best alternative ({s['best_alternative']}): {ci['mean']:+.4f} "
+        f"[{ci['low']:+.4f}, {ci['high']:+.4f}] -> {s['verdict']}"
+    )
+
+
+def markdown(out: dict[str, Any]) -> str:
+    """The results as Markdown tables (for docs/value.md)."""
+    lines = []
+    for name, res in out["scenarios"].items():
+        s = res["summary"]
+        n = len(res["seeds"])
+        lines += [f"**{name}** (test {res['metric']}, {n} seeds)", ""]
+        head = "| method | mean ± sd | gradient evaluations |"
+        sep = "|---|---|---|"
+        if "below_start" in s:
+            head += " below the start model |"
+            sep += "---|"
+        lines += [head, sep]
+        if "start_test" in res:
+            st = res["start_test"]
+            lines.append(
+                f"| start model | {statistics.fmean(st):.4f} ± {statistics.stdev(st):.4f} | 0 |"
+                + (" |" if "below_start" in s else "")
+            )
+        for m in METHODS:
+            if m not in s["table"]:
+                continue
+            row = s["table"][m]
+            line = (
+                f"| {m} | {row['mean']:.4f} ± {row['sd']:.4f} | {row['gradient_evaluations']:,} |"
+            )
+            if "below_start" in s:
+                line += f" {s['below_start'][m]}/{n} |"
+            lines.append(line)
+        ci = s["ev3_minus_best"]
+        lines += [
+            "",
+            f"EV3 − best alternative ({s['best_alternative']}): {ci['mean']:+.4f} "
+            f"[{ci['low']:+.4f}, {ci['high']:+.4f}], **{s['verdict']}**.",
+            "",
+        ]
+    lines += [
+        "| scenario | variants | EV3 − best alternative (95% CI) | verdict |",
+        "|---|---|---|---|",
+    ]
+    for g, s in out["groups"].items():
+        if s:
+            ci = s["ev3_minus_best"]
+            lines.append(
+                f"| ({g}) | {', '.join(s['variants'])} | {ci['mean']:+.4f} "
+                f"[{ci['low']:+.4f}, {ci['high']:+.4f}] | {s['verdict']} |"
+            )
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- plot
+def plot(results: dict[str, dict[str, Any]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = list(results)
+    cols = min(4, len(names))
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.4 * rows), squeeze=False)
+    colors = {"ev3": "C0", "grid": "C1", "random": "C2", "pbt": "C3", "plain": "C7"}
+    for ax, name in zip(axes.flat, names):
+        res = results[name]
+        for m in METHODS:
+            if m not in res["methods"]:
+                continue
+            r = res["methods"][m]
+            ax.plot(
+                r["curve_x"], r["curve"], "-", color=colors[m], label=m, lw=1.5 if m == "ev3" else 1
+            )
+        if "start_test" in res:
+            ax.axhline(
+                statistics.fmean(res["start_test"]), color="k", ls=":", lw=0.8, label="start"
+            )
+        if "teacher_test" in res:
+            ax.axhline(
+                statistics.fmean(res["teacher_test"]),
+                color="gray",
+                ls="--",
+                lw=0.8,
+                label="teacher",
+            )
+        ci = res["summary"]["ev3_minus_best"]
+        ax.set_title(
+            f"{name}\nEV3 - best: {ci['mean']:+.3f} [{ci['low']:+.3f}, {ci['high']:+.3f}]",
+            fontsize=8,
+        )
+        ax.set_xlabel("total gradient evaluations", fontsize=8)
+        ax.set_ylabel(f"test {res['metric']} (mean over seeds)", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+        lo = min(min(r["curve"][1:] or r["curve"]) for r in res["methods"].values())
+        hi = max(max(r["curve"]) for r in res["methods"].values())
+        ax.set_ylim(max(0.0, lo - 0.02), min(1.0, hi + 0.02))
+    for ax in list(axes.flat)[len(names) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------------------- main
+def budgets(quick: bool) -> dict[str, Budget]:
+    # Distillation: two passes of K = 10 then 14 candidates; iterations a multiple of 10 make
+    # EV3's total a whole number of trajectories per grid configuration.
+    if quick:
+        return {"label": Budget(5, 4), "digits": Budget(5, 10), "mnist1d": Budget(5, 10)}
+    return {"label": Budget(50, 20), "digits": Budget(50, 20), "mnist1d": Budget(25, 10)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", help="write every per-seed figure to this file")
+    parser.add_argument("--plot", default="docs/value.png", help="the figure ('' for none)")
+    parser.add_argument("--seeds", type=int, default=None, help="default 10 (--quick: 2)")
+    parser.add_argument("--quick", action="store_true", help="two seeds, tiny budgets")
+    parser.add_argument("--markdown", help="also write the tables as Markdown to this file")
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        help="JSON files of runs of disjoint scenario sets (e.g. run in parallel) to combine",
+    )
+    parser.add_argument(
+        "--scenarios",
+        default=",".join(n for g in GROUPS.values() for n in g),
+        help="comma-separated scenario names",
+    )
+    args = parser.parse_args(argv)
+    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 10)))
+    b = budgets(args.quick)
+
+    def log(msg: str) -> None:
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.perf_counter()
+    results: dict[str, dict[str, Any]] = {}
+    parts: list[dict[str, Any]] = []
+    for path in args.merge or []:
+        with open(path) as f:
+            part = json.load(f)
+        # a `.partial` file (written after each scenario) has the scenarios only
+        parts.append(
+            {"file": path} | {k: part.get(k) for k in ("command", "budgets", "wall_seconds")}
+        )
+        for name, res in part["scenarios"].items():
+            results[name] = res
+            print_table(name, res, log)
+    for name in [] if args.merge else args.scenarios.split(","):
+        if name.startswith("distill"):
+            ds = name.split("_")[1]
+            res = run_distill_scenario(ds, seeds, b[ds], args.quick, log)
+        else:
+            res = run_label_scenario(name, seeds, b["label"], log)
+        res["summary"] = summarise(res)
+        results[name] = res
+        print_table(name, res, log)
+        log(f"  ({res['wall_seconds']:.0f} s; {time.perf_counter() - t0:.0f} s so far)")
+        if args.json:  # keep what is done if a later scenario fails
+            with open(args.json + ".partial", "w") as f:
+                json.dump({"scenarios": results}, f)
+    groups = {g: group_summary(results, names) for g, names in GROUPS.items()}
+    log("\n== scenarios ==")
+    for g, s in groups.items():
+        if s:
+            ci = s["ev3_minus_best"]
+            log(
+                f"  ({g}) {', '.join(s['variants'])}: EV3 - best alternative {ci['mean']:+.4f} "
+                f"[{ci['low']:+.4f}, {ci['high']:+.4f}] -> {s['verdict']}"
+            )
+    verdicts = [s["verdict"] for s in groups.values() if s]
+    targets = {
+        "scenarios_won": sum(v == "win" for v in verdicts),
+        "scenarios_lost": sum(v == "loss" for v in verdicts),
+        "won_at_least_two_lost_none": sum(v == "win" for v in verdicts) >= 2
+        and "loss" not in verdicts,
+        "ev3_never_below_start_pretrained_noise": all(
+            results[n]["summary"]["below_start"]["ev3"] == 0
+            for n in results
+            if n.endswith("pretrained")
+        ),
+    }
+    log(f"  targets: {targets}")
+    out = {
+        "benchmark": "value",
+        "command": " ".join(
+            ["python", "benchmarks/value.py", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "compute": (
+            "gradient evaluations = optimizer steps of batch "
+            f"{BATCH}, counted for every candidate, member and configuration"
+        ),
+        "budgets": {k: dataclasses.asdict(v) for k, v in b.items()},
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+        },
+        "scenarios": results,
+        "parts": parts,
+        "groups": groups,
+        "targets": targets,
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(markdown(out) + "\n")
+    if args.plot:
+        plot(results, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
