@@ -349,7 +349,8 @@ def _fake_distill_run(tmp_path, states, record_extra):
 
 
 def test_resume_never_runs_a_pipeline_file_because_a_checkpoint_names_it(tiny, tmp_path):
-    from ev3_distill._experiment import _file_sha256, distill_experiment
+    from ev3_distill._config import _file_sha256
+    from ev3_distill._experiment import distill_experiment
 
     _, _, states = tiny
     marker = tmp_path / "ran"
@@ -378,7 +379,8 @@ def test_resume_never_runs_a_pipeline_file_because_a_checkpoint_names_it(tiny, t
 
 
 def test_resume_reads_only_verified_manifests_and_paths_inside_the_run(tiny, tmp_path):
-    from ev3_distill._experiment import _inside, _resume_record
+    from ev3_distill._config import _inside
+    from ev3_distill._resume import _resume_record
 
     _, _, states = tiny
     run_dir = _fake_distill_run(tmp_path, states, {"pipeline_file": None})
