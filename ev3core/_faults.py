@@ -56,15 +56,18 @@ def component_owner(
 
 
 def describe_component(kind: str, index: int, comp: Any, plugins: Any = None) -> str:
-    """`"assessor #1 pkg.Class (registered as 'name' by plugin 'p')"`."""
+    """`"assessor #1 pkg.Class (registered as 'name' by plugin 'p')"`; without `plugins`
+    (the engine's own checks, which cannot look plugins up) just `"assessor #1 pkg.Class"`."""
     cls = type(comp)
+    name = f"{kind} #{index} {cls.__module__}.{cls.__qualname__}"
+    if plugins is None:
+        return name
     where = "not registered by a plugin: passed as an instance"
-    if plugins is not None:
-        try:
-            for info in plugins.components(kind).values():
-                if info.cls is cls:
-                    where = f"registered as {info.name!r} by plugin {info.plugin!r}"
-                    break
-        except EV3Error:
-            pass
-    return f"{kind} #{index} {cls.__module__}.{cls.__qualname__} ({where})"
+    try:
+        for info in plugins.components(kind).values():
+            if info.cls is cls:
+                where = f"registered as {info.name!r} by plugin {info.plugin!r}"
+                break
+    except EV3Error:
+        pass
+    return f"{name} ({where})"

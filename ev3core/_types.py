@@ -219,6 +219,9 @@ class StepInfo(eqx.Module):
       decide set.
     - `decide_lower`, `decide_upper`: the confidence bounds of the decision.
     - `priorities`: the objective priorities used by the decision.
+    - `bad_indices`: how many indices the scheduler returned out of range this step (a
+      `select` outside `[0, K)`, a `decide` choice outside `{WINNER, CURRENT, STABLE}`); the
+      engine treats each as "keep the current model" and `ev3core.run` logs them.
     """
 
     step: Int[Array, ""]
@@ -234,6 +237,7 @@ class StepInfo(eqx.Module):
     decide_lower: Float[Array, 3]
     decide_upper: Float[Array, 3]
     priorities: Float[Array, " objective"]
+    bad_indices: Int[Array, ""]
 
 
 class State(eqx.Module):

@@ -58,19 +58,26 @@ class CheckpointWarning(UserWarning):
 
 
 class RunInterrupted(KeyboardInterrupt):
-    """`ev3core.run` stopped cleanly at a step boundary after Ctrl-C (SIGINT).
+    """`ev3core.run` stopped cleanly at a step boundary after Ctrl-C (SIGINT) or SIGTERM.
 
     The lifecycle hooks (`ev3_run_end`, so checkpointers too) ran before it was raised.
     It is a `KeyboardInterrupt`, so scripts that do not catch it still stop.
 
     **Attributes:** `state` (the last consistent state), `infos` (the `StepInfo`s of the
-    steps taken, stacked as by `run`, or `None`) and `steps_done`.
+    steps taken, stacked as by `run`, or `None`), `steps_done` and `signum` (the signal that
+    stopped the run: 2 for SIGINT, 15 for SIGTERM).
     """
 
     def __init__(
-        self, message: str, state: object = None, infos: object = None, steps_done: int = 0
+        self,
+        message: str,
+        state: object = None,
+        infos: object = None,
+        steps_done: int = 0,
+        signum: int | None = None,
     ):
         super().__init__(message)
         self.state = state
         self.infos = infos
         self.steps_done = steps_done
+        self.signum = 2 if signum is None else int(signum)

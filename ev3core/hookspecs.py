@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
-    from collections.abc import Callable
+    from collections.abc import Callable, Sequence
 
     from ._adapt.bounds import AbstractBound
     from ._adapt.priorities import AbstractPriority
@@ -310,10 +310,11 @@ def ev3_after_step(engine: Engine, state: State, info: StepInfo, step: int) -> N
 
 
 @hookspec
-def ev3_run_end(engine: Engine, state: State, infos: list[StepInfo]) -> None:
+def ev3_run_end(engine: Engine, state: State, infos: Sequence[StepInfo]) -> None:
     """Called by `ev3core.run` once after the last step (also when the run stops early).
 
-    **Arguments:** the `engine`, the final `state`, and the per-step `infos` collected.
+    **Arguments:** the `engine`, the final `state`, and the per-step `infos` collected (a
+    sequence of `StepInfo`s of NumPy arrays, already copied off the device).
 
     After Ctrl-C the run stops at a step boundary and calls this hook before raising
     `ev3core.errors.RunInterrupted`, so a checkpointer can write a final checkpoint. When an

@@ -85,8 +85,9 @@ def test_duplicate_component_names_are_refused():
         def ev3_register_assessors(self):
             return {"accuracy": ev3core.NegCrossEntropy}
 
+    strict = ev3core.load_plugins(extra=[Twin()], autoload=False, raise_errors=True)
     with pytest.raises(DuplicateComponentError) as err:
-        _plugins(Twin()).get("assessor", "accuracy")
+        strict.get("assessor", "accuracy")
     assert "'accuracy' is registered twice" in str(err.value)
     assert "ev3core.builtins" in str(err.value) and "Twin" in str(err.value)
 

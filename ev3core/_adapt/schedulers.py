@@ -42,6 +42,18 @@ def _positive_alpha(x: Any) -> Float[Array, ""]:
     return jnp.asarray(x, dtype=jnp.float32)
 
 
+def _traced_alpha(alpha: Float[Array, ""]) -> Float[Array, ""]:
+    """`alpha` inside the step: a value outside `(0, inf)` (negative, zero, NaN, inf) becomes
+    `+inf`, which makes every bound uninformative, so nothing is accepted or rolled back.
+
+    `__init__` rejects such values, but alphas are array leaves that can be changed without
+    it (`eqx.tree_at`, as tuning does); a negative alpha would turn lower bounds into upper
+    bounds and make acceptance *easier*. This is the guard that cannot be bypassed.
+    """
+    ok = jnp.isfinite(alpha) & (alpha > 0)
+    return jnp.where(ok, alpha, jnp.inf)
+
+
 def mean_and_stderr(
     scores: Float[Array, "*batch example"],
 ) -> tuple[Float[Array, "*batch"], Float[Array, "*batch"]]:
@@ -387,10 +399,11 @@ class EV3Scheduler(AbstractScheduler):
         k = valid.shape[0]
         keys = self._keys(state, history)
         mask = jnp.concatenate([valid, jnp.zeros((2,), bool)])
+        assess_alpha = _traced_alpha(self.assess_alpha)
         lexicographic = self._order(scores.shape[0])
         if lexicographic is not None:
             order, tol = lexicographic
-            z = bonferroni_z(self.assess_alpha, len(order))
+            z = bonferroni_z(assess_alpha, len(order))
             _, lower, _ = self._advantages(scores, order, k, z, keys.select, mask)
             rank, at = lexicographic_rank(lower[:, :k], tol)
             ok = valid & jnp.isfinite(at)
@@ -398,12 +411,12 @@ class EV3Scheduler(AbstractScheduler):
             score = jnp.where(ok & (rank == best), at, -jnp.inf)
         else:
             _, utility = self._utility(state, history, keys.priority, scores.shape[0])
-            iv = self._bound.interval(utility, scores, k, self.assess_alpha, keys.select, mask)
+            iv = self._bound.interval(utility, scores, k, assess_alpha, keys.select, mask)
             lcb = iv.lower[:k]
             score = jnp.where(valid & jnp.isfinite(lcb), lcb, -jnp.inf)
         if self.constraints:
             # Prefer candidates that keep the constraints on the assess data, if any does.
-            holds = self._constraints_hold(scores, k, self.assess_alpha, keys.select, mask)[:k]
+            holds = self._constraints_hold(scores, k, assess_alpha, keys.select, mask)[:k]
             keeps = jnp.where(holds, score, -jnp.inf)
             score = jnp.where(jnp.any(jnp.isfinite(keeps)), keeps, score)
         return jnp.argmax(score).astype(jnp.int32)
@@ -417,7 +430,7 @@ class EV3Scheduler(AbstractScheduler):
     ) -> tuple[Decision, EV3SchedulerState]:
         num = scores.shape[0]
         keys = self._keys(state, history)
-        z = self.decide_alpha
+        z = _traced_alpha(self.decide_alpha)
         yes, no = jnp.array(True), jnp.array(False)
         movable = jnp.stack([winner_valid, yes, yes])
         moves = jnp.stack([winner_valid, no, yes])  # comparisons with the current model

@@ -7,12 +7,13 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import PyTree
 
-from .._faults import component_owner
+from .._faults import component_owner, describe_component
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler, ComponentName
 from .._types import Data, State
-from ..errors import ConfigurationError, EV3Error
+from ..errors import ComponentError, ConfigurationError, EV3Error
 
 _STREAMS = ("propose", "assess", "decide")
 #: Engine / state / data signatures that passed `check_data`'s abstract evaluation.
@@ -112,6 +113,89 @@ def check_components(
         )
 
 
+def _concrete(tree: PyTree[Any]) -> bool:
+    return not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
+def check_finite_stream(name: str, stream: PyTree[Any], n: int) -> None:
+    """Non-finite *data* is the data's problem: say so, naming the stream and the examples,
+    instead of letting every candidate scored on it look invalid."""
+    bad = np.zeros(n, bool)
+    where = []
+    for path, x in jax.tree_util.tree_flatten_with_path(stream)[0]:
+        if not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
+            continue
+        rows = ~np.asarray(jnp.all(jnp.isfinite(jnp.reshape(x, (n, -1))), axis=1))
+        if rows.any():
+            bad |= rows
+            where.append(jax.tree_util.keystr(path) or "(the array)")
+    if bad.any():
+        first = np.flatnonzero(bad)[:5].tolist()
+        raise ConfigurationError(
+            f"Data.{name} has {int(bad.sum())} of {n} example(s) with NaN or Inf values (in "
+            f"{', '.join(where)}; examples {first}{' ...' if bad.sum() > 5 else ''}). Every "
+            "model scored on them would look invalid, so no candidate could be accepted. "
+            "Remove or impute those examples."
+        )
+
+
+def check_labels(name: str, stream: PyTree[Any], model: Any) -> None:
+    """Integer class labels (`(x, y, ...)` streams) must index the model's outputs: a label
+    outside `[0, classes)` would make every candidate's score invalid, or wrap silently."""
+    if not isinstance(stream, (tuple, list)) or len(stream) < 2:
+        return
+    x, y = stream[0], stream[1]
+    if not (
+        eqx.is_array(y) and jnp.ndim(y) == 1 and jnp.issubdtype(jnp.result_type(y), jnp.integer)
+    ):
+        return
+    try:
+        out = eqx.filter_eval_shape(
+            model, jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape[1:], a.dtype), x)
+        )
+    except Exception:  # noqa: BLE001 - the component checks report shape problems
+        return
+    if not hasattr(out, "shape") or len(out.shape) != 1:
+        return
+    classes = out.shape[0]
+    lo, hi = int(jnp.min(y)), int(jnp.max(y))
+    if lo < 0 or hi >= classes:
+        raise ConfigurationError(
+            f"Data.{name} has labels in [{lo}, {hi}] (element 1 of the stream), but the model "
+            f"{type(model).__name__} outputs {classes} classes, so labels must lie in "
+            f"[0, {classes - 1}]. Fix the labels or give the model {hi + 1} outputs."
+        )
+
+
+def _leaf_differences(want: PyTree[Any], got: PyTree[Any], limit: int = 6) -> str:
+    """The leaves where two trees of arrays differ, as `path: expected ..., got ...`."""
+
+    def flat(tree: PyTree[Any]) -> dict[str, str]:
+        return {
+            jax.tree_util.keystr(path): f"{tuple(jnp.shape(x))} {jnp.result_type(x)}"
+            for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]
+        }
+
+    a, b = flat(want), flat(got)
+    lines = []
+    for path in [*a, *(p for p in b if p not in a)]:
+        if a.get(path) != b.get(path):
+            lines.append(
+                f"{path or '(root)'}: expected {a.get(path, '(no such leaf)')}, "
+                f"got {b.get(path, '(no such leaf)')}"
+            )
+    more = f"; and {len(lines) - limit} more" if len(lines) > limit else ""
+    return "; ".join(lines[:limit]) + more
+
+
+def _component_error(cls: type[EV3Error], owner: tuple[str, int, Any], message: str) -> EV3Error:
+    """An error about a component, starting with its description; `ev3core.run` adds the
+    plugin that registered it (`_faults.name_plugin`), which this layer cannot look up."""
+    err = cls(f"{describe_component(*owner)} {message}")
+    err.component = owner  # type: ignore[attr-defined]
+    return err
+
+
 def check_data(engine: Any, data: Data, state: State | None = None) -> None:
     """Raise `ConfigurationError` if `data` cannot feed `engine` (host side, no compile).
 
@@ -128,6 +212,11 @@ def check_data(engine: Any, data: Data, state: State | None = None) -> None:
             f"{type(data).__name__}."
         )
     sizes = {name: check_stream(name, getattr(data, name)) for name in _STREAMS}
+    if _concrete(data):
+        for name in _STREAMS:
+            check_finite_stream(name, getattr(data, name), sizes[name])
+            if isinstance(state, State) and _concrete(state.current):
+                check_labels(name, getattr(data, name), state.model)
     for name, label, size in (
         ("assess", "assess_size", engine.assess_size),
         ("decide", "decide_size", engine.decide_size),
@@ -188,7 +277,19 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
             raise
         except Exception as exc:
             if component_owner(engine, exc, innermost=True) is not None:
-                raise  # the component's own code raised: `run` names it (ComponentError)
+                # The component's own code raised while being traced (for instance a
+                # TypeError from a scan whose carry changes dtype): name the component, not
+                # the data. `run` adds the plugin that registered it.
+                owner = component_owner(engine, exc)
+                raise _component_error(
+                    ComponentError,
+                    owner,
+                    f"raised {type(exc).__name__}: {str(exc).strip()[:800]} (while being "
+                    f"traced on Data.{stream}, {_describe_stream(getattr(data, stream))}). "
+                    "The run was stopped before this step changed the state (checkpoints "
+                    "already written are intact). Fix the component or remove it from the "
+                    "pipeline.",
+                ) from exc
             msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
             raise ConfigurationError(
                 f"{what} cannot run on Data.{stream} "
@@ -236,11 +337,16 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
         if not same_structure or jax.tree.leaves(
             want, is_leaf=lambda x: isinstance(x, tuple)
         ) != jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, tuple)):
-            raise ConfigurationError(
-                f"{what} returned candidates that are not the parameters stacked "
-                f"{p.num_candidates} times: expected (shape, dtype) {want}, got {got}. A "
-                "proposer returns full parameters with a leading candidate axis of size "
-                "num_candidates."
+            expected = jax.tree.map(
+                lambda x, k=p.num_candidates: jax.ShapeDtypeStruct((k, *x.shape), x.dtype),
+                state.current,
+            )
+            raise _component_error(
+                ConfigurationError,
+                ("proposer", i, p),
+                f"returned candidates that are not the parameters stacked {p.num_candidates} "
+                f"times: {_leaf_differences(expected, cands)}. A proposer returns full "
+                "parameters with a leading candidate axis of size num_candidates.",
             )
         sig = lambda t: [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(t)]
         same_structure = jax.tree.structure(new_ps) == jax.tree.structure(ps)  # type: ignore[operator]

@@ -134,10 +134,23 @@ class Engine(eqx.Module):
         - `model`: an Equinox module called on one example.
         - `key`: a PRNG key (`jax.random.key(seed)`).
         """
-        if not jax.tree.leaves(split_model(model)[0]):
+        params = split_model(model)[0]
+        if not jax.tree.leaves(params):
             raise ConfigurationError(
                 f"The model {type(model).__name__} has no array leaves to optimise."
             )
+        if not any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(params)):
+            bad = [
+                jax.tree_util.keystr(path)
+                for path, x in jax.tree_util.tree_flatten_with_path(params)[0]
+                if jnp.issubdtype(x.dtype, jnp.inexact) and not bool(jnp.all(jnp.isfinite(x)))
+            ]
+            if bad:
+                raise ConfigurationError(
+                    f"The model {type(model).__name__} has NaN or Inf parameters from the start "
+                    f"(in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}): no candidate "
+                    "derived from it could be valid. Initialise it with finite values."
+                )
         # One compiled program instead of a dozen eagerly dispatched ones (each compiled on
         # its own): a shorter start-up.
         return self.placement.place_state(_init_state(self, model, key))

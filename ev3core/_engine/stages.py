@@ -47,6 +47,7 @@ class Assessed(eqx.Module):
     valid: Bool[Array, " candidate"]
     winner: Int[Array, ""]
     winner_params: PyTree[Array]
+    select_ok: Bool[Array, ""]
 
 
 def explore(
@@ -79,12 +80,17 @@ def assess(
     scores, finite, held = placement.score(assessors, candidates, state, batch, chunk)
     k = finite.shape[0]
     valid = finite & jnp.all(jnp.isfinite(scores[:, :k]), axis=(0, 2))
-    winner = scheduler.select(scores, valid, state.scheduler_state, state.history)
+    selected = scheduler.select(scores, valid, state.scheduler_state, state.history)
+    # The scheduler is a plugin: its index is checked, never trusted. Out of range (JAX would
+    # clamp it to a real candidate) means "no winner": the current model is kept.
+    select_ok = (selected >= 0) & (selected < k)
+    winner = jnp.where(select_ok, selected, 0).astype(jnp.int32)
     return Assessed(
         scores=scores,
         valid=valid,
         winner=winner,
         winner_params=placement.take(held, winner, state.current),
+        select_ok=select_ok,
     )
 
 
@@ -96,20 +102,28 @@ def _decide(
     batch: PyTree[Array],
 ) -> tuple[Float[Array, "objective 3 example"], Decision, PyTree, Bool[Array, ""]]:
     """The scheduler's verdict on `(winner, current, stable)`, with the engine's own safety
-    net: an invalid winner (non-finite parameters or scores) is never taken."""
+    net: an invalid winner (non-finite parameters or scores, or an out-of-range `select`) is
+    never taken, and a choice that is none of WINNER, CURRENT, STABLE keeps the current
+    model. Also returns whether the choice was in range."""
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
     scores = score_models(assessors, trio, state.static, batch)
-    winner_valid = assessed.valid[assessed.winner] & jnp.all(jnp.isfinite(scores[:, WINNER]))
+    winner_valid = (
+        assessed.valid[assessed.winner]
+        & assessed.select_ok
+        & jnp.all(jnp.isfinite(scores[:, WINNER]))
+    )
     decision, sstate = scheduler.decide(scores, winner_valid, state.scheduler_state, state.history)
+    choice_ok = (decision.choice >= 0) & (decision.choice <= 2)
     choice = jnp.where(
-        (decision.choice == WINNER) & ~winner_valid, CURRENT, decision.choice
+        ((decision.choice == WINNER) & ~winner_valid) | ~choice_ok, CURRENT, decision.choice
     ).astype(jnp.int32)
+    keep = winner_valid & choice_ok
     decision = eqx.tree_at(
         lambda d: (d.choice, d.update_stable, d.significant),
         decision,
-        (choice, decision.update_stable & winner_valid, decision.significant & winner_valid),
+        (choice, decision.update_stable & keep, decision.significant & keep),
     )
-    return scores, decision, sstate, winner_valid
+    return scores, decision, sstate, choice_ok
 
 
 def _adapt_proposers(
@@ -155,7 +169,7 @@ def adapt(
     """Decide among winner, current and stable on `size` decide examples; update the
     proposers and the history; return the next state (carrying `next_key`) and the step's
     info."""
-    scores, decision, sstate, _ = _decide(
+    scores, decision, sstate, choice_ok = _decide(
         assessors, scheduler, assessed, state, sample(data, key, size)
     )
     choice, winner = decision.choice, assessed.winner
@@ -199,5 +213,6 @@ def adapt(
         decide_lower=decision.lower,
         decide_upper=decision.upper,
         priorities=decision.priorities,
+        bad_indices=(~assessed.select_ok).astype(jnp.int32) + (~choice_ok).astype(jnp.int32),
     )
     return new_state, info

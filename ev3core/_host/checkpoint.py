@@ -30,8 +30,9 @@ import os
 import platform
 import re
 import tempfile
+import uuid
 import warnings
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,8 +49,13 @@ logger = logging.getLogger("ev3core")
 
 #: Identifies ev3core checkpoint manifests.
 FORMAT = "ev3core-checkpoint"
-#: Bumped whenever the on-disk layout changes incompatibly.
-FORMAT_VERSION = 1
+#: Bumped whenever the on-disk layout changes incompatibly. Version 2 stores dtypes that NumPy
+#: cannot write natively (bfloat16, float8, int4 ...) as their raw bits and records the write
+#: order (`sequence`) and the writing run (`run_id`); version 1 manifests are still read.
+FORMAT_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
+#: Manifests bigger than this are not parsed (a manifest is a few kB; a huge one is damage).
+_MAX_MANIFEST_BYTES = 64 << 20
 
 _MANIFEST_RE = re.compile(r"^ckpt-(\d+)\.json$")
 _LIBRARIES = ("ev3core", "jax", "jaxlib", "equinox", "optax", "numpy")
@@ -61,6 +67,8 @@ __all__ = [
     "latest_checkpoint",
     "list_checkpoints",
     "load_checkpoint",
+    "newest_verified_manifest",
+    "read_manifest",
     "save_checkpoint",
     "state_digest",
 ]
@@ -74,6 +82,42 @@ def _is_key(x: Any) -> bool:
 def _to_storable(state: State) -> State:
     """`state` with every typed PRNG key replaced by its raw key data."""
     return jax.tree.map(lambda x: jax.random.key_data(x) if _is_key(x) else x, state)
+
+
+def _raw_view(arr: np.ndarray) -> np.ndarray:
+    """`arr`, or its raw bits as unsigned integers when NumPy cannot save its dtype natively.
+
+    `np.save` writes the extension dtypes that JAX uses (bfloat16, the float8 and float4
+    kinds, int4/uint4, ...) as opaque `|V<n>` records that `np.load(allow_pickle=False)`
+    cannot turn back into numbers; their bits are stored instead, and `_from_raw` views them
+    back as the dtype that the manifest's signature and the `like` state name.
+    """
+    if arr.dtype.isbuiltin == 2 or arr.dtype.kind == "V":  # user-defined (ml_dtypes) dtype
+        return arr.view(np.dtype(f"uint{8 * arr.dtype.itemsize}"))
+    return arr
+
+
+def _from_raw(arr: np.ndarray, want: np.dtype) -> np.ndarray:
+    if arr.dtype == want:
+        return arr
+    if (want.isbuiltin == 2 or want.kind == "V") and arr.dtype == np.dtype(
+        f"uint{8 * want.itemsize}"
+    ):
+        return arr.view(want)
+    raise _Unusable(f"a stored leaf has dtype {arr.dtype} where {want} was expected")
+
+
+def _serialise(f: Any, x: Any) -> None:
+    if isinstance(x, (jax.Array, np.ndarray, np.generic)):
+        np.save(f, _raw_view(np.asarray(x)), allow_pickle=False)
+    elif eqx.is_array_like(x):  # Python scalars
+        np.save(f, np.asarray(x), allow_pickle=False)
+
+
+def _serialise_state(state: State) -> bytes:
+    buf = io.BytesIO()
+    eqx.tree_serialise_leaves(buf, _to_storable(state), filter_spec=_serialise)
+    return buf.getvalue()
 
 
 def _dtype_name(x: Any) -> str:
@@ -163,9 +207,7 @@ def _jsonable(metadata: Mapping[str, Any]) -> dict[str, Any]:
 def state_digest(state: State) -> str:
     """SHA-256 of every leaf of `state` as a checkpoint stores them: equal digests mean
     bit-identical states (used to compare a resumed run with an uninterrupted one)."""
-    buf = io.BytesIO()
-    eqx.tree_serialise_leaves(buf, _to_storable(state))
-    return hashlib.sha256(buf.getvalue()).hexdigest()
+    return hashlib.sha256(_serialise_state(state)).hexdigest()
 
 
 def describe_engine(engine: Any) -> dict[str, Any]:
@@ -191,23 +233,201 @@ def describe_engine(engine: Any) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- listing
-def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
-    """Manifests of the checkpoints in `directory`, oldest first (none if it does not exist)."""
-    directory = Path(directory)
+class _Unusable(Exception):
+    """A checkpoint that is corrupt or incompatible (fall back to an older one)."""
+
+
+_LEAVES_RE = re.compile(r"^ckpt-\d+-[0-9a-f]{12}\.leaves$")
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
+def _malformed(body: dict[str, Any], path: Path) -> str | None:
+    """What is wrong with the fields of a checksummed manifest, or `None`.
+
+    The manifest's own SHA-256 detects damage, not deliberate edits (anyone can recompute
+    it), so every field that loading uses is checked for type and range before it is used;
+    the leaves file must be a plain name in the checkpoint's own directory.
+    """
+    m = _MANIFEST_RE.match(path.name)
+    if not _is_count(body.get("step")):
+        return f"step {body.get('step')!r} is not a non-negative integer"
+    if m is not None and int(m.group(1)) != body["step"]:
+        return f"it is named for step {int(m.group(1))} but records step {body['step']}"
+    leaves = body.get("leaves_file")
+    if not isinstance(leaves, str) or not _LEAVES_RE.match(leaves):
+        return f"leaves_file {leaves!r} is not a ckpt-<step>-<digest>.leaves name in its directory"
+    if not _is_count(body.get("leaves_bytes")):
+        return f"leaves_bytes {body.get('leaves_bytes')!r} is not a non-negative integer"
+    if not isinstance(body.get("leaves_sha256"), str) or not _SHA256_RE.match(
+        body["leaves_sha256"]
+    ):
+        return "leaves_sha256 is not a SHA-256 hex digest"
+    signature = body.get("signature")
+    if not isinstance(signature, list) or not all(
+        isinstance(e, list)
+        and len(e) == 3
+        and isinstance(e[0], str)
+        and isinstance(e[1], list)
+        and all(_is_count(n) for n in e[1])
+        and isinstance(e[2], str)
+        for e in signature
+    ):
+        return "signature is not a list of [path, shape, dtype] entries"
+    if not isinstance(body.get("metadata", {}), dict):
+        return "metadata is not a JSON object"
+    if body.get("format_version", 1) >= 2:
+        if not _is_count(body.get("sequence")) or body["sequence"] < 1:
+            return f"sequence {body.get('sequence')!r} is not a positive integer"
+        if not isinstance(body.get("run_id"), (str, type(None))):
+            return "run_id is not a string"
+    return None
+
+
+def _read_manifest(path: Path) -> dict[str, Any]:
+    """The verified content of a manifest; `_Unusable` for anything unreadable or malformed."""
+    try:
+        if path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise _Unusable(f"the manifest has {path.stat().st_size} bytes, far too many for one")
+        body = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError, MemoryError) as exc:
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        raise _Unusable(f"the manifest cannot be read as JSON ({reason})") from exc
+    if not isinstance(body, dict) or body.get("format") != FORMAT:
+        raise _Unusable("the manifest is not an ev3core checkpoint manifest")
+    version = body.get("format_version")
+    if not isinstance(version, int) or version not in _READABLE_VERSIONS:
+        versions = body.get("versions")
+        writer = versions.get("ev3core") if isinstance(versions, dict) else None
+        raise _Unusable(
+            f"it has format version {version!r} but this ev3core reads versions "
+            f"{list(_READABLE_VERSIONS)}; load it with the ev3core version that wrote it "
+            f"({writer!r})"
+        )
+    try:
+        digest = _manifest_digest(body)
+    except (ValueError, TypeError, RecursionError) as exc:
+        raise _Unusable(f"the manifest's checksum cannot be computed ({exc})") from exc
+    if body.get("manifest_sha256") != digest:
+        raise _Unusable("the manifest's checksum does not match its content (edited on disk?)")
+    problem = _malformed(body, path)
+    if problem is not None:
+        raise _Unusable(f"the manifest is malformed: {problem}")
+    return body
+
+
+class _Entry:
+    """One manifest in a directory: its path, step, and its verified body (or why not)."""
+
+    def __init__(self, path: Path, step: int):
+        self.path = path
+        self.step = step
+        self.body: dict[str, Any] | None = None
+        self.problem: str | None = None
+        try:
+            self.body = _read_manifest(path)
+        except _Unusable as exc:
+            self.problem = str(exc)
+
+    @property
+    def sequence(self) -> int | None:
+        return None if self.body is None else self.body.get("sequence")
+
+
+def _entries(directory: Path) -> list[_Entry]:
+    """The manifests of `directory` in write order, oldest first.
+
+    Write order is the manifests' `sequence` numbers. A manifest without one (unreadable, or
+    written by format version 1) is placed by its step number just after the newest
+    sequenced manifest of a lower or equal step.
+    """
     if not directory.is_dir():
         return []
     found = []
     for p in directory.iterdir():
         m = _MANIFEST_RE.match(p.name)
         if m and p.is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
+            found.append(_Entry(p, int(m.group(1))))
+    known = [(e.step, e.sequence) for e in found if e.sequence is not None]
+
+    def order(e: _Entry) -> tuple[float, int]:
+        if e.sequence is not None:
+            return (float(e.sequence), e.step)
+        before = [s for step, s in known if step <= e.step]
+        return (max(before, default=0) + 0.5, e.step)
+
+    return sorted(found, key=order)
+
+
+def list_checkpoints(directory: str | os.PathLike[str]) -> list[Path]:
+    """Manifests of the checkpoints in `directory` in the order they were written, oldest
+    first (none if it does not exist). Damaged manifests are listed too (by step)."""
+    return [e.path for e in _entries(Path(directory))]
 
 
 def latest_checkpoint(directory: str | os.PathLike[str]) -> Path | None:
-    """The newest checkpoint manifest in `directory` (not verified), or `None`."""
+    """The most recently written checkpoint manifest in `directory` (not verified), or `None`."""
     found = list_checkpoints(directory)
     return found[-1] if found else None
+
+
+def read_manifest(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """The content of the checkpoint manifest at `path`, verified: format, version, its own
+    SHA-256 and the type of every field. Raises `CheckpointError` saying what is wrong.
+
+    The checksum detects damage, not tampering: read the metadata of a checkpoint you did
+    not write as you would any untrusted file.
+    """
+    path = Path(path)
+    try:
+        return _read_manifest(path)
+    except _Unusable as exc:
+        raise CheckpointError(f"checkpoint manifest {path} is unusable: {exc}.") from exc
+
+
+def _verify_leaves(manifest_path: Path, body: dict[str, Any]) -> Path:
+    leaves = manifest_path.parent / body["leaves_file"]
+    if not leaves.is_file():
+        raise _Unusable(f"its leaves file {leaves.name} is missing")
+    size = leaves.stat().st_size
+    if size != body["leaves_bytes"]:
+        raise _Unusable(
+            f"its leaves file {leaves.name} has {size} bytes, the manifest says "
+            f"{body['leaves_bytes']} (truncated or overwritten)"
+        )
+    if _sha256_file(leaves) != body["leaves_sha256"]:
+        raise _Unusable(f"the SHA-256 of {leaves.name} does not match the manifest (edited?)")
+    return leaves
+
+
+def newest_verified_manifest(
+    directory: str | os.PathLike[str],
+) -> tuple[Path, dict[str, Any], list[dict[str, str]]]:
+    """The most recently written checkpoint in `directory` whose manifest and leaves file
+    pass every check that `load_checkpoint` makes before reading leaves (format, version,
+    checksums, sizes, field types): `(manifest path, manifest, skipped)`, where `skipped`
+    lists the newer, unusable ones and why. Use it to read a run's metadata before its state
+    can be loaded (for instance to rebuild the `like` state). Raises `CheckpointError`.
+    """
+    directory = Path(directory)
+    skipped: list[dict[str, str]] = []
+    for manifest in reversed(list_checkpoints(directory)):
+        try:
+            body = _read_manifest(manifest)
+            _verify_leaves(manifest, body)
+        except _Unusable as exc:
+            skipped.append({"file": str(manifest), "reason": str(exc)})
+            continue
+        return manifest, body, skipped
+    detail = "; ".join(f"{Path(s['file']).name}: {s['reason']}" for s in skipped)
+    raise CheckpointError(
+        f"no usable checkpoint in {directory}"
+        + (f": {detail}" if detail else "")
+        + ". Pass the directory of an earlier run (`ev3 run --out`), or start a new run."
+    )
 
 
 # ---------------------------------------------------------------------------- save
@@ -217,6 +437,7 @@ def save_checkpoint(
     *,
     metadata: Mapping[str, Any] | None = None,
     keep: int = 3,
+    run_id: str | None = None,
 ) -> Path:
     """Save the whole engine state to `directory`, atomically, keeping the newest `keep`.
 
@@ -227,8 +448,10 @@ def save_checkpoint(
       states, PRNG key, step, history).
     - `metadata`: JSON-serialisable extra information (pipeline description, run options,
       counters...), returned by `load_checkpoint`.
-    - `keep`: how many checkpoints to keep (older ones are deleted after the new one is
-      safely on disk); at least 1.
+    - `keep`: how many checkpoints to keep, counted in the order they were written (a
+      sequence number in each manifest), so the checkpoint just written is always kept;
+      older ones are deleted after the new one is safely on disk. At least 1.
+    - `run_id`: recorded in the manifest (a `Checkpointer` passes its run's id).
 
     **Returns:** the path of the new checkpoint's manifest.
 
@@ -249,12 +472,10 @@ def save_checkpoint(
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     step = int(state.step)
-    storable = _to_storable(state)
     meta = _jsonable(metadata or {})
+    sequence = 1 + max((e.sequence or 0 for e in _entries(directory)), default=0)
 
-    buf = io.BytesIO()
-    eqx.tree_serialise_leaves(buf, storable)
-    blob = buf.getvalue()
+    blob = _serialise_state(state)
     digest = hashlib.sha256(blob).hexdigest()
     leaves_path = directory / f"ckpt-{step:010d}-{digest[:12]}.leaves"
     _atomic_write(leaves_path, lambda f: f.write(blob))
@@ -263,6 +484,8 @@ def save_checkpoint(
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
         "step": step,
+        "sequence": sequence,
+        "run_id": run_id,
         "leaves_file": leaves_path.name,
         "leaves_bytes": len(blob),
         "leaves_sha256": digest,
@@ -277,52 +500,42 @@ def save_checkpoint(
     manifest = directory / f"ckpt-{step:010d}.json"
     text = json.dumps(body, indent=1, sort_keys=True).encode()
     _atomic_write(manifest, lambda f: f.write(text))
-    _prune(directory, int(keep))
+    _prune(directory, int(keep), written=manifest)
     logger.info("ev3core: checkpoint of step %d written to %s", step, manifest)
     return manifest
 
 
-def _prune(directory: Path, keep: int) -> None:
-    manifests = list_checkpoints(directory)
+def _prune(directory: Path, keep: int, written: Path) -> None:
+    """Delete all but the `keep` most recently written checkpoints (never `written`), the
+    leaves files no kept manifest references, and temporary files of interrupted saves."""
+    entries = _entries(directory)
+    kept = entries[-keep:]
+    if not any(e.path == written for e in kept):  # cannot happen unless the clock of
+        kept = [*kept[1:], *(e for e in entries if e.path == written)]  # sequences is broken
     referenced = set()
-    for old in manifests[:-keep]:
-        with contextlib.suppress(OSError):
-            old.unlink()
-    for m in manifests[-keep:]:
-        try:
-            referenced.add(json.loads(m.read_text())["leaves_file"])
-        except (OSError, ValueError, KeyError, TypeError):
-            # A corrupt manifest keeps every leaves file with its step prefix.
-            referenced.add(m.stem)
+    for e in entries:
+        if e in kept:
+            if e.body is not None:
+                referenced.add(e.body["leaves_file"])
+            else:  # a damaged manifest keeps every leaves file with its step prefix
+                referenced.add(e.path.stem)
+        else:
+            with contextlib.suppress(OSError):
+                e.path.unlink()
     for p in directory.glob("ckpt-*.leaves"):
         prefix = p.name.rsplit("-", 1)[0]
         if p.name not in referenced and prefix not in referenced:
             with contextlib.suppress(OSError):
                 p.unlink()
+    # A save killed between creating its temporary file and renaming it leaves the file
+    # behind. One run writes a directory at a time (a Checkpointer refuses a directory of
+    # another run), and this run's own writes are complete here, so every one is stale.
+    for p in directory.glob(".ckpt-*.tmp"):
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 # ---------------------------------------------------------------------------- load
-class _Unusable(Exception):
-    """A checkpoint that is corrupt or incompatible (fall back to an older one)."""
-
-
-def _read_manifest(path: Path) -> dict[str, Any]:
-    try:
-        body = json.loads(path.read_bytes())
-    except (OSError, ValueError) as exc:
-        raise _Unusable(f"the manifest cannot be read as JSON ({exc})") from exc
-    if not isinstance(body, dict) or body.get("format") != FORMAT:
-        raise _Unusable("the manifest is not an ev3core checkpoint manifest")
-    version = body.get("format_version")
-    if version != FORMAT_VERSION:
-        raise _Unusable(
-            f"it has format version {version!r} but this ev3core reads version "
-            f"{FORMAT_VERSION}; load it with the ev3core version that wrote it "
-            f"({(body.get('versions') or {}).get('ev3core')!r})"
-        )
-    if body.get("manifest_sha256") != _manifest_digest(body):
-        raise _Unusable("the manifest's checksum does not match its content (edited on disk?)")
-    return body
 
 
 def _signature_mismatch(stored: list[list[Any]], wanted: list[list[Any]]) -> str | None:
@@ -361,10 +574,13 @@ def _load_leaves(path: Path, like: State) -> State:
     def load(f: Any, x: Any) -> Any:
         if isinstance(x, (jax.Array, np.ndarray)) or eqx.is_array_like(x):
             arr = np.load(f, allow_pickle=False)
+            if not isinstance(x, (jax.Array, np.ndarray)):  # Python scalar leaves
+                return type(x)(arr.item())
+            arr = _from_raw(arr, np.dtype(x.dtype))
+            if arr.shape != tuple(x.shape):
+                raise _Unusable(f"a stored leaf has shape {arr.shape} where {x.shape} was expected")
             if isinstance(x, np.ndarray):
                 return arr
-            if not isinstance(x, jax.Array):  # Python scalar leaves
-                return type(x)(arr.item())
             out = jnp.asarray(arr)
             # Place it as `like` is placed. An uncommitted `like` (a fresh `init`) stays
             # uncommitted: a committed array would make the compiled step re-trace on resume.
@@ -389,17 +605,7 @@ def _load_leaves(path: Path, like: State) -> State:
 
 def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     body = _read_manifest(manifest_path)
-    leaves = manifest_path.parent / str(body.get("leaves_file"))
-    if not leaves.is_file():
-        raise _Unusable(f"its leaves file {leaves.name} is missing")
-    size = leaves.stat().st_size
-    if size != body.get("leaves_bytes"):
-        raise _Unusable(
-            f"its leaves file {leaves.name} has {size} bytes, the manifest says "
-            f"{body.get('leaves_bytes')} (truncated or overwritten)"
-        )
-    if _sha256_file(leaves) != body.get("leaves_sha256"):
-        raise _Unusable(f"the SHA-256 of {leaves.name} does not match the manifest (edited?)")
+    leaves = _verify_leaves(manifest_path, body)
     mismatch = _signature_mismatch(body["signature"], _signature(like))
     if mismatch is not None:
         raise CheckpointError(
@@ -495,6 +701,13 @@ class Checkpointer:
     seen by every `ev3_after_step` hook) and not saved yet. Its hooks run after the other
     plugins' (`trylast`), so metadata callables see counters that include the step.
 
+    A directory belongs to one run. Each `Checkpointer` has a `run_id` that its manifests
+    record; when it first saves or starts a run in a directory that holds checkpoints of
+    another run, it continues that run only if the state it starts from is bit for bit one of
+    those checkpoints (a resume: `load_checkpoint` from the same directory); otherwise it
+    raises `CheckpointError` instead of mixing two runs (pruning would then delete one run's
+    checkpoints for the other's).
+
     **Arguments:**
 
     - `directory`: where checkpoints go (see `save_checkpoint`).
@@ -532,8 +745,35 @@ class Checkpointer:
             stream.position()  # raises: explains why this stream cannot be checkpointed
         self.last_saved: int | None = None
         self.last_path: Path | None = None
+        self.run_id = uuid.uuid4().hex
+        self._claimed = False
         self._start: int | None = None
         self._pipeline: dict[str, Any] | None = None
+
+    def _claim(self, state: State) -> None:
+        """Check that the directory is this run's (see the class docstring), once."""
+        if self._claimed:
+            return
+        foreign = [
+            e.body
+            for e in _entries(self.directory)
+            if e.body is not None and e.body.get("run_id") != self.run_id
+        ]
+        if foreign:
+            digest = state_digest(state)
+            same = [b for b in foreign if b["leaves_sha256"] == digest]
+            if not same:
+                steps = sorted({b["step"] for b in foreign})
+                raise CheckpointError(
+                    f"Checkpointer: {self.directory} holds checkpoints of another run (steps "
+                    f"{', '.join(map(str, steps[:8]))}{' ...' if len(steps) > 8 else ''}), and "
+                    f"the state this run starts from (step {int(state.step)}) is none of them. "
+                    "Pass an empty directory, or resume that run: start from the state that "
+                    "load_checkpoint(directory, like) returns."
+                )
+            if same[-1].get("run_id"):  # a resume: continue the run that wrote it
+                self.run_id = same[-1]["run_id"]
+        self._claimed = True
 
     def _meta(self) -> dict[str, Any]:
         extra = self.metadata() if callable(self.metadata) else (self.metadata or {})
@@ -545,14 +785,16 @@ class Checkpointer:
 
     def save(self, state: State) -> Path:
         """Write a checkpoint of `state` now."""
+        self._claim(state)
         self.last_path = save_checkpoint(
-            self.directory, state, metadata=self._meta(), keep=self.keep
+            self.directory, state, metadata=self._meta(), keep=self.keep, run_id=self.run_id
         )
         self.last_saved = int(state.step)
         return self.last_path
 
     @hookimpl
     def ev3_run_start(self, engine: Any, state: State) -> None:
+        self._claim(state)
         self._start = int(state.step)
         self._pipeline = describe_engine(engine)
         if self.last_saved is None:
@@ -570,7 +812,7 @@ class Checkpointer:
             self.save(state)
 
     @hookimpl(trylast=True)
-    def ev3_run_end(self, state: State, infos: list[Any]) -> None:
+    def ev3_run_end(self, state: State, infos: Sequence[Any]) -> None:
         step = int(state.step)
         consistent = self._start is None or step == self._start + len(infos)
         if not consistent:

@@ -6,12 +6,14 @@ import argparse
 import json
 import os
 import sys
+import tempfile
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .._plugins.manager import Plugins, load_plugins, plugin_manager
-from ..errors import CheckpointError, ConfigurationError, EV3Error, RunInterrupted
+from .._plugins.manager import Plugins, _env_flag, load_plugins, plugin_manager
+from ..errors import CheckpointError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 from .cache import cache_dir_from_env, disable_compilation_cache, enable_compilation_cache
 from .observe import JsonlLogger
 from .smoke import smoke_pipeline
@@ -72,6 +74,70 @@ def _record_experiment(directory: str, name: str) -> None:
         json.dump({"experiment": name}, f)
 
 
+def _probe_writable_file(path: str, option: str) -> None:
+    """Fail now, not after the run, when `path` cannot be written (opened and closed in
+    append mode; a file created by the probe is removed again)."""
+    if os.path.isdir(path):
+        raise ConfigurationError(f"{option} {path}: that is a directory; pass a file name.")
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}). Pass a path in a "
+            "directory that exists and that you can write to."
+        ) from exc
+    if not existed:
+        os.unlink(path)
+
+
+def _probe_writable_dir(path: str, option: str) -> None:
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigurationError(
+            f"{option} {path}: that is a file, not a directory; pass a directory (it is "
+            "created if needed)."
+        )
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as exc:
+        raise ConfigurationError(
+            f"{option} {path} cannot be written ({exc.strerror or exc}). Pass a directory "
+            "that you can write to."
+        ) from exc
+
+
+def _validate_run_args(args: argparse.Namespace) -> None:
+    """Every option of `ev3 run` checked before anything expensive (data, compilation,
+    teacher training) starts."""
+    minimum = {
+        "--steps": (args.steps, 0),
+        "--chunk": (args.chunk, 1),
+        "--print-every": (args.print_every, 1),
+        "--checkpoint-every": (args.checkpoint_every, 1),
+        "--keep": (args.keep, 1),
+        "--examples": (args.examples, 1),
+    }
+    for option, (value, low) in minimum.items():
+        if value is not None and value < low:
+            raise ConfigurationError(f"{option} {value}: must be at least {low}.")
+    if args.resume is not None and not os.path.isdir(args.resume):
+        raise ConfigurationError(
+            f"--resume {args.resume}: no such directory. Pass the --out directory of an "
+            "earlier `ev3 run`."
+        )
+    if args.out is not None:
+        _probe_writable_dir(args.out, "--out")
+    if args.resume is not None:
+        _probe_writable_dir(args.resume, "--resume")
+    if args.json is not None:
+        _probe_writable_file(args.json, "--json")
+    if args.log_jsonl is not None:
+        _probe_writable_file(args.log_jsonl, "--log-jsonl")
+
+
 def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
     """The registered experiment `ev3 run` runs.
 
@@ -98,6 +164,15 @@ def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
             )
     else:
         name = plugins.pm.hook.ev3_default_experiment()
+        if name == "smoke" and _env_flag("EV3_DISABLE_PLUGIN_AUTOLOAD"):
+            # The default experiment comes from an installed plugin, but none was loaded:
+            # running smoke instead would be a silent switch to another job.
+            raise ConfigurationError(
+                "`ev3 run` runs the main experiment of an installed plugin (for instance "
+                "distillation), but plugin loading is disabled (EV3_DISABLE_PLUGIN_AUTOLOAD=1), "
+                "so none is loaded. Pass --smoke for the built-in smoke experiment, or "
+                "--experiment NAME, or unset EV3_DISABLE_PLUGIN_AUTOLOAD."
+            )
     plugins.get("experiment", name)  # UnknownComponentError with close matches
     return name
 
@@ -118,10 +193,10 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.resume:
-        if args.out or args.pipeline or args.dataset:
+        if args.out or args.dataset:
             raise ConfigurationError(
                 f"--resume {args.resume} continues that run with its recorded options; drop "
-                "--out, --dataset and the pipeline file."
+                "--out and --dataset (a pipeline file may be named: it must be the run's)."
             )
         options["resume"] = args.resume
     if args.log_jsonl:
@@ -131,6 +206,7 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     """Run a registered experiment (`ev3_register_experiments`) and print its summary."""
+    _validate_run_args(args)
     _setup_compile_cache(args)
     plugins = plugin_manager()
     name = _pick_experiment(args, plugins)
@@ -154,7 +230,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
         step = int(getattr(exc.state, "step", -1))
         print(f"ev3: interrupted at step {step}{where}", file=sys.stderr)
-        return 130
+        return 128 + exc.signum  # 130 after Ctrl-C, 143 after SIGTERM
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
@@ -171,7 +247,14 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
         smoke_pipeline(plugins=plugins).build()
     else:
         plugins = plugin_manager()
-    report = plugins.describe()
+    try:
+        report = plugins.describe()
+    except EV3Error as exc:
+        if plugins.raise_errors:
+            raise
+        # describe() reports plugin failures itself; anything left is listed, not fatal.
+        failure = {"name": None, "distribution": None, "stage": "describe", "error": repr(exc)}
+        report = {"plugins": [], "failures": [failure]}
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
@@ -277,6 +360,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except EV3Error as exc:
+        if _env_flag("EV3_RAISE_PLUGIN_ERRORS") and isinstance(exc, PluginError):
+            # The plugin author needs the traceback (with its cause: the plugin's own code).
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"ev3: error: {exc}", file=sys.stderr)
         return 2
 

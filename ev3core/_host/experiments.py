@@ -20,7 +20,13 @@ from .._assess.scores import Accuracy
 from .._toy import NUM_EXAMPLES, toy_model, toy_problem
 from ..errors import CheckpointError, ConfigurationError
 from ..hookspecs import hookimpl
-from .checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
+from .checkpoint import (
+    Checkpointer,
+    list_checkpoints,
+    load_checkpoint,
+    newest_verified_manifest,
+    state_digest,
+)
 from .observe import ProgressBar
 from .run import run
 from .smoke import smoke_pipeline
@@ -29,19 +35,33 @@ SMOKE_STEPS = 30
 
 
 def _resume_options(directory: str) -> dict[str, Any]:
-    """The options of the smoke run being resumed (its newest readable manifest's metadata)."""
-    manifests = list_checkpoints(directory)
-    if not manifests:
+    """The options of the smoke run being resumed, from its newest checkpoint that passes
+    every check (manifest and leaves checksums, field types): nothing of a manifest is used
+    before it is verified, and the recorded options are type-checked."""
+    if not list_checkpoints(directory):
         raise CheckpointError(
             f"--resume {directory}: no checkpoint there. Pass the --out directory of an "
             "earlier `ev3 run`."
         )
-    for manifest in reversed(manifests):  # the newest readable one; load_checkpoint verifies
-        try:
-            return json.loads(manifest.read_text())["metadata"]["cli"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise CheckpointError(f"--resume {directory}: no readable checkpoint manifest there.")
+    _, body, _ = newest_verified_manifest(directory)
+    cli = body["metadata"].get("cli")
+    if not isinstance(cli, dict) or cli.get("experiment") != "smoke":
+        what = cli.get("experiment") if isinstance(cli, dict) else None
+        raise CheckpointError(
+            f"--resume {directory}: the checkpoint is of the {what!r} experiment, not smoke."
+        )
+    for name, low in (("seed", None), ("steps", 0), ("chunk", 1), ("examples", 1)):
+        value = cli.get(name)
+        if name in cli and (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or (low is not None and value < low)
+        ):
+            raise CheckpointError(
+                f"--resume {directory}: the checkpoint records {name}={value!r}, which is not "
+                "a valid option value; the run directory was edited. Start a new run."
+            )
+    return cli
 
 
 def smoke_experiment(

@@ -25,37 +25,101 @@ _LIFECYCLE = ("ev3_run_start", "ev3_after_step", "ev3_run_end")
 
 
 class _StopOnInterrupt:
-    """Turn the first Ctrl-C (SIGINT) into a request to stop at the next step boundary.
+    """Turn the first Ctrl-C (SIGINT) or SIGTERM into a request to stop at the next step
+    boundary.
 
-    A second Ctrl-C raises `KeyboardInterrupt` at once. Only installed from the main thread
-    and only over Python's default handler (a handler the user installed is left alone).
+    SIGTERM is what batch schedulers and `kill` send before killing a job, so it gets the same
+    treatment as Ctrl-C: the run stops cleanly and checkpointers write a final checkpoint. A
+    second signal raises `KeyboardInterrupt` at once. Each handler is only installed from the
+    main thread and only over the default one (a handler the user installed is left alone).
     """
+
+    _DEFAULTS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 
     def __init__(self) -> None:
         self.requested = False
-        self._installed = False
-        self._previous: Any = None
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> _StopOnInterrupt:
         if threading.current_thread() is threading.main_thread():
-            current = signal.getsignal(signal.SIGINT)
-            if current is signal.default_int_handler:
-                self._previous = signal.signal(signal.SIGINT, self._handle)
-                self._installed = True
+            for signum, default in self._DEFAULTS.items():
+                if signal.getsignal(signum) is default:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         if self.requested:
             raise KeyboardInterrupt
         self.requested = True
+        self.signum = signum
         logger.warning(
-            "ev3core: interrupted; stopping after the current step (Ctrl-C again to stop now)"
+            "ev3core: %s; stopping after the current step (send it again to stop now)",
+            "interrupted" if signum == signal.SIGINT else signal.Signals(signum).name,
         )
 
     def __exit__(self, *exc: object) -> None:
-        if self._installed:
-            signal.signal(signal.SIGINT, self._previous)
-            self._installed = False
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous = {}
+
+
+class _InfoLog(Sequence[StepInfo]):
+    """The `StepInfo`s of a run, moved to host memory one chunk behind the device.
+
+    Keeping every step's `StepInfo` on the device until the end of a run holds thousands of
+    small device buffers (about 37 kB per step on CPU). Here each chunk's infos are copied
+    into NumPy arrays allocated once for the whole run when the next chunk has been
+    dispatched, so the copy never stalls the device and at most two chunks stay on it.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self._capacity = capacity
+        self._arrays: list[np.ndarray] | None = None
+        self._treedef: Any = None
+        self._n = 0
+        self._pending: list[tuple[StepInfo, int | None]] = []
+
+    def add(self, info: StepInfo, steps: int | None = None) -> None:
+        """Queue one step's info, or (`steps=n`) a chunk's infos stacked on a leading axis."""
+        self._pending.append((info, steps))
+
+    def flush(self) -> None:
+        """Copy the queued infos to the host."""
+        pending, self._pending = self._pending, []
+        for info, steps in jax.device_get(pending):
+            leaves, treedef = jax.tree.flatten(info)
+            if self._arrays is None:
+                self._treedef = treedef
+                self._arrays = [
+                    np.empty(
+                        (self._capacity, *np.shape(x)[steps is not None :]), np.asarray(x).dtype
+                    )
+                    for x in leaves
+                ]
+            n = 1 if steps is None else steps
+            for arr, x in zip(self._arrays, leaves):
+                arr[self._n : self._n + n] = x
+            self._n += n
+
+    def __len__(self) -> int:
+        return self._n + sum(1 if n is None else n for _, n in self._pending)
+
+    def __getitem__(self, index: Any) -> Any:
+        self.flush()
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(self._n))]
+        if not -self._n <= index < self._n:
+            raise IndexError(index)
+        assert self._arrays is not None
+        return jax.tree.unflatten(self._treedef, [a[index % self._n] for a in self._arrays])
+
+    def stacked(self) -> StepInfo | None:
+        """Every info so far as one `StepInfo` of NumPy arrays (`None` if there are none)."""
+        self.flush()
+        if self._arrays is None or self._n == 0:
+            return None
+        return jax.tree.unflatten(self._treedef, [a[: self._n] for a in self._arrays])
 
 
 def _culprit(hook_caller: Any, exc: BaseException, observers: Sequence[Any] = ()) -> str:
@@ -79,8 +143,13 @@ def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
     """Call a compiled engine method; a component's exception becomes `ComponentError`."""
     try:
         return fn(*args)
-    except EV3Error:
-        raise
+    except EV3Error as exc:
+        owner = getattr(exc, "component", None)
+        if owner is None:
+            raise
+        # The engine's checks name the component; the plugin that registered it is known here.
+        short, who = describe_component(*owner), describe_component(*owner, plugins=plugins)
+        raise type(exc)(str(exc).replace(short, who, 1)) from exc
     except Exception as exc:
         owner = component_owner(engine, exc)
         if owner is None:
@@ -103,9 +172,14 @@ def call_lifecycle(
     extra = [m for m in (getattr(o, name, None) for o in observers) if m is not None]
     try:
         if extra:
-            caller.call_extra(extra, kwargs)
+            # pluggy calls the methods it is given last-first: reversed, observers run in the
+            # order given (a ProgressBar before the Checkpointer whose metadata reads its
+            # counts, so a checkpoint's counts include its own step).
+            caller.call_extra(list(reversed(extra)), kwargs)
         else:
             caller(**kwargs)
+    except EV3Error:
+        raise  # ev3core's own errors (a Checkpointer's CheckpointError) say what is wrong
     except Exception as exc:
         raise PluginError(
             f"plugin {_culprit(caller, exc, observers)!r} raised in {name}: "
@@ -188,7 +262,7 @@ def run(
     call_lifecycle(
         plugins, "ev3_run_start", observers, engine=engine, state=state, num_steps=num_steps
     )
-    infos: list[StepInfo] = []
+    infos = _InfoLog(int(num_steps))
     done = 0
     # Ctrl-C stops at the next step boundary, so `ev3_run_end` (checkpointers) sees a
     # consistent state; a second Ctrl-C stops at once.
@@ -205,21 +279,38 @@ def run(
                     batch = [info]
                 else:
                     state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
+                    stacked = jax.device_get(stacked)  # one transfer per chunk
                     batch = _host_steps(stacked, n)
+                # The previous step's infos go to the host now that this one is dispatched:
+                # at most one step's infos stay on the device (none after a chunk).
+                infos.flush()
                 for info in batch:
                     call_lifecycle(
                         plugins, "ev3_after_step", observers,
                         engine=engine, state=state, info=info, step=done,
                     )  # fmt: skip
-                    infos.append(info)
+                    if n == 1:
+                        infos.add(info)
                     done += 1
+                if n > 1:
+                    infos.add(stacked, steps=n)
+                del batch
         finally:
+            infos.flush()
             call_lifecycle(
                 plugins, "ev3_run_end", observers, engine=engine, state=state, infos=infos
             )
-    if infos:
-        host = jax.device_get(infos)  # one transfer for the steps not yet on the host
-        stacked_infos = jax.tree.map(lambda *xs: np.stack(xs), *host)
+    stacked_infos = infos.stacked()
+    if stacked_infos is not None:
+        bad = int(np.sum(stacked_infos.bad_indices))
+        if bad:
+            logger.warning(
+                "ev3core: the scheduler %s returned %d out-of-range index(es) in %d step(s); "
+                "each kept the current model. Fix the scheduler's select/decide.",
+                type(engine.scheduler).__qualname__,
+                bad,
+                int(np.sum(stacked_infos.bad_indices > 0)),
+            )
         masked = int(np.sum(stacked_infos.num_invalid))
         if masked:
             logger.warning(
@@ -228,8 +319,6 @@ def run(
                 masked,
                 int(np.sum(stacked_infos.num_invalid > 0)),
             )
-    else:
-        stacked_infos = None
     if stop.requested and done < num_steps:
         raise RunInterrupted(
             f"ev3core.run was interrupted after {done} of {num_steps} step(s) (engine step "
@@ -237,5 +326,6 @@ def run(
             state=state,
             infos=stacked_infos,
             steps_done=done,
+            signum=stop.signum,
         )
     return state, stacked_infos

@@ -33,6 +33,7 @@ from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, Abst
 from ..errors import (
     ConfigurationError,
     DuplicateComponentError,
+    EV3Error,
     PluginError,
     UnknownComponentError,
 )
@@ -200,7 +201,8 @@ class Plugins:
             traceback="".join(traceback.format_exception(exc)),
         )
         if self.raise_errors:
-            raise PluginError(str(failure)) from exc
+            cls = type(exc) if isinstance(exc, PluginError) else PluginError
+            raise cls(str(failure)) from exc
         self.failures.append(failure)
         logger.warning("ev3core: %s (skipped; set EV3_RAISE_PLUGIN_ERRORS=1 to raise)", failure)
 
@@ -234,7 +236,7 @@ class Plugins:
                     f"{hookspecs._all_hook_names()}"
                 )
             registered = self.pm.register(plugin, name=name)
-        except Exception as exc:  # noqa: BLE001 - reported, never fatal by default
+        except BaseException as exc:  # noqa: BLE001 - reported, never fatal by default
             self._fail(name, dist_name, "register", exc)
             return None
         if self._untrace is not None:
@@ -259,10 +261,28 @@ class Plugins:
             dist = (ep.dist.name, ep.dist.version) if ep.dist is not None else None
             try:
                 plugin = ep.load()
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
+                # Also SystemExit and KeyboardInterrupt: a plugin calling sys.exit() at import
+                # must not end every `ev3` command; it is that plugin's failure.
                 self._fail(ep.name, dist[0] if dist else None, "import", exc)
                 continue
             self.register(plugin, name=ep.name, distribution=dist)
+
+    def call_hook(self, name: str, /, **kwargs: Any) -> Any:
+        """Call the hook `name`; an exception from a plugin's implementation is re-raised as
+        `PluginError` naming that plugin and the hook (errors of ev3core's own types pass
+        through unchanged)."""
+        caller = getattr(self.pm.hook, name)
+        try:
+            return caller(**kwargs)
+        except EV3Error:
+            raise
+        except Exception as exc:
+            raise PluginError(
+                f"plugin {hook_culprit(caller, exc)!r} raised in {name}: "
+                f"{type(exc).__name__}: {exc}. Fix or uninstall that plugin "
+                "(`ev3 plugins` lists plugins and their hooks)."
+            ) from exc
 
     # ------------------------------------------------------------ introspection
     def plugin_infos(self) -> list[PluginInfo]:
@@ -302,20 +322,30 @@ class Plugins:
                             f"{hook_name} registered {comp_name!r} -> {cls!r}, which is not a "
                             f"subclass of ev3core.{base.__name__}"
                         )
-            except Exception as exc:  # noqa: BLE001
+            except BaseException as exc:  # noqa: BLE001
                 dist = self._dists.get(impl.plugin_name, (None, None))[0]
                 self._fail(impl.plugin_name, dist, f"register:{kind}", exc)
                 continue
             for comp_name, cls in result.items():
                 if comp_name in found:
+                    # The name stays with the plugin that registered it first; the later
+                    # plugin fails for this name only (its other components still load).
                     prev = found[comp_name]
-                    raise DuplicateComponentError(
-                        f"The {kind} name {comp_name!r} is registered twice: by plugin "
-                        f"{prev.plugin!r} ({prev.cls.__module__}.{prev.cls.__qualname__}) and by "
-                        f"plugin {impl.plugin_name!r} ({cls.__module__}.{cls.__qualname__}). "
-                        "Uninstall or disable one of them (EV3_LOAD_PLUGINS=... loads only the "
-                        "plugins you name), or ask one author to rename the component."
+                    dist = self._dists.get(impl.plugin_name, (None, None))[0]
+                    self._fail(
+                        impl.plugin_name,
+                        dist,
+                        f"register:{kind}",
+                        DuplicateComponentError(
+                            f"The {kind} name {comp_name!r} is registered twice: by plugin "
+                            f"{prev.plugin!r} ({_qualname(prev.cls)}) and by plugin "
+                            f"{impl.plugin_name!r} ({_qualname(cls)}); the name stays with "
+                            f"{prev.plugin!r}. Uninstall or disable one of them "
+                            "(EV3_LOAD_PLUGINS=... loads only the plugins you name), or ask one "
+                            "author to rename the component."
+                        ),
                     )
+                    continue
                 found[comp_name] = ComponentInfo(kind, comp_name, cls, impl.plugin_name)
             self._trace(f"{hook_name}() [{impl.plugin_name}] -> {sorted(result) or '{}'}")
         return found
@@ -362,6 +392,23 @@ class Plugins:
         if isinstance(spec, type):
             return spec()
         return spec
+
+
+def _qualname(obj: Any) -> str:
+    return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', type(obj).__name__)}"
+
+
+def hook_culprit(hook_caller: Any, exc: BaseException) -> str:
+    """The name of the plugin whose implementation of `hook_caller` raised `exc`."""
+    codes = {
+        impl.function.__code__: impl.plugin_name
+        for impl in hook_caller.get_hookimpls()
+        if hasattr(impl.function, "__code__")
+    }
+    for frame, _ in traceback.walk_tb(exc.__traceback__):
+        if frame.f_code in codes:
+            return codes[frame.f_code]
+    return "<unknown plugin>"
 
 
 def load_plugins(

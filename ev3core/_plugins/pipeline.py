@@ -71,7 +71,6 @@ class Pipeline:
     def build(self) -> Engine:
         """Resolve every component and return the `Engine`."""
         plugins = self.plugins if self.plugins is not None else plugin_manager()
-        hook = plugins.pm.hook
         proposers, assessors, scheduler = resolve_names(
             (
                 tuple(plugins.resolve("proposer", p) for p in self.proposers),
@@ -80,9 +79,12 @@ class Pipeline:
             ),
             plugins,
         )
-        proposers = tuple(hook.ev3_explore(proposers=proposers, assessors=assessors))
-        assessors = tuple(hook.ev3_assess(assessors=assessors))
-        scheduler = hook.ev3_adapt(scheduler=scheduler, assessors=assessors)
+        # A stage hook that raises is a PluginError naming its plugin.
+        proposers = tuple(
+            plugins.call_hook("ev3_explore", proposers=proposers, assessors=assessors)
+        )
+        assessors = tuple(plugins.call_hook("ev3_assess", assessors=assessors))
+        scheduler = plugins.call_hook("ev3_adapt", scheduler=scheduler, assessors=assessors)
         return Engine(
             proposers=proposers,
             assessors=assessors,

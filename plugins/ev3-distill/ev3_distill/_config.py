@@ -4,6 +4,7 @@ student, the default EV3 pipeline, a user's pipeline file and the data streams."
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import runpy
 from pathlib import Path
@@ -27,6 +28,7 @@ from ev3core import (
 from ev3core.errors import ConfigurationError
 
 from ._data import DATASETS, Splits
+from ._growth import GrowthPolicy
 from ._losses import DistillLoss, LabelLoss
 from ._models import CNN, MLP
 from ._train import logits_of
@@ -180,18 +182,74 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     The file must define `pipeline`: an `ev3core.Pipeline`, or a function
     `pipeline(num_teachers, config) -> Pipeline`. It may define `student(key, splits)`
     returning the starting student, `growth` (a `GrowthPolicy`, or `None` for a fixed size)
-    and `config` (a dict of `DistillConfig` fields).
+    and `config` (a dict of `DistillConfig` fields). Every name is checked here, before any
+    training starts.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigurationError(f"pipeline file {str(path)!r} does not exist.")
     namespace = runpy.run_path(str(path))
+    where = f"pipeline file {str(path)!r}"
     if "pipeline" not in namespace:
         raise ConfigurationError(
-            f"pipeline file {str(path)!r} defines no `pipeline`. Define `pipeline = "
+            f"{where} defines no `pipeline`. Define `pipeline = "
             "ev3core.Pipeline(...)` or `def pipeline(num_teachers, config): ...`."
         )
+    pipe = namespace["pipeline"]
+    if not isinstance(pipe, Pipeline) and not callable(pipe):
+        raise ConfigurationError(
+            f"{where}: `pipeline` is {type(pipe).__name__} {pipe!r}; it must be an "
+            "ev3core.Pipeline or a function `pipeline(num_teachers, config) -> Pipeline`."
+        )
+    if "student" in namespace and not callable(namespace["student"]):
+        raise ConfigurationError(
+            f"{where}: `student` must be a function `student(key, splits) -> model`, got "
+            f"{type(namespace['student']).__name__}."
+        )
+    growth = namespace.get("growth", None)
+    if growth is not None and not isinstance(growth, GrowthPolicy):
+        raise ConfigurationError(
+            f"{where}: `growth` must be a GrowthPolicy or None, got {type(growth).__name__}."
+        )
+    config = namespace.get("config", {})
+    fields = {f.name for f in dataclasses.fields(DistillConfig)}
+    if not isinstance(config, dict) or set(config) - fields:
+        raise ConfigurationError(
+            f"{where}: `config` must be a dict of DistillConfig fields; got "
+            + (
+                f"unknown field(s) {sorted(set(config) - fields)}"
+                if isinstance(config, dict)
+                else type(config).__name__
+            )
+            + f". Fields: {sorted(fields)}."
+        )
+    if not isinstance(pipe, Pipeline):
+        built = pipe(1, DistillConfig(**config))
+        if not isinstance(built, Pipeline):
+            raise ConfigurationError(
+                f"{where}: `pipeline(num_teachers, config)` returned {type(built).__name__}; "
+                "it must return an ev3core.Pipeline."
+            )
     return namespace
+
+
+def _file_sha256(path: str | os.PathLike[str]) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _inside(directory: Path, name: Any) -> Path:
+    """`directory / name` for a relative `name` recorded in a checkpoint; a path that would
+    leave the run directory (absolute, `..`, a link out) is an error, never followed."""
+    from ev3core.errors import CheckpointError
+
+    base = directory.resolve()
+    target = (directory / str(name)).resolve()
+    if not isinstance(name, str) or Path(name).is_absolute() or not target.is_relative_to(base):
+        raise CheckpointError(
+            f"the checkpoint names the file {name!r}, which is outside the run directory "
+            f"{directory}; the run directory was edited. Restore it or start a new run."
+        )
+    return target
 
 
 def _teacher_columns(teachers: list[Any], x: jax.Array) -> jax.Array:

@@ -36,7 +36,7 @@ from ._config import DistillConfig, load_pipeline_file
 from ._data import load_dataset
 from ._loop import build_engine, run_ev3
 from ._report import _Bar, write_outputs
-from ._resume import ResumePoint, _resume_record, load_resume_point
+from ._resume import ResumePoint, _resume_pipeline, _resume_record, load_resume_point
 
 
 def distill_experiment(
@@ -175,13 +175,19 @@ def _configure(
     if resume is not None:
         out = Path(resume)
         record = _resume_record(out)
-        cfg = DistillConfig(**record["config"])
+        try:
+            cfg = DistillConfig(**record["config"])
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"--resume {out}: the checkpoint's recorded options do not fit this version of "
+                f"the distillation plugin ({exc}). Start a new run."
+            ) from exc
         if steps is not None and int(steps) != cfg.steps:
             raise ConfigurationError(
                 f"--resume {out}: that run was started with --steps {cfg.steps}; resuming "
                 f"continues it as it was (drop --steps {steps}), or start a new run."
             )
-        pipeline = record.get("pipeline_file")
+        pipeline = _resume_pipeline(out, record, pipeline)
         user = load_pipeline_file(pipeline) if pipeline is not None else {}
         return cfg, out, user, record, pipeline
     user = load_pipeline_file(pipeline) if pipeline is not None else {}

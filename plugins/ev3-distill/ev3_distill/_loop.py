@@ -22,7 +22,14 @@ from ev3core import (
 )
 from ev3core.errors import RunInterrupted
 
-from ._config import CHOICES, DistillConfig, _make_data, default_pipeline, make_student
+from ._config import (
+    CHOICES,
+    DistillConfig,
+    _file_sha256,
+    _make_data,
+    default_pipeline,
+    make_student,
+)
 from ._data import Splits
 from ._growth import GrowthPolicy, StudentArchive, _streak, grow_state
 from ._models import count_params
@@ -88,6 +95,7 @@ class _Job:
         self.explored = 0
         self.baseline_at: dict[int, float] = {}
         self.pipeline_file: str | None = None
+        self.pipeline_sha256: str | None = None
         self.t0 = time.perf_counter()
         self.wall_before = 0.0  # wall time of the run before it was resumed
 
@@ -167,6 +175,7 @@ class _Job:
         return {
             "config": dataclasses.asdict(self.cfg),
             "pipeline_file": self.pipeline_file,
+            "pipeline_sha256": self.pipeline_sha256,
             "architecture": state_model.describe() if hasattr(state_model, "describe") else None,
             "pass": self.current_pass,
             "teachers": [
@@ -401,6 +410,7 @@ def run_ev3(
     job = _Job(splits, cfg, out, on_iteration)
     job.baseline_at = dict(baseline_curve or [])
     job.pipeline_file = pipeline_file
+    job.pipeline_sha256 = None if pipeline_file is None else _file_sha256(pipeline_file)
     if resume is not None:
         _restore(job, resume, growth)
     segments = _Segments(

@@ -4,7 +4,6 @@ record saved with it."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -16,10 +15,10 @@ import jax
 from ev3core import (
     load_checkpoint,
 )
-from ev3core._host.checkpoint import list_checkpoints
-from ev3core.errors import CheckpointError
+from ev3core._host.checkpoint import list_checkpoints, newest_verified_manifest, read_manifest
+from ev3core.errors import CheckpointError, ConfigurationError
 
-from ._config import DistillConfig
+from ._config import DistillConfig, _file_sha256, _inside
 from ._data import Splits
 from ._models import model_from_description
 
@@ -52,7 +51,7 @@ def load_resume_point(
     errors = []
     for manifest in reversed(manifests):
         try:
-            record = json.loads(manifest.read_text())["metadata"]["distill"]
+            record = read_manifest(manifest)["metadata"]["distill"]  # verified first
             key = jax.random.key(0)
             like_model = model_from_description(record["architecture"], key=key)
             engine = engine_for(1 + len(record["teachers"]))
@@ -64,7 +63,7 @@ def load_resume_point(
 
         def load(entry: dict[str, Any]) -> Any:
             like = model_from_description(entry["architecture"], key=jax.random.key(0))
-            return eqx.tree_deserialise_leaves(directory / entry["file"], like)
+            return eqx.tree_deserialise_leaves(_inside(directory, entry["file"]), like)
 
         teachers = [load(t) for t in record["teachers"]]
         archive = {
@@ -80,13 +79,48 @@ def load_resume_point(
 
 
 def _resume_record(directory: Path) -> dict[str, Any]:
-    """The `distill` metadata of the newest checkpoint manifest in `directory/checkpoint`."""
-    for manifest in reversed(list_checkpoints(directory / "checkpoint")):
-        try:
-            return json.loads(manifest.read_text())["metadata"]["distill"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-    raise CheckpointError(
-        f"--resume {directory}: no distillation checkpoint in {directory / 'checkpoint'}. Pass "
-        "the --out directory of an earlier `ev3 run`."
-    )
+    """The `distill` metadata of the newest verified checkpoint in `directory/checkpoint`."""
+    if not list_checkpoints(directory / "checkpoint"):
+        raise CheckpointError(
+            f"--resume {directory}: no distillation checkpoint in {directory / 'checkpoint'}. "
+            "Pass the --out directory of an earlier `ev3 run`."
+        )
+    _, body, _ = newest_verified_manifest(directory / "checkpoint")
+    record = body["metadata"].get("distill")
+    if not isinstance(record, dict) or not isinstance(record.get("config"), dict):
+        raise CheckpointError(
+            f"--resume {directory}: the newest checkpoint holds no distillation record; it "
+            "was not written by `ev3 run` (distill)."
+        )
+    return record
+
+
+def _resume_pipeline(directory: Path, record: dict[str, Any], named: Any) -> str | None:
+    """The pipeline file to run again when resuming.
+
+    A file is never run because a checkpoint names it (a checkpoint's checksums detect
+    damage, not tampering): the user names it (`ev3 run FILE --resume DIR`), and when the
+    run recorded a SHA-256 of its pipeline file, the named file must have that content.
+    """
+    recorded = record.get("pipeline_file")
+    digest = record.get("pipeline_sha256")
+    if recorded is None:
+        if named is not None:
+            raise ConfigurationError(
+                f"--resume {directory}: that run used the built-in pipeline, not a pipeline "
+                f"file; drop {named}."
+            )
+        return None
+    if named is None:
+        raise ConfigurationError(
+            f"--resume {directory}: that run used the pipeline file {recorded!r}. ev3 does not "
+            "run a file because a checkpoint names it; name it yourself to resume: "
+            f"ev3 run {recorded} --resume {directory}"
+        )
+    if isinstance(digest, str) and _file_sha256(named) != digest:
+        raise ConfigurationError(
+            f"--resume {directory}: {named} is not the pipeline file the run was started with "
+            f"({recorded!r}, SHA-256 {digest[:12]}...): its content differs. Resume with the "
+            "same file, or start a new run."
+        )
+    return str(named)

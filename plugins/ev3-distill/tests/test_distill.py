@@ -622,7 +622,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
         assert 2 <= stopped_at["step"] < 10
 
         resumed = subprocess.run(
-            [ev3, "run", "--resume", str(stopped_dir)],
+            [ev3, "run", str(pipe), "--resume", str(stopped_dir)],
             env=_env(TRACE_FILE=str(tmp_path / "resumed.trace")),
             capture_output=True,
             text=True,
