@@ -107,7 +107,10 @@ class _Saboteur(ev3core.AbstractProposer):
     def propose(self, params, static, state, data, key):
         leaves, tdef = jax.tree.flatten(params)
         keys = jax.random.split(key, len(leaves))
-        out = [x + self.scale * jax.random.normal(k, (4,) + x.shape) for x, k in zip(leaves, keys)]
+        out = [
+            x[None] + self.scale * jax.random.normal(k, (4,) + x.shape)
+            for x, k in zip(leaves, keys)
+        ]
         return jax.tree.unflatten(tdef, out), state
 
 

@@ -24,11 +24,19 @@ from ._example import Example
 def _gradient() -> list[Any]:
     losses = [CrossEntropy(1.0), CrossEntropy(0.5)]
     return [
-        GradientProposer(losses=losses, optimizers=[optax.sgd(0.1)], steps=2, batch_size=8),
+        GradientProposer(
+            losses=losses,
+            optimizers=[Optimizer(optax.sgd, learning_rate=0.1)],
+            steps=2,
+            batch_size=8,
+        ),
         # growth and a non-default reject policy: state that changes between steps
         GradientProposer(
             losses=losses[:1],
-            optimizers=[optax.sgd(0.1), optax.sgd(0.05, momentum=0.9)],
+            optimizers=[
+                Optimizer(optax.sgd, learning_rate=0.1),
+                Optimizer(optax.sgd, learning_rate=0.05, momentum=0.9),
+            ],
             steps=1,
             max_steps=2,
             batch_size=8,
@@ -37,7 +45,7 @@ def _gradient() -> list[Any]:
         # lineages that continue through rejections: parameters in the proposer state
         GradientProposer(
             losses=losses,
-            optimizers=[optax.sgd(0.05, momentum=0.9)],
+            optimizers=[Optimizer(optax.sgd, learning_rate=0.05, momentum=0.9)],
             steps=2,
             batch_size=8,
             on_reject="continue",
