@@ -43,6 +43,7 @@ import numpy as np
 from .._types import State
 from ..errors import CheckpointError, CheckpointWarning
 from ..hookspecs import hookimpl
+from . import orbax_store
 
 logger = logging.getLogger("ev3core")
 
@@ -217,6 +218,7 @@ def save_checkpoint(
     *,
     metadata: Mapping[str, Any] | None = None,
     keep: int = 3,
+    storage: str = "auto",
 ) -> Path:
     """Save the whole engine state to `directory`, atomically, keeping the newest `keep`.
 
@@ -229,6 +231,11 @@ def save_checkpoint(
       counters...), returned by `load_checkpoint`.
     - `keep`: how many checkpoints to keep (older ones are deleted after the new one is
       safely on disk); at least 1.
+    - `storage`: `"leaves"` (one file written from this process), `"orbax"` (sharded: every
+      process writes its own shards with `orbax.checkpoint`; needed in multi-process runs)
+      or `"auto"` (default: Orbax when the run has several processes, else `"leaves"`).
+      Loading reads either. `save_checkpoint` returns once the checkpoint is committed;
+      `Checkpointer(storage="orbax")` saves asynchronously.
 
     **Returns:** the path of the new checkpoint's manifest.
 
@@ -247,10 +254,17 @@ def save_checkpoint(
             "state returned by Engine.init / Engine.step / ev3core.run."
         )
     directory = Path(directory)
+    meta = _jsonable(metadata or {})
+    if orbax_store.resolve_storage(storage, state) == orbax_store.STORAGE:
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = orbax_store.OrbaxWriter()
+        try:
+            return writer.save(directory, state, meta, int(keep), block=True)
+        finally:
+            writer.close()
     directory.mkdir(parents=True, exist_ok=True)
     step = int(state.step)
     storable = _to_storable(state)
-    meta = _jsonable(metadata or {})
 
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, storable)
@@ -290,8 +304,9 @@ def _prune(directory: Path, keep: int) -> None:
             old.unlink()
     for m in manifests[-keep:]:
         try:
-            referenced.add(json.loads(m.read_text())["leaves_file"])
-        except (OSError, ValueError, KeyError, TypeError):
+            body = json.loads(m.read_text())
+            referenced.add(body.get("orbax_dir") or body["leaves_file"])
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             # A corrupt manifest keeps every leaves file with its step prefix.
             referenced.add(m.stem)
     for p in directory.glob("ckpt-*.leaves"):
@@ -299,6 +314,7 @@ def _prune(directory: Path, keep: int) -> None:
         if p.name not in referenced and prefix not in referenced:
             with contextlib.suppress(OSError):
                 p.unlink()
+    orbax_store.prune_dirs(directory, referenced, referenced)
 
 
 # ---------------------------------------------------------------------------- load
@@ -389,6 +405,8 @@ def _load_leaves(path: Path, like: State) -> State:
 
 def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     body = _read_manifest(manifest_path)
+    if body.get("storage") == orbax_store.STORAGE:
+        return _load_orbax(manifest_path, body, like)
     leaves = manifest_path.parent / str(body.get("leaves_file"))
     if not leaves.is_file():
         raise _Unusable(f"its leaves file {leaves.name} is missing")
@@ -417,6 +435,31 @@ def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     if int(state.step) != body["step"]:
         raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
     return state, body
+
+
+def _load_orbax(manifest_path: Path, body: dict[str, Any], like: State) -> tuple[State, Any]:
+    root = orbax_store.verify(manifest_path, body)
+    _check_fits(manifest_path, body, like)
+    try:
+        state = orbax_store.load(root, like)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt checkpoint
+        raise _Unusable(f"{root.name} cannot be restored ({type(exc).__name__}: {exc})") from exc
+    if int(state.step) != body["step"]:
+        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
+    return state, body
+
+
+def _check_fits(manifest_path: Path, body: dict[str, Any], like: State) -> None:
+    mismatch = _signature_mismatch(body["signature"], _signature(like))
+    if mismatch is not None:
+        raise CheckpointError(
+            f"checkpoint {manifest_path} (step {body['step']}) does not fit the state passed as "
+            f"`like`: {mismatch}. Build `like` with engine.init(model, key) using the same "
+            "pipeline and the same model architecture as the run that wrote it (after network "
+            "growth, the grown architecture)."
+        )
 
 
 def load_checkpoint(
@@ -502,6 +545,11 @@ class Checkpointer:
     - `keep`: checkpoints kept on disk.
     - `metadata`: a dict, or a callable returning one at save time, stored in every
       checkpoint next to the pipeline description (`metadata["pipeline"]`).
+    - `storage`: as for `save_checkpoint`. With Orbax (always in a multi-process run, where
+      every process registers its own `Checkpointer` and saves its shards), a save only
+      blocks the run while the arrays are copied to host memory; the files, the commit and the
+      manifest are written in the background. `wait()` blocks until the last save is
+      committed; the run's end waits for it.
 
     ```python
     plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", every=10)])
@@ -515,9 +563,12 @@ class Checkpointer:
         every: int = 100,
         keep: int = 3,
         metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
+        storage: str = "auto",
     ):
         if int(every) < 1 or int(keep) < 1:
             raise CheckpointError(f"Checkpointer: every={every} and keep={keep} must both be >= 1.")
+        self.storage = storage
+        self._writer: orbax_store.OrbaxWriter | None = None
         self.directory = Path(directory)
         self.every = int(every)
         self.keep = int(keep)
@@ -534,12 +585,25 @@ class Checkpointer:
         return out
 
     def save(self, state: State) -> Path:
-        """Write a checkpoint of `state` now."""
-        self.last_path = save_checkpoint(
-            self.directory, state, metadata=self._meta(), keep=self.keep
-        )
+        """Write a checkpoint of `state` now (with Orbax: start writing it, see `wait`)."""
+        if orbax_store.resolve_storage(self.storage, state) == orbax_store.STORAGE:
+            if self._writer is None:
+                self._writer = orbax_store.OrbaxWriter()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            meta = _jsonable(self._meta())
+            self.last_path = self._writer.save(self.directory, state, meta, self.keep, block=False)
+        else:
+            self.last_path = save_checkpoint(
+                self.directory, state, metadata=self._meta(), keep=self.keep, storage="leaves"
+            )
         self.last_saved = int(state.step)
         return self.last_path
+
+    def wait(self) -> None:
+        """Block until the last save is committed (its manifest written); raise
+        `CheckpointError` if writing it failed. A no-op for the single-file storage."""
+        if self._writer is not None:
+            self._writer.wait()
 
     @hookimpl
     def ev3_run_start(self, engine: Any, state: State) -> None:
@@ -570,6 +634,11 @@ class Checkpointer:
                 step,
                 self.last_saved,
             )
+            self.wait()  # an earlier save may still be committing
             return
-        if step != self.last_saved or not list_checkpoints(self.directory):
-            self.save(state)
+        try:
+            pending = self._writer is not None and self._writer.pending is not None
+            if step != self.last_saved or not (list_checkpoints(self.directory) or pending):
+                self.save(state)
+        finally:
+            self.wait()
