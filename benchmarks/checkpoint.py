@@ -1,7 +1,7 @@
 """Checkpoint benchmark: save time and blocking time of a ~100 MB engine state, one host.
 
-The state is a real `Engine.init` state (MLP 1024-1536-1536-10, one `GradientProposer` with
-4 candidates and SGD with momentum: current, stable and 4 momentum buffers, about 95 MB of
+The state is a real `Engine.init` state (MLP 1024-1600-1600-10, one `GradientProposer` with
+4 candidates and SGD with momentum: current, stable and 4 momentum buffers, 101 MB of
 float32), with every float leaf filled with random numbers (zeros would compress). Compared:
 
 * `leaves`: the single-file format (`save_checkpoint(storage="leaves")`): serialise on the
@@ -43,7 +43,7 @@ def _state():
         batch_size=8,
     )
     engine = ev3core.Engine([proposer], [ev3core.Accuracy()], ev3core.EV3Scheduler(0.5, 1.0), 8, 8)
-    model = eqx.nn.MLP(1024, 10, 1536, 2, key=jax.random.key(0))
+    model = eqx.nn.MLP(1024, 10, 1600, 2, key=jax.random.key(0))
     state = engine.init(model, jax.random.key(1))
     leaves, treedef = jax.tree.flatten(state)
     keys = jax.random.split(jax.random.key(2), len(leaves))

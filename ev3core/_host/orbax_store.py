@@ -153,6 +153,7 @@ class OrbaxWriter:
         self.wait()
         if self._ckptr is None:
             self._ckptr = _new_checkpointer()
+        directory = directory.absolute()  # Orbax (TensorStore) takes absolute paths only
         step = int(state.step)
         body: dict[str, Any] = {
             "format": FORMAT,
@@ -288,7 +289,7 @@ def load(root: Path, like: State) -> State:
             abstract[f"{i:05d}"] = np.asarray(x)
     ckptr = _new_checkpointer()
     try:
-        restored = ckptr.restore(root, args=_ocp().args.StandardRestore(abstract))
+        restored = ckptr.restore(root.absolute(), args=_ocp().args.StandardRestore(abstract))
     finally:
         ckptr.close()
     out = []
