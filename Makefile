@@ -1,4 +1,5 @@
-# The README's two quick-start commands are `make run` and `make test`; .ci/run runs `make test`.
+# The README's two quick-start commands are `make run` and `make test`; .ci/run runs
+# `make lint` (ruff and the type checker) and then `make test`.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -6,7 +7,7 @@ BIN := $(VENV)/bin
 PLUGINS := $(wildcard plugins/*/pyproject.toml)
 PLUGIN_DIRS := $(foreach p,$(PLUGINS),-e $(dir $(p)))
 
-.PHONY: setup run test bench clean
+.PHONY: setup run lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +21,11 @@ setup: $(VENV)/.installed
 
 run: setup
 	$(BIN)/ev3 run
+
+lint: setup
+	$(BIN)/ruff check ev3core tests plugins benchmarks
+	$(BIN)/ruff format --check ev3core tests plugins benchmarks
+	$(BIN)/mypy ev3core
 
 test: setup
 	$(BIN)/python -m pytest

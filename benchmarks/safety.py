@@ -368,7 +368,7 @@ def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
     objective's per-example scores are paired accuracies (independent words per objective);
     assessment uses `N_ASSESS` examples, decisions `n_decide`."""
     num = start.shape[0]
-    state = EV3SchedulerState(key=jax.random.fold_in(key, 1), priority=scheduler.init(num).priority)
+    state = scheduler.init(num, jax.random.fold_in(key, 1))
     history = History.empty(8, num)
     per_model = jax.vmap(jax.vmap(paired_scores), in_axes=(0, 0, 0, None))
 

@@ -75,11 +75,10 @@ def _problem(workload: str):
     import jax.numpy as jnp
 
     import ev3core
-    from ev3core._host.smoke import smoke_data, smoke_model
 
     if workload == "small":
-        data, _ = smoke_data(jax.random.key(0), n=20_000)
-        return data, smoke_model(jax.random.key(1))
+        data, _ = ev3core.toy_problem(jax.random.key(0), n=20_000)
+        return data, ev3core.toy_model(jax.random.key(1))
     ks = jax.random.split(jax.random.key(0), 6)
 
     def split(kx, ky, n=4096):

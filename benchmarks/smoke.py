@@ -28,14 +28,8 @@ import jax.numpy as jnp
 import optax
 
 import ev3core
-from ev3core._engine.engine import _distinct_indices  # the same draw of distinct examples
-from ev3core._host.smoke import (
-    TEMPERATURES,
-    smoke_data,
-    smoke_model,
-    smoke_optimizers,
-    smoke_pipeline,
-)
+from ev3core._engine.sampling import distinct_indices  # the engine's draw of distinct examples
+from ev3core._host.smoke import TEMPERATURES, smoke_optimizers, smoke_pipeline
 
 L, B, N_ASSESS, N_DECIDE, A_ASSESS, A_DECIDE = 100, 32, 128, 2048, 0.5, 4.0
 
@@ -90,7 +84,7 @@ def handwritten(model, data):
         allp = jax.tree.map(
             lambda a, b, s: jnp.concatenate([a, b[None], s[None]]), cands, cur, stab
         )
-        ia = _distinct_indices(ka, xa.shape[0], N_ASSESS)
+        ia = distinct_indices(ka, xa.shape[0], N_ASSESS)
         sa = jax.vmap(acc, (0, None, None))(allp, xa[ia], ya[ia])
         k = len(opts) * nt
         lo, _ = lcb(sa[:k], A_ASSESS)
@@ -103,7 +97,7 @@ def handwritten(model, data):
         w = jnp.argmax(jnp.where(valid, lo, -jnp.inf))
         win = jax.tree.map(lambda x: x[w], cands)
         trio = jax.tree.map(lambda a, b, s: jnp.stack([a, b, s]), win, cur, stab)
-        idd = _distinct_indices(kd, xd.shape[0], N_DECIDE)
+        idd = distinct_indices(kd, xd.shape[0], N_DECIDE)
         sd = jax.vmap(acc, (0, None, None))(trio, xd[idd], yd[idd])
         lo, hi = lcb(sd, A_DECIDE)
         lo = lo.at[0].set(jnp.where(valid[w], lo[0], -jnp.inf))
@@ -140,8 +134,8 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
 
-    data, (xt, yt) = smoke_data(jax.random.key(0))
-    model = smoke_model(jax.random.key(1))
+    data, (xt, yt) = ev3core.toy_problem(jax.random.key(0))
+    model = ev3core.toy_model(jax.random.key(1))
     plugins = ev3core.load_plugins(autoload=False)
     engine = smoke_pipeline(plugins=plugins).build()
     h_init, h_iter = handwritten(model, data)

@@ -3,6 +3,8 @@
 The public API is re-exported here; implementation lives in private modules.
 """
 
+import importlib.metadata
+
 from . import errors as errors, hookspecs as hookspecs
 from ._adapt.bounds import (
     AbstractBound as AbstractBound,
@@ -29,7 +31,6 @@ from ._adapt.schedulers import (
     AlwaysAccept as AlwaysAccept,
     EV3Scheduler as EV3Scheduler,
     EV3SchedulerState as EV3SchedulerState,
-    mean_and_stderr as mean_and_stderr,
 )
 from ._assess.metrics import (
     AUC as AUC,
@@ -51,12 +52,14 @@ from ._explore.losses import CrossEntropy as CrossEntropy
 from ._host.checkpoint import (
     Checkpointer as Checkpointer,
     latest_checkpoint as latest_checkpoint,
+    list_checkpoints as list_checkpoints,
     load_checkpoint as load_checkpoint,
     save_checkpoint as save_checkpoint,
 )
 from ._host.observe import (
     JsonlLogger as JsonlLogger,
     ProgressBar as ProgressBar,
+    step_record as step_record,
 )
 from ._host.run import run as run
 from ._interfaces import (
@@ -64,12 +67,14 @@ from ._interfaces import (
     AbstractLoss as AbstractLoss,
     AbstractProposer as AbstractProposer,
     AbstractScheduler as AbstractScheduler,
+    ComponentName as ComponentName,
+    objective_value as objective_value,
 )
 from ._plugins.manager import (
     Plugins as Plugins,
     load_plugins as load_plugins,
     make as make,
-    plugins as plugins,
+    plugin_manager as plugin_manager,
 )
 from ._plugins.pipeline import Pipeline as Pipeline
 from ._sharding import (
@@ -77,6 +82,7 @@ from ._sharding import (
     replicate as replicate,
     shard_state as shard_state,
 )
+from ._toy import toy_model as toy_model, toy_problem as toy_problem
 from ._types import (
     CURRENT as CURRENT,
     STABLE as STABLE,
@@ -90,7 +96,10 @@ from ._types import (
 )
 from .hookspecs import hookimpl as hookimpl
 
-__version__ = "0.1.0"
+try:
+    __version__ = importlib.metadata.version("ev3core")
+except importlib.metadata.PackageNotFoundError:  # a source tree that was never installed
+    __version__ = "0+unknown"
 
 __all__ = [
     "AUC",
@@ -101,6 +110,8 @@ __all__ = [
     "AbstractPriority",
     "AbstractProposer",
     "AbstractScheduler",
+    "ComponentName",
+    "objective_value",
     "Accuracy",
     "AlwaysAccept",
     "BootstrapBound",
@@ -130,6 +141,8 @@ __all__ = [
     "Outcome",
     "PairedBound",
     "Pipeline",
+    "toy_model",
+    "toy_problem",
     "Plugins",
     "ProgressBar",
     "STABLE",
@@ -145,15 +158,16 @@ __all__ = [
     "hookimpl",
     "hookspecs",
     "latest_checkpoint",
+    "list_checkpoints",
     "level_for_z",
     "load_checkpoint",
     "load_plugins",
     "make",
-    "mean_and_stderr",
-    "plugins",
+    "plugin_manager",
     "replicate",
     "run",
     "save_checkpoint",
     "shard_state",
+    "step_record",
     "z_for_level",
 ]

@@ -6,6 +6,7 @@ import traceback
 from types import FrameType
 from typing import Any
 
+from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
 from .errors import EV3Error
 
 
@@ -18,8 +19,6 @@ def _components(engine: Any) -> list[tuple[str, int, Any]]:
 
 
 def _own_classes(comp: Any) -> list[type]:
-    from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
-
     skip = {AbstractAssessor, AbstractProposer, AbstractScheduler, object}
     return [
         cls

@@ -14,17 +14,33 @@ Conventions shared by every stage:
 * scores are **higher is better**.
 """
 
-from __future__ import annotations
-
 import abc
+import dataclasses
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import equinox as eqx
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Scalar
 
 from ._types import Decision, History, Outcome
+
+
+@dataclasses.dataclass(frozen=True)
+class ComponentName:
+    """A component given by its registered name inside another component (for instance
+    `EV3Scheduler(bound="bootstrap")`).
+
+    Components never look up the plugin registry themselves: `Pipeline.build()` replaces
+    every `ComponentName` by the component its plugins register under that name, and an
+    `Engine` built directly refuses one that is left.
+    """
+
+    kind: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name!r}"
 
 
 class AbstractLoss(eqx.Module):
@@ -99,7 +115,14 @@ class AbstractAssessor(eqx.Module):
     """The assess stage: scores one model on a batch, per example, higher is better.
 
     The score need not be differentiable (accuracy uses an argmax).
+
+    Every assessor declares `direction` (a class attribute): `"max"` for scores that are
+    better when higher (the convention: negate a quantity to be minimised), `"min"` for a
+    score the objectives must minimise. `EV3Scheduler` takes an objective's direction from
+    it, and an `Engine` refuses an `Objective` that pulls the other way.
     """
+
+    direction: eqx.AbstractClassVar[str]
 
     @property
     @abc.abstractmethod
@@ -110,13 +133,35 @@ class AbstractAssessor(eqx.Module):
     def __call__(self, model: Any, batch: PyTree[Array]) -> Float[Array, " example"]:
         """Per-example scores of `model` on `batch`, higher is better."""
 
-    def summary(self, values: Float[Array, " example"]) -> Float[Array, ""]:
-        """The objective's value on a batch from this assessor's per-example scores.
 
-        The mean by default; a batch-level assessor (F1, AUC, calibration) returns its metric.
-        The engine logs it (`StepInfo.assess_mean`, `decide_mean`, `History.score`).
-        """
-        return jnp.mean(values)
+class AbstractBatchAssessor(AbstractAssessor):
+    """An assessor whose objective is a batch-level metric.
+
+    `__call__(model, batch)` returns one float per example that encodes everything `metric`
+    needs about that example; `metric(values, weights)` computes the metric (higher is better)
+    from those values with non-negative example weights. `metric` must be invariant to
+    multiplying every weight by the same constant (normalise by the weights' sum) and
+    differentiable in the weights almost everywhere; it needs no gradient in the model.
+    """
+
+    per_example: ClassVar[bool] = False
+
+    @abc.abstractmethod
+    def metric(
+        self, values: Float[Array, " example"], weights: Float[Array, " example"]
+    ) -> Float[Array, ""]:
+        """The batch-level metric of the encoded `values` weighted by `weights`."""
+
+
+def objective_value(
+    assessor: AbstractAssessor, values: Float[Array, " example"]
+) -> Float[Array, ""]:
+    """An objective's value on a batch from its assessor's per-example scores: the mean, or
+    the metric of a batch-level assessor (every example weighted 1). The engine logs it
+    (`StepInfo.assess_mean`, `decide_mean`, `History.score`)."""
+    if isinstance(assessor, AbstractBatchAssessor):
+        return jnp.asarray(assessor.metric(values, jnp.ones_like(values)), jnp.float32)
+    return jnp.mean(values)
 
 
 class AbstractScheduler(eqx.Module):
@@ -125,18 +170,23 @@ class AbstractScheduler(eqx.Module):
     Both methods see the scores of every objective (`objective` axis first) and the history.
     """
 
-    def bind(self, assessors: Sequence[AbstractAssessor]) -> AbstractScheduler:
+    @abc.abstractmethod
+    def bind(self, assessors: Sequence[AbstractAssessor]) -> "AbstractScheduler":
         """This scheduler configured for a pipeline's assessors (called once, when an engine
         is built; the engine keeps what it returns).
 
-        The default returns `self`. `EV3Scheduler` names its objectives after the assessors
-        and uses the metric of batch-level assessors, so constraints can name objectives.
+        Return `self` when there is nothing to configure. `EV3Scheduler` names its
+        objectives after the assessors and uses the metric of batch-level assessors, so
+        constraints can name objectives.
         """
-        return self
 
     @abc.abstractmethod
-    def init(self, num_objectives: int) -> PyTree[Any]:
-        """The scheduler's initial state."""
+    def init(self, num_objectives: int, key: PRNGKeyArray) -> PyTree[Any]:
+        """The scheduler's initial state for `num_objectives` assessors.
+
+        `key` is the scheduler's share of the engine key: keep it in the state for anything
+        random (bootstrap resamples, bandit draws), so runs with different keys differ.
+        """
 
     @abc.abstractmethod
     def select(

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
+from .errors import ConfigurationError
+
 #: Index of the assess winner in the decide stage's stacked models.
 WINNER = 0
 #: Index of the current model in the decide stage's stacked models.
@@ -121,8 +123,6 @@ class History(eqx.Module):
     @staticmethod
     def empty(size: int, num_objectives: int) -> History:
         if size < 1:
-            from .errors import ConfigurationError
-
             raise ConfigurationError(
                 f"History size must be at least 1, got history_size={size}. "
                 "Pass a positive history_size to the pipeline."
@@ -295,11 +295,9 @@ def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, ...
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     if not leaves:
         return jnp.ones((), bool)
-    out = None
-    for x in leaves:
-        axes = tuple(range(batch_dims, x.ndim))
-        fin = jnp.all(jnp.isfinite(x), axis=axes)
-        out = fin if out is None else out & fin
+    out = jnp.all(jnp.isfinite(leaves[0]), axis=tuple(range(batch_dims, leaves[0].ndim)))
+    for x in leaves[1:]:
+        out = out & jnp.all(jnp.isfinite(x), axis=tuple(range(batch_dims, x.ndim)))
     return out
 
 

@@ -13,11 +13,13 @@ Hooks come in three families.
 * **Registration hooks** (`ev3_register_*`) add named components. They are called once per
   kind, the first time a component of that kind is looked up by name.
 * **Stage hooks** (`ev3_explore`, `ev3_assess`, `ev3_adapt`) resolve each stage of a
-  pipeline when `Pipeline.build()` runs. They are host-side Python: pluggy is never
+  pipeline when `Pipeline.build()` runs, on components whose names were already resolved
+  (they never see the `Pipeline`). They are host-side Python: pluggy is never
   dispatched inside the compiled step.
 * **Lifecycle hooks** (`ev3_run_start`, `ev3_after_step`, `ev3_run_end`) are called by the
   host run loop `ev3core.run` between compiled steps, for loggers, checkpointers and progress
-  display.
+  display. A plugin's implementations run for every run; an object passed to
+  `ev3core.run(observers=[...])` with methods of the same names runs for that run only.
 
 Implementations may accept any subset of a hook's arguments (pluggy passes them by name), so
 new arguments can be added to a hook without breaking existing plugins.
@@ -36,7 +38,6 @@ if TYPE_CHECKING:
     from ._adapt.priorities import AbstractPriority
     from ._engine.engine import Engine
     from ._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
-    from ._plugins.pipeline import Pipeline
     from ._types import State, StepInfo
 
 PROJECT_NAME = "ev3"
@@ -161,9 +162,12 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
     An experiment should ignore `None` options and raise `ev3core.errors.ConfigurationError`
     for bad ones.
 
-    `ev3 run` with no `--experiment` runs the experiment registered as `"distill"` when one is
-    installed (the `ev3-distill` plugin package), and the built-in smoke experiment otherwise;
-    `ev3 run --smoke` always runs the smoke experiment.
+    `ev3 run` may also pass `resume` (a directory of an earlier run of this experiment, which
+    `ev3 run --out` recorded as this experiment's), `checkpoint_every`, `keep`, `observers`
+    (per-run lifecycle observers, such as the `--log-jsonl` logger: pass them to
+    `ev3core.run(observers=...)`), and `chunk`, `examples`, `print_every` when given on the
+    command line. `ev3 run` with no `--experiment` runs `ev3_default_experiment`'s answer;
+    `ev3 run --smoke` runs the built-in `"smoke"` experiment.
 
     **Calling rule:** collect-all, like the other registration hooks; two plugins
     registering the same name is a `DuplicateComponentError` naming both.
@@ -172,6 +176,25 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
     @ev3core.hookimpl
     def ev3_register_experiments():
         return {"my_job": my_job}  # def my_job(*, steps, seed, out, **options) -> dict
+    ```
+    """
+
+
+@hookspec(firstresult=True)
+def ev3_default_experiment() -> str | None:
+    """Name the experiment `ev3 run` runs when no `--experiment` is given.
+
+    **When:** once per `ev3 run` without `--experiment`, `--smoke` or `--resume`.
+
+    **Returns:** the registered name of an experiment (this plugin's main job), or `None`.
+
+    **Calling rule:** first result. The built-in implementation (`trylast`) answers
+    `"smoke"`, so an installed plugin's answer wins.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_default_experiment():
+        return "my_job"
     ```
     """
 
@@ -207,13 +230,15 @@ def ev3_conformance_examples(kind: str, name: str, cls: type) -> list | None:
 # ------------------------------------------------------------------ stage hooks
 @hookspec(firstresult=True)
 def ev3_explore(
-    pipeline: Pipeline, proposers: tuple[AbstractProposer, ...]
+    proposers: tuple[AbstractProposer, ...], assessors: tuple[AbstractAssessor, ...]
 ) -> tuple[AbstractProposer, ...] | None:
     """Resolve the explore stage of a pipeline being built.
 
-    **When:** once per `Pipeline.build()`, after names were resolved to components.
+    **When:** once per `Pipeline.build()`, after every name (nested ones included, such as
+    `EV3Scheduler(bound="bootstrap")`) was resolved to a component.
 
-    **Arguments:** the `pipeline` being built and its `proposers`, in order.
+    **Arguments:** the pipeline's `proposers`, in order, and its resolved `assessors` (the
+    first is the primary objective), for proposers that score candidates themselves.
 
     **Returns:** the proposers the engine will use.
 
@@ -231,9 +256,7 @@ def ev3_explore(
 
 
 @hookspec(firstresult=True)
-def ev3_assess(
-    pipeline: Pipeline, assessors: tuple[AbstractAssessor, ...]
-) -> tuple[AbstractAssessor, ...] | None:
+def ev3_assess(assessors: tuple[AbstractAssessor, ...]) -> tuple[AbstractAssessor, ...] | None:
     """Resolve the assess stage of a pipeline being built.
 
     **When / calling rule:** as `ev3_explore` (first result; built-in returns `assessors`
@@ -245,11 +268,14 @@ def ev3_assess(
 
 
 @hookspec(firstresult=True)
-def ev3_adapt(pipeline: Pipeline, scheduler: AbstractScheduler) -> AbstractScheduler | None:
+def ev3_adapt(
+    scheduler: AbstractScheduler, assessors: tuple[AbstractAssessor, ...]
+) -> AbstractScheduler | None:
     """Resolve the adapt stage of a pipeline being built.
 
     **When / calling rule:** as `ev3_explore` (first result; built-in returns `scheduler`
-    unchanged; use a wrapper to wrap or replace it).
+    unchanged; use a wrapper to wrap or replace it). `assessors` are the ones `ev3_assess`
+    returned (the engine binds the scheduler to them afterwards).
 
     **Returns:** the scheduler the engine will use.
     """
@@ -276,8 +302,10 @@ def ev3_after_step(engine: Engine, state: State, info: StepInfo, step: int) -> N
     loop scans several steps in one compiled call (`chunk > 1`), the hook is called once per
     step after the chunk, and `state` is the state at the end of the chunk.
 
-    **Calling rule:** collect-all; return values are ignored. Reading `info` forces a device
-    synchronisation: loggers that need speed should read only every N steps.
+    **Calling rule:** collect-all; return values are ignored. With `chunk > 1`, `info` holds
+    NumPy arrays (the run loop brings each chunk's infos to the host in one transfer); with
+    `chunk=1` it holds device arrays, and reading them waits for the step, so loggers that
+    need speed read every N steps.
     """
 
 
@@ -308,6 +336,7 @@ __all__ = [
     "ev3_register_bounds",
     "ev3_register_priorities",
     "ev3_register_experiments",
+    "ev3_default_experiment",
     "ev3_conformance_examples",
     "ev3_explore",
     "ev3_assess",

@@ -1,4 +1,5 @@
-"""Test configuration: strict dtype promotion and 8 virtual CPU devices for sharding tests.
+"""Test configuration: strict dtype and rank promotion, 8 virtual CPU devices for sharding
+tests, and the plugin sets tests share.
 
 Warnings are errors (pyproject.toml) and jaxtyping checks every ev3core signature at run
 time (`--jaxtyping-packages=ev3core,beartype.beartype`).
@@ -13,6 +14,7 @@ import jax  # noqa: E402
 # Before anything else touches a device (ev3core is imported below).
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
+jax.config.update("jax_numpy_rank_promotion", "raise")  # no silent broadcasting of ranks
 
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -63,3 +65,13 @@ def tiny_problem():
     data = ev3core.Data(propose=(x, y), assess=(x, y), decide=(x, y))
     model = eqx.nn.MLP(2, 2, 4, 1, key=jax.random.key(1))
     return data, model
+
+
+@pytest.fixture(scope="session")
+def builtin_plugins():
+    """The built-in plugins only (no entry points): names resolve to ev3core's components.
+
+    Shared by every test that only needs built-in names; a test that registers its own
+    plugin objects loads a fresh set with `ev3core.load_plugins(extra=[...])`.
+    """
+    return ev3core.load_plugins(autoload=False)

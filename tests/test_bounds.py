@@ -13,6 +13,7 @@ import pytest
 import ev3core
 from ev3core import BootstrapBound, NormalBound, PairedBound, z_for_level
 from ev3core._adapt.bounds import advantage, bonferroni_z, weighted_mean
+from ev3core._adapt.schedulers import mean_and_stderr
 from ev3core.errors import ConfigurationError
 
 KEY = jax.random.key(0)
@@ -51,7 +52,7 @@ def test_normal_bound_matches_mean_and_stderr():
     np.testing.assert_allclose(upper[0], 2.5 + 2 * se, rtol=1e-6)
     # the same as the reference implementation's formula on random data
     x = jax.random.normal(KEY, (1, 5, 300))
-    mean, stderr = ev3core.mean_and_stderr(x[0])
+    mean, stderr = mean_and_stderr(x[0])
     _, lo, up = arrays(NormalBound().interval(mean_of(), x, 2, jnp.float32(0.5), KEY))
     np.testing.assert_allclose(lo, mean - 0.5 * stderr, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(up, mean + 0.5 * stderr, rtol=1e-5, atol=1e-6)

@@ -20,7 +20,6 @@ from ev3core._host.checkpoint import (
     list_checkpoints,
     state_digest,
 )
-from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import CheckpointError, CheckpointWarning, RunInterrupted
 
 # One optax object per optimizer for the whole module: engines rebuilt from them are equal,
@@ -50,9 +49,9 @@ def _engine(hidden_momentum: float | None = 0.9) -> ev3core.Engine:
 
 @pytest.fixture(scope="module")
 def problem():
-    data, _ = smoke_data(jax.random.key(0), n=512)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=512)
     engine = _engine()
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     return engine, data, init
 
 
@@ -173,7 +172,7 @@ def test_resume_after_k_steps_is_bit_identical_to_an_uninterrupted_run(problem, 
     assert int(part.step) == k and latest_checkpoint(tmp_path).name == f"ckpt-{k:010d}.json"
 
     fresh_engine = _engine()  # rebuilt from scratch, as a new process would
-    like = fresh_engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    like = fresh_engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     resumed, manifest = load_checkpoint(tmp_path, like=like)
     assert manifest["metadata"]["pipeline"]["assessors"][0]["name"] == "accuracy"
     second = Checkpointer(tmp_path, every=2, keep=10)
@@ -343,7 +342,9 @@ def test_a_like_of_another_architecture_gets_a_clear_error(problem, tmp_path):
     assert ".current.layers[0].weight" in msg and "(8, 2)" in msg and "(16, 2)" in msg
     assert "same model architecture" in msg
     # a pipeline with another optimizer state (no momentum buffer) is caught as well
-    other = _engine(hidden_momentum=None).init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    other = _engine(hidden_momentum=None).init(
+        ev3core.toy_model(jax.random.key(1)), jax.random.key(2)
+    )
     with pytest.raises(CheckpointError, match="does not fit"):
         load_checkpoint(tmp_path, like=other)
 

@@ -109,6 +109,8 @@ class _UnstackedProposer(_Noise):
 class _MeanAccuracy(ev3core.AbstractAssessor):
     """Returns one number per batch instead of one per example."""
 
+    direction = "max"  # higher scores are better
+
     @property
     def name(self):
         return "mean_accuracy"
@@ -121,6 +123,8 @@ class _MeanAccuracy(ev3core.AbstractAssessor):
 class _CrossEntropyScore(ev3core.AbstractAssessor):
     """Lower is better: the cross-entropy itself, not its negation."""
 
+    direction = "max"  # higher scores are better
+
     @property
     def name(self):
         return "cross_entropy"
@@ -130,7 +134,25 @@ class _CrossEntropyScore(ev3core.AbstractAssessor):
         return optax.softmax_cross_entropy_with_integer_labels(jax.vmap(model)(x), y)
 
 
-class _ArgminScheduler(ev3core.AlwaysAccept):
+class _Wrapped(ev3core.AbstractScheduler):
+    """A scheduler that wraps `AlwaysAccept` (final built-ins are wrapped, not subclassed)."""
+
+    inner: ev3core.AlwaysAccept = ev3core.AlwaysAccept()
+
+    def bind(self, assessors):
+        return self
+
+    def init(self, num_objectives, key):
+        return self.inner.init(num_objectives, key)
+
+    def select(self, scores, valid, state, history):
+        return self.inner.select(scores, valid, state, history)
+
+    def decide(self, scores, winner_valid, state, history):
+        return self.inner.decide(scores, winner_valid, state, history)
+
+
+class _ArgminScheduler(_Wrapped):
     """Lower is better: picks the lowest-scoring candidate."""
 
     def select(self, scores, valid, state, history):
@@ -138,21 +160,23 @@ class _ArgminScheduler(ev3core.AlwaysAccept):
         return jnp.argmin(jnp.where(valid, mean, jnp.inf)).astype(jnp.int32)
 
 
-class _BlindScheduler(ev3core.AlwaysAccept):
+class _BlindScheduler(_Wrapped):
     """Ignores the validity mask."""
 
     def select(self, scores, valid, state, history):
         return jnp.argmax(jnp.mean(scores[0, : valid.shape[0]], axis=-1)).astype(jnp.int32)
 
     def decide(self, scores, winner_valid, state, history):
-        return super().decide(scores, jnp.asarray(True), state, history)
+        return self.inner.decide(scores, jnp.asarray(True), state, history)
 
 
-class _NegatedLoss(ev3core.CrossEntropy):
-    """A 'loss' that is higher for better models."""
+class _NegatedLoss(ev3core.AbstractLoss):
+    """A 'loss' that is higher for better models (wraps `CrossEntropy`)."""
+
+    inner: ev3core.CrossEntropy = ev3core.CrossEntropy()
 
     def __call__(self, model, batch, key):
-        return -super().__call__(model, batch, key)
+        return -self.inner(model, batch, key)
 
 
 BROKEN = [

@@ -420,6 +420,9 @@ def test_ev3_run_refuses_what_it_cannot_do(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "No experiment named 'distil'" in err and "'distill'" in err
     (tmp_path / "checkpoint").mkdir()
+    assert main(["run", "--resume", str(tmp_path)]) == 2  # no run record: which experiment?
+    assert "records no experiment" in capsys.readouterr().err
+    (tmp_path / "ev3-run.json").write_text('{"experiment": "distill"}')
     assert main(["run", "--resume", str(tmp_path)]) == 2  # a distill run dir, but empty
     assert "no distillation checkpoint" in capsys.readouterr().err
     assert main(["run", "--resume", str(tmp_path), "--dataset", "mnist1d"]) == 2
@@ -555,7 +558,7 @@ class Trace:  # a user's lifecycle plugin: it sees every EV3 step of the distill
             f.write(json.dumps(row) + "\\n")
 
 
-ev3core.plugins().register(Trace(), name="test-trace")
+ev3core.plugin_manager().register(Trace(), name="test-trace")
 """
 
 

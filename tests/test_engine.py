@@ -11,7 +11,7 @@ import pytest
 
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER
-from ev3core._host.smoke import smoke_data, smoke_model, smoke_pipeline
+from ev3core._host.smoke import smoke_pipeline
 from ev3core._types import tree_index
 
 N = 20_000  # examples per split: plenty for 2048-example decide batches, quick to build
@@ -19,13 +19,13 @@ N = 20_000  # examples per split: plenty for 2048-example decide batches, quick 
 
 @pytest.fixture(scope="module")
 def problem():
-    data, test = smoke_data(jax.random.key(0), n=N)
+    data, test = ev3core.toy_problem(jax.random.key(0), n=N)
     return data, test
 
 
 @pytest.fixture(scope="module")
-def engine():
-    return smoke_pipeline(plugins=ev3core.load_plugins(autoload=False)).build()
+def engine(builtin_plugins):
+    return smoke_pipeline(plugins=builtin_plugins).build()
 
 
 def _host(x):
@@ -49,13 +49,11 @@ def _leaves_equal(a, b) -> bool:
 
 
 # ------------------------------------------------------------------ the smoke run
-def test_smoke_run_is_accurate_and_safe(problem, engine):
+def test_smoke_run_is_accurate_and_safe(problem, engine, builtin_plugins):
     data, (x_test, y_test) = problem
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     start_acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
-    state, infos = ev3core.run(
-        engine, state, data, 25, plugins=ev3core.load_plugins(autoload=False)
-    )
+    state, infos = ev3core.run(engine, state, data, 25, plugins=builtin_plugins)
     acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
     assert start_acc < 0.9 < 0.97 <= acc
     assert infos.accepted.sum() >= 1 and infos.significant.sum() >= 1
@@ -70,15 +68,15 @@ def test_smoke_run_is_accurate_and_safe(problem, engine):
         assert infos.decide_lower[i, WINNER] > infos.decide_upper[i, STABLE]
 
 
-def test_smoke_run_with_the_default_paired_bound(problem):
+def test_smoke_run_with_the_default_paired_bound(problem, builtin_plugins):
     """The library default (paired bound, intervals relative to the current model): every
     accepted winner is significantly better than the current model on the decide set, and
     every significant step beats the stable model there."""
     data, (x_test, y_test) = problem
-    p = ev3core.load_plugins(autoload=False)
+    p = builtin_plugins
     eng = smoke_pipeline(plugins=p, scheduler=ev3core.EV3Scheduler(0.5, 4.0)).build()
     assert isinstance(eng.scheduler.bound, ev3core.PairedBound)
-    state = eng.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = eng.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, infos = ev3core.run(eng, state, data, 25, plugins=p)
     assert float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean()) >= 0.97
     assert infos.accepted.sum() >= 1
@@ -113,13 +111,13 @@ class _Saboteur(ev3core.AbstractProposer):
         return jax.tree.unflatten(tdef, out), state
 
 
-def test_bad_candidates_are_never_accepted_once_the_model_is_good(problem):
+def test_bad_candidates_are_never_accepted_once_the_model_is_good(problem, builtin_plugins):
     """With an assess set of 8 examples, noise candidates often win assessment; the decide
     rule must still refuse every one that is significantly worse."""
     data, (x_test, y_test) = problem
-    p = ev3core.load_plugins(autoload=False)
+    p = builtin_plugins
     eng = smoke_pipeline(plugins=p, assess_size=8).build()
-    state = eng.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = eng.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, _ = ev3core.run(eng, state, data, 8, plugins=p)  # a good model first
     good_acc = float(ev3core.Accuracy()(state.model, (x_test, y_test)).mean())
     sab = ev3core.Engine(
@@ -142,12 +140,12 @@ def test_bad_candidates_are_never_accepted_once_the_model_is_good(problem):
 
 
 # ------------------------------------------------------------------ compilation and purity
-def test_hyperparameter_changes_never_retrace(problem, engine):
+def test_hyperparameter_changes_never_retrace(problem, engine, builtin_plugins):
     data, _ = problem
     counted = eqx.filter_jit(
         eqx.debug.assert_max_traces(lambda e, s, d: e.step_pure(s, d), max_traces=1)
     )
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     e = engine
     for t, a in [(0.5, 0.5), (2.0, 1.0), (3.0, 0.1)]:
         e = eqx.tree_at(lambda e: e.proposers[0].losses[0].temperature, e, jnp.float32(t))
@@ -164,9 +162,9 @@ def test_hyperparameter_changes_never_retrace(problem, engine):
     logger.setLevel(logging.INFO)
     try:
         fresh = smoke_pipeline(
-            plugins=ev3core.load_plugins(autoload=False), history_size=17
+            plugins=builtin_plugins, history_size=17
         ).build()  # a new static config: one trace
-        s = fresh.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+        s = fresh.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
         for t in (0.7, 1.3, 2.1):
             fresh = eqx.tree_at(
                 lambda e: e.proposers[0].losses[1].temperature, fresh, jnp.float32(t)
@@ -181,7 +179,7 @@ def test_hyperparameter_changes_never_retrace(problem, engine):
 
 def test_same_key_same_result_and_scan_matches_steps(problem, engine):
     data, _ = problem
-    model = smoke_model(jax.random.key(1))
+    model = ev3core.toy_model(jax.random.key(1))
     s1 = engine.init(model, jax.random.key(5))
     s2 = engine.init(model, jax.random.key(5))
     for _ in range(3):
@@ -225,8 +223,8 @@ def test_optax_sees_the_trajectory_params_so_weight_decay_compounds():
 
 
 def test_grid_order_labels_and_temperature_enter_the_loss():
-    data, _ = smoke_data(jax.random.key(0), n=512)
-    model = smoke_model(jax.random.key(1))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=512)
+    model = ev3core.toy_model(jax.random.key(1))
     params, static = eqx.partition(model, eqx.is_array)
     prop = ev3core.GradientProposer(
         [ev3core.CrossEntropy(t) for t in (0.5, 1.0)],
@@ -247,8 +245,8 @@ def test_grid_order_labels_and_temperature_enter_the_loss():
 
 
 def test_inject_hyperparams_learning_rate_lives_in_state_and_does_not_retrace():
-    data, _ = smoke_data(jax.random.key(0), n=512)
-    model = smoke_model(jax.random.key(1))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=512)
+    model = ev3core.toy_model(jax.random.key(1))
     params, static = eqx.partition(model, eqx.is_array)
     opt = optax.inject_hyperparams(optax.sgd)(learning_rate=0.1)
     prop = ev3core.GradientProposer([ev3core.CrossEntropy()], [opt], steps=3, batch_size=8)
@@ -265,8 +263,8 @@ def test_inject_hyperparams_learning_rate_lives_in_state_and_does_not_retrace():
 
 @pytest.mark.parametrize("policy", ["keep", "reset", "copy"])
 def test_rejected_candidate_optimizer_state_policy(policy):
-    data, _ = smoke_data(jax.random.key(0), n=512)
-    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=512)
+    params, static = eqx.partition(ev3core.toy_model(jax.random.key(1)), eqx.is_array)
     prop = ev3core.GradientProposer(
         [ev3core.CrossEntropy(t) for t in (0.5, 1.0, 2.0)],
         [optax.sgd(0.1, momentum=0.9)],
@@ -344,8 +342,8 @@ def _outcome(params, accepted=False, index=-1, changed=None):
 
 @pytest.mark.parametrize("chunk_size", [None, 1])
 def test_continue_policy_lineages_go_on_until_the_current_model_changes(chunk_size):
-    data, _ = smoke_data(jax.random.key(0), n=64)
-    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=64)
+    params, static = eqx.partition(ev3core.toy_model(jax.random.key(1)), eqx.is_array)
     prop = ev3core.GradientProposer(
         [_SumLoss(), _SumLoss()],
         [optax.sgd(0.01)],
@@ -383,8 +381,8 @@ def test_continue_policy_lineages_go_on_until_the_current_model_changes(chunk_si
 
 
 def test_continue_policy_restarts_a_non_finite_lineage_with_a_fresh_optimizer_state():
-    data, _ = smoke_data(jax.random.key(0), n=64)
-    params, static = eqx.partition(smoke_model(jax.random.key(1)), eqx.is_array)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=64)
+    params, static = eqx.partition(ev3core.toy_model(jax.random.key(1)), eqx.is_array)
     prop = ev3core.GradientProposer(
         [ev3core.CrossEntropy(1.0), ev3core.CrossEntropy(2.0)],
         [optax.sgd(0.1, momentum=0.9)],
@@ -419,9 +417,22 @@ def test_continue_policy_restarts_a_non_finite_lineage_with_a_fresh_optimizer_st
         assert np.array_equal(ta[1], tb[1])
 
 
-class _AlwaysRollBack(ev3core.AlwaysAccept):
+class _AlwaysRollBack(ev3core.AbstractScheduler):
+    """Wraps `AlwaysAccept` (final: wrapped, not subclassed) and always rolls back."""
+
+    inner: ev3core.AlwaysAccept = ev3core.AlwaysAccept()
+
+    def bind(self, assessors):
+        return self
+
+    def init(self, num_objectives, key):
+        return self.inner.init(num_objectives, key)
+
+    def select(self, scores, valid, state, history):
+        return self.inner.select(scores, valid, state, history)
+
     def decide(self, scores, winner_valid, state, history):
-        decision, state = super().decide(scores, winner_valid, state, history)
+        decision, state = self.inner.decide(scores, winner_valid, state, history)
         decision = eqx.tree_at(
             lambda d: (d.choice, d.update_stable), decision, (jnp.int32(STABLE), jnp.bool_(False))
         )
@@ -429,8 +440,8 @@ class _AlwaysRollBack(ev3core.AlwaysAccept):
 
 
 def test_engine_tells_continue_lineages_when_the_current_model_rolls_back():
-    data, _ = smoke_data(jax.random.key(0), n=256)
-    model = smoke_model(jax.random.key(1))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=256)
+    model = ev3core.toy_model(jax.random.key(1))
     params = eqx.filter(model, eqx.is_array)
 
     def build(scheduler):
@@ -465,15 +476,13 @@ def test_engine_tells_continue_lineages_when_the_current_model_rolls_back():
     np.testing.assert_allclose(_moved(lineage, params, 0), 0.0, atol=1e-6)
 
 
-def test_assess_and_decide_draw_distinct_examples():
+def test_assess_and_decide_draw_distinct_examples(builtin_plugins):
     # decide_size equal to the stream's length: every example exactly once, so the logged
     # accuracy of the current model is its accuracy on the whole stream (a draw with
     # replacement would be a bootstrap resample and differ).
-    data, _ = smoke_data(jax.random.key(0), n=300)
-    engine = smoke_pipeline(
-        plugins=ev3core.load_plugins(autoload=False), assess_size=300, decide_size=300
-    ).build()
-    model = smoke_model(jax.random.key(1))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=300)
+    engine = smoke_pipeline(plugins=builtin_plugins, assess_size=300, decide_size=300).build()
+    model = ev3core.toy_model(jax.random.key(1))
     state = engine.init(model, jax.random.key(2))
     _, info = engine.step(state, data)
     x, y = data.decide
@@ -484,7 +493,7 @@ def test_assess_and_decide_draw_distinct_examples():
         abs=1e-6,
     )
     # Fewer than the stream: distinct examples, a different subset each step.
-    from ev3core._engine.engine import _sample
+    from ev3core._engine.sampling import sample as _sample
 
     idx = jnp.arange(300)
     for size in (20, 200):  # the sparse (repeat-rejecting) and the dense (top-k) draw
@@ -496,7 +505,7 @@ def test_assess_and_decide_draw_distinct_examples():
 
 
 def test_neg_brier_score_matches_a_hand_computation():
-    model = smoke_model(jax.random.key(1))
+    model = ev3core.toy_model(jax.random.key(1))
     x = jax.random.normal(jax.random.key(2), (5, 2))
     y = jnp.array([0, 1, 1, 0, 1])
     scores = np.asarray(ev3core.NegBrierScore()(model, (x, y)))
@@ -505,7 +514,7 @@ def test_neg_brier_score_matches_a_hand_computation():
         onehot = np.eye(p.shape[0])[int(y[i])]
         assert scores[i] == pytest.approx(-np.sum((p - onehot) ** 2), abs=1e-6)
     assert np.all(scores <= 0) and np.all(scores >= -2)
-    assert ev3core.plugins().get("assessor", "neg_brier") is ev3core.NegBrierScore
+    assert ev3core.plugin_manager().get("assessor", "neg_brier") is ev3core.NegBrierScore
 
 
 # ------------------------------------------------------------------ history and validity

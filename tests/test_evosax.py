@@ -82,13 +82,13 @@ def test_found_through_entry_point(plugins):
     ]:
         assert comps[name].cls is cls and comps[name].plugin == "evosax"
     # ... and the default plugin set (all installed entry points) lists them too.
-    assert ev3core.plugins().components("proposer")["open_es"].cls is OpenES
+    assert ev3core.plugin_manager().components("proposer")["open_es"].cls is OpenES
     assert not [f for f in plugins.failures if f.name == "evosax"]
     made = plugins.make("proposer", "sep_cma_es", popsize=6)
     assert isinstance(made, SepCMAES) and made.num_candidates == 7
 
 
-def test_fitness_defaults_to_the_pipelines_first_assessor(plugins):
+def test_fitness_defaults_to_the_pipelines_first_assessor(plugins, builtin_plugins):
     engine = ev3core.Pipeline(
         [OpenES(4), OpenES(4, fitness=ev3core.Accuracy())],
         assessors=["neg_cross_entropy", "accuracy"],
@@ -97,7 +97,7 @@ def test_fitness_defaults_to_the_pipelines_first_assessor(plugins):
     assert isinstance(engine.proposers[0].fitness, ev3core.NegCrossEntropy)
     assert isinstance(engine.proposers[1].fitness, ev3core.Accuracy)  # explicit wins
     # Without the plugin's hook (plugin not loaded), fitness stays None: accuracy is used.
-    bare = ev3core.Pipeline([OpenES(4)], plugins=ev3core.load_plugins(autoload=False)).build()
+    bare = ev3core.Pipeline([OpenES(4)], plugins=builtin_plugins).build()
     assert bare.proposers[0].fitness is None
 
 

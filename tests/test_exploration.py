@@ -77,14 +77,13 @@ def test_no_growth_keeps_the_state_as_it_was():
         _proposer(steps=5, max_steps=10, growth_factor=0.5)
 
 
-def test_growth_runs_in_the_engine():
-    from ev3core._host.smoke import smoke_data, smoke_model
+def test_growth_runs_in_the_engine(builtin_plugins):
 
-    data, _ = smoke_data(jax.random.key(0), n=4096)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
     prop = ev3core.GradientProposer(
         [ev3core.CrossEntropy()], [optax.sgd(0.01)], steps=2, batch_size=8, max_steps=16, patience=1
     )
-    p = ev3core.load_plugins(autoload=False)
+    p = builtin_plugins
     engine = ev3core.Pipeline(
         [prop],
         ["accuracy"],
@@ -93,7 +92,7 @@ def test_growth_runs_in_the_engine():
         decide_size=512,
         plugins=p,
     ).build()
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, infos = ev3core.run(engine, state, data, 5, plugins=p, chunk=5)
     # every non-significant step doubles the length (patience 1), a significant one resets it
     length = 2

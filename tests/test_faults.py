@@ -19,7 +19,6 @@ import pytest
 
 import ev3core
 from ev3core import Checkpointer, latest_checkpoint, load_checkpoint
-from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import ComponentError, PluginError
 
 K = 4
@@ -77,7 +76,10 @@ class _Spoil(ev3core.AbstractProposer):
 class _Reckless(ev3core.AbstractScheduler):
     """A broken scheduler: always picks candidate 0 and always tries to accept it."""
 
-    def init(self, num_objectives):
+    def bind(self, assessors):
+        return self
+
+    def init(self, num_objectives, key):
         return None
 
     def select(self, scores, valid, state, history):
@@ -103,7 +105,7 @@ def _plugins(*extra):
 
 @pytest.fixture(scope="module")
 def data():
-    return smoke_data(jax.random.key(0), n=512)[0]
+    return ev3core.toy_problem(jax.random.key(0), n=512)[0]
 
 
 def _finite(tree) -> bool:
@@ -121,7 +123,7 @@ def test_half_non_finite_candidates_are_masked_and_never_accepted(data, caplog, 
     engine = ev3core.Engine(
         [_Spoil(_grad(), how)], [ev3core.NegCrossEntropy()], sched, assess_size=32, decide_size=64
     )
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     steps = 6
     with caplog.at_level(logging.WARNING, logger="ev3core"):
         state, infos = ev3core.run(engine, state, data, steps, plugins=_plugins())
@@ -143,7 +145,7 @@ def test_a_scheduler_that_insists_on_an_invalid_winner_is_overruled(data):
     engine = ev3core.Engine(
         [_Spoil(_grad(), "nan")], [ev3core.Accuracy()], _Reckless(), assess_size=32, decide_size=64
     )
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, infos = ev3core.run(engine, init, data, 4, plugins=_plugins())
     assert (infos.winner == 0).all() and not infos.valid[:, 0].any()
     assert not infos.accepted.any() and not infos.significant.any()
@@ -157,6 +159,8 @@ def test_a_scheduler_that_insists_on_an_invalid_winner_is_overruled(data):
 # ------------------------------------------------------------------------- raising code
 class _Exploding(ev3core.AbstractAssessor):
     """Raises in its Python code while the step is traced (a host-side failure)."""
+
+    direction = "max"  # higher scores are better
 
     @property
     def name(self):
@@ -186,14 +190,14 @@ def _good_engine(plugins, assessors=("accuracy",)):
 def test_a_raising_assessor_stops_the_run_naming_its_plugin_and_keeps_checkpoints(data, tmp_path):
     plugins = _plugins(_ExplodingPlugin())
     engine = _good_engine(plugins)
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     ev3core.run(engine, init, data, 4, plugins=_plugins(Checkpointer(tmp_path, every=2)))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     good, _ = load_checkpoint(tmp_path, like=init)
 
     # Resume the run with a pipeline that has a broken objective.
     broken = _good_engine(plugins, assessors=("accuracy", "exploding"))
-    like = broken.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    like = broken.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, _ = load_checkpoint(tmp_path, like=init)
     state = eqx.tree_at(lambda s: s.history, state, like.history)  # 2 objectives now
     run_plugins = _plugins(_ExplodingPlugin(), Checkpointer(tmp_path, every=1))
@@ -226,7 +230,7 @@ def test_a_raising_lifecycle_plugin_stops_the_run_and_leaves_the_last_checkpoint
     data, tmp_path, caplog
 ):
     engine = _good_engine(_plugins())
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     ck = Checkpointer(tmp_path, every=2)
     with caplog.at_level(logging.WARNING, logger="ev3core"), pytest.raises(PluginError) as err:
         ev3core.run(engine, init, data, 10, plugins=_plugins(_FailsAtStep(3), ck))
@@ -347,7 +351,10 @@ def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
     assert 1 <= stopped < int(steps)  # it really stopped early, at a step boundary
     assert not (interrupted / "summary.json").exists()
 
-    resumed = _ev3("run", "--smoke", "--resume", str(interrupted), "--print-every", "100")
+    # The directory records its experiment: plain `--resume` continues the smoke run even
+    # though the distillation plugin (the default experiment) is installed.
+    assert json.loads((interrupted / "ev3-run.json").read_text()) == {"experiment": "smoke"}
+    resumed = _ev3("run", "--resume", str(interrupted), "--print-every", "100")
     procs.append(resumed)
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err
@@ -365,4 +372,4 @@ def _like_smoke():
 
     engine = smoke_pipeline(plugins=_plugins()).build()
     _, k_model, k_run = jax.random.split(jax.random.key(0), 3)
-    return engine.init(smoke_model(k_model), k_run)
+    return engine.init(ev3core.toy_model(k_model), k_run)

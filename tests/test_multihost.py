@@ -15,7 +15,6 @@ import numpy as np
 import optax
 
 import ev3core
-from ev3core._host.smoke import smoke_data, smoke_model
 
 STEPS = 3
 NUM_LOSSES = 4  # K = 4: one candidate per device on 2 processes x 2 devices
@@ -31,16 +30,15 @@ WORKER = textwrap.dedent(
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     import numpy as np
     import ev3core
-    from ev3core._host.smoke import smoke_data, smoke_model
     sys.path.insert(0, sys.argv[4])
     from test_multihost import STEPS, make_engine
 
     mesh = ev3core.candidate_mesh()  # the devices of both processes
     assert mesh.devices.size == 4 and jax.local_device_count() == 2
     engine = make_engine(mesh=mesh)
-    data, _ = smoke_data(jax.random.key(0), n=4096)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
     data = ev3core.replicate(data, mesh)
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     trace = jax.tree.leaves(state.proposer_states[0].opt_states[0][0])[0]
     local_rows = sorted({s.index[0].start for s in trace.addressable_shards})
     decisions = []
@@ -178,8 +176,8 @@ def test_two_processes_agree_with_one(tmp_path):
     ]
     # The single-process reference (one device, no mesh) while the workers start.
     engine = make_engine()
-    data, _ = smoke_data(jax.random.key(0), n=4096)
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     decisions = []
     for _ in range(STEPS):
         state, info = engine.step(state, data)

@@ -4,6 +4,7 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import ev3core
@@ -18,8 +19,11 @@ from ev3core import (
     Objective,
 )
 from ev3core._adapt.priorities import BanditState
-from ev3core._host.smoke import smoke_data, smoke_model, smoke_pipeline
+from ev3core._adapt.schedulers import mean_and_stderr
+from ev3core._host.smoke import smoke_pipeline
 from ev3core.errors import ConfigurationError, UnknownComponentError
+
+KEY = jax.random.key(0)
 
 N = 16
 BASE = jnp.linspace(0.0, 1.0, N)
@@ -38,7 +42,7 @@ def trio(*shifts, objectives=1):
 
 def decide(sched, scores, winner_valid=YES, history=None):
     history = History.empty(4, scores.shape[0]) if history is None else history
-    state = sched.init(scores.shape[0])
+    state = sched.init(scores.shape[0], KEY)
     decision, _ = eqx.filter_jit(sched.decide)(scores, winner_valid, state, history)
     return decision
 
@@ -47,7 +51,7 @@ def decide(sched, scores, winner_valid=YES, history=None):
 def test_normal_bound_is_exactly_the_reference_rule():
     sched = EV3Scheduler(assess_alpha=0.5, decide_alpha=4.0, bound=NormalBound())
     history = History.empty(4, 2)
-    state = sched.init(2)
+    state = sched.init(2, KEY)
     for seed in range(20):
         k1, k2 = jax.random.split(jax.random.key(seed))
         scores_a = jax.random.bernoulli(k1, 0.7, (2, 8, 64)).astype(jnp.float32)
@@ -55,10 +59,10 @@ def test_normal_bound_is_exactly_the_reference_rule():
         scores_d = scores_d.at[0, WINNER].set(jnp.where(seed % 3 == 0, 1.0, scores_d[0, 0]))
         valid = jnp.arange(6) != seed % 6
         # the reference implementation, written out
-        mean, se = ev3core.mean_and_stderr(scores_a[0, :6])
+        mean, se = mean_and_stderr(scores_a[0, :6])
         lcb = jnp.where(valid, mean - 0.5 * se, -jnp.inf)
         assert int(sched.select(scores_a, valid, state, history)) == int(jnp.argmax(lcb))
-        mean, se = ev3core.mean_and_stderr(scores_d[0])
+        mean, se = mean_and_stderr(scores_d[0])
         lower, upper = mean - 4 * se, mean + 4 * se
         order = jnp.array([CURRENT, WINNER, STABLE])
         choice = order[jnp.argmax(lower[order])]
@@ -141,25 +145,39 @@ def test_constraint_blocks_a_step_that_loses_too_much():
 
 def test_constraint_names_and_errors():
     with pytest.raises(ConfigurationError, match="named"):
-        EV3Scheduler(constraints=[Constraint("accuracy", max_drop=0.005)]).init(2)
+        EV3Scheduler(constraints=[Constraint("accuracy", max_drop=0.005)]).init(2, KEY)
     with pytest.raises(ConfigurationError, match="index"):
-        EV3Scheduler(constraints=[Constraint(3, max_drop=0.005)]).init(2)
+        EV3Scheduler(constraints=[Constraint(3, max_drop=0.005)]).init(2, KEY)
     with pytest.raises(ConfigurationError, match="max_drop"):
         Constraint("accuracy", max_drop=-0.1)
     with pytest.raises(ConfigurationError, match="one Objective per assessor"):
-        EV3Scheduler(objectives=["a"]).init(2)
+        EV3Scheduler(objectives=["a"]).init(2, KEY)
     with pytest.raises(ConfigurationError, match="direction"):
         Objective("a", direction="up")
 
 
-def test_components_by_name():
+def test_components_by_name_are_resolved_when_a_pipeline_is_built(builtin_plugins):
+    p = builtin_plugins
     sched = EV3Scheduler(bound="bootstrap", priority="stall")
-    assert isinstance(sched.bound, ev3core.BootstrapBound)
-    assert isinstance(sched.priority, ev3core.StallPriority)
+    # the scheduler keeps the names; it never looks up a registry itself
+    assert sched.bound == ev3core.ComponentName("bound", "bootstrap")
+    with pytest.raises(ConfigurationError, match="Pipeline"):
+        sched.init(2, KEY)
+    with pytest.raises(ConfigurationError, match="Pipeline"):
+        ev3core.Engine(
+            [ev3core.GradientProposer([ev3core.CrossEntropy()], [optax.sgd(0.1)])],
+            [ev3core.Accuracy(), ev3core.NegCrossEntropy()],
+            sched,
+        )
+    engine = smoke_pipeline(
+        plugins=p, scheduler=sched, assessors=["accuracy", "neg_cross_entropy"]
+    ).build()
+    assert isinstance(engine.scheduler.bound, ev3core.BootstrapBound)
+    assert isinstance(engine.scheduler.priority, ev3core.StallPriority)
     with pytest.raises(UnknownComponentError, match="paired"):
-        EV3Scheduler(bound="pairedd")
+        smoke_pipeline(plugins=p, scheduler=EV3Scheduler(bound="pairedd")).build()
     with pytest.raises(ConfigurationError, match="needs arguments"):
-        EV3Scheduler(priority="weighted_sum")
+        smoke_pipeline(plugins=p, scheduler=EV3Scheduler(priority="weighted_sum")).build()
 
 
 def test_lexicographic_decisions_log_the_deciding_objective():
@@ -205,9 +223,9 @@ def test_batch_level_objective_with_the_bootstrap():
 
 
 # ------------------------------------------------------------------ in the engine
-def test_engine_with_priorities_and_a_constraint():
-    data, _ = smoke_data(jax.random.key(0), n=4096)
-    p = ev3core.load_plugins(autoload=False)
+def test_engine_with_priorities_and_a_constraint(builtin_plugins):
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
+    p = builtin_plugins
     sched = EV3Scheduler(
         assess_alpha=0.5,
         decide_alpha=1.645,
@@ -216,7 +234,7 @@ def test_engine_with_priorities_and_a_constraint():
         constraints=[Constraint("accuracy", max_drop=0.005)],
     )
     engine = smoke_pipeline(plugins=p, scheduler=sched, decide_size=1024).build()
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     assert isinstance(state.scheduler_state.priority, BanditState)
     state, infos = ev3core.run(engine, state, data, 6, plugins=p)
     np.testing.assert_allclose(infos.priorities.sum(-1), 1.0, rtol=1e-6)
@@ -247,33 +265,33 @@ def test_selection_prefers_candidates_that_keep_the_constraints():
     bigger = cur + jnp.array([[-0.05], [0.2]])  # best on objective 1, breaks the constraint
     smaller = cur + jnp.array([[0.0], [0.1]])
     scores = jnp.stack([bigger, smaller, cur, cur], axis=1)
-    state, history = sched.init(2), History.empty(4, 2)
+    state, history = sched.init(2, KEY), History.empty(4, 2)
     assert int(sched.select(scores, jnp.array([True, True]), state, history)) == 1
     free = EV3Scheduler(assess_alpha=0.5, priority=ev3core.WeightedSum([0.0, 1.0]))
-    assert int(free.select(scores, jnp.array([True, True]), free.init(2), history)) == 0
+    assert int(free.select(scores, jnp.array([True, True]), free.init(2, KEY), history)) == 0
     # when no candidate keeps them, the best one is still the winner (decide will refuse it)
     scores = jnp.stack([bigger, bigger, cur, cur], axis=1)
     assert int(sched.select(scores, jnp.array([False, True]), state, history)) == 1
 
 
-def test_engine_names_objectives_and_logs_batch_level_metrics():
+def test_engine_names_objectives_and_logs_batch_level_metrics(builtin_plugins):
     """Built into an engine, constraints may name objectives without `objectives=`, and the
     logged value of a batch-level objective is the metric itself (not a mean of encodings)."""
-    from ev3core._engine.engine import _sample
+    from ev3core._engine.sampling import sample as _sample
 
-    data, _ = smoke_data(jax.random.key(0), n=4096)
-    p = ev3core.load_plugins(autoload=False)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
+    p = builtin_plugins
     f1 = ev3core.F1Score()
     sched = EV3Scheduler(decide_alpha=1.645, constraints=[Constraint("accuracy", max_drop=0.005)])
     with pytest.raises(ConfigurationError, match="named"):
-        sched.init(2)  # unbound, the names are unknown
+        sched.init(2, KEY)  # unbound, the names are unknown
     engine = smoke_pipeline(
         plugins=p, scheduler=sched, assessors=["accuracy", f1], decide_size=1024
     ).build()
     objectives = engine.scheduler.objectives
     assert [o.name for o in objectives] == ["accuracy", "f1"]
     assert objectives[0].metric is None and objectives[1].metric == f1
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     before = state
     state, info = engine.step(state, data)
     # The decide batch the step drew, replayed: the logged F1 of the current model is F1.

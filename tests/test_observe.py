@@ -194,11 +194,8 @@ def test_trace_shows_registrations_and_hook_calls_in_order(setup):
     text = "".join(lines)
     assert "register plugin wrapper: ev3_assess" in text
     assert "ev3_register_assessors() [ev3core.builtins] -> ['accuracy'," in text
-    assert "ev3_explore(pipeline=Pipeline, proposers=(GradientProposer,))" in text
-    assert (
-        "ev3_assess(pipeline=Pipeline, assessors=(Accuracy,)) -> calls wrapper, "
-        "ev3core.builtins" in text
-    )
+    assert "ev3_explore(proposers=(GradientProposer,), assessors=(Accuracy,))" in text
+    assert "ev3_assess(assessors=(Accuracy,)) -> calls wrapper, ev3core.builtins" in text
     assert text.index("ev3_explore(") < text.index("ev3_assess(") < text.index("ev3_adapt(")
     stop()
     n = len(lines)

@@ -140,8 +140,8 @@ def test_duplicate_names_name_both_plugins():
     assert "'accuracy'" in msg and "ev3core.builtins" in msg and "_DupePlugin" in msg
 
 
-def test_unknown_name_lists_close_matches():
-    p = ev3core.load_plugins(autoload=False)
+def test_unknown_name_lists_close_matches(builtin_plugins):
+    p = builtin_plugins
     with pytest.raises(UnknownComponentError) as err:
         p.get("assessor", "acuracy")
     assert "'accuracy'" in str(err.value) and "Did you mean" in str(err.value)
@@ -198,19 +198,19 @@ class _StageWrapper:
         return result + (ev3core.NegCrossEntropy(),)
 
 
-def test_stage_hooks_resolve_stages_at_build_time():
+def test_stage_hooks_resolve_stages_at_build_time(builtin_plugins):
     p = ev3core.load_plugins(extra=[_StageWrapper()], autoload=False)
     engine = ev3core.Pipeline(
         [_grad()], ["accuracy"], plugins=p, assess_size=8, decide_size=8
     ).build()
     assert len(engine.proposers) == 2 and engine.num_candidates == 2
     assert engine.objective_names == ("accuracy", "neg_cross_entropy")
-    plain = ev3core.Pipeline([_grad()], plugins=ev3core.load_plugins(autoload=False)).build()
+    plain = ev3core.Pipeline([_grad()], plugins=builtin_plugins).build()
     assert len(plain.proposers) == 1
 
 
-def test_components_by_name_class_and_instance():
-    p = ev3core.load_plugins(autoload=False)
+def test_components_by_name_class_and_instance(builtin_plugins):
+    p = builtin_plugins
     engine = ev3core.Pipeline(
         [
             p.make(

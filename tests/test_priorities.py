@@ -152,7 +152,7 @@ def scores(shift_a, shift_b):
 
 def run_script(priority, shifts):
     sched = EV3Scheduler(assess_alpha=0.5, decide_alpha=1.645, priority=priority)
-    state = sched.init(2)
+    state = sched.init(2, jax.random.key(0))
     history = History.empty(8, 2)
     decide = eqx.filter_jit(sched.decide)
     logged = []

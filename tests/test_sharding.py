@@ -8,7 +8,6 @@ import pytest
 from jax.sharding import Mesh, PartitionSpec as P
 
 import ev3core
-from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import ConfigurationError
 
 STEPS = 3
@@ -16,7 +15,7 @@ STEPS = 3
 
 @pytest.fixture(scope="module")
 def data():
-    d, _ = smoke_data(jax.random.key(0), n=4096)
+    d, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
     return d
 
 
@@ -39,7 +38,7 @@ def _engine(num_losses=8, chunk=None, **kwargs):
 
 
 def _run(engine, data, steps=STEPS):
-    state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     infos = []
     for _ in range(steps):
         state, info = engine.step(state, data)
@@ -131,14 +130,14 @@ def test_chunked_candidates_give_identical_results(data, reference):
 def test_no_host_transfer_inside_an_iteration(data, plain, sharded):
     """Once compiled, a step (and a scan of steps) never touches the host."""
     for engine in (plain, sharded):
-        state = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+        state = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
         data_d = ev3core.replicate(data, engine.mesh) if engine.mesh is not None else data
         state, _ = engine.step(state, data_d)  # compiled already or now
         with jax.transfer_guard("disallow"):
             state, info = engine.step(state, data_d)
             state, info = engine.step(state, data_d)
         assert info.step.sharding.is_fully_replicated
-    state = plain.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    state = plain.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     state, _ = plain.scan(state, data, 2)
     with jax.transfer_guard("disallow"):
         state, infos = plain.scan(state, data, 2)
@@ -150,7 +149,7 @@ def test_no_host_transfer_inside_an_iteration(data, plain, sharded):
 
 
 def test_donated_step_matches_and_consumes_the_state(data, plain):
-    s0 = plain.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    s0 = plain.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     kept, info = plain.step(s0, data)
     donor = jax.tree.map(jnp.copy, s0)
     new, info_d = plain.step_donated(donor, data)

@@ -19,8 +19,6 @@ Priority components are plugins (`ev3_register_priorities`):
 | `exp3` | `EXP3Priority` | EXP3 bandit over objectives |
 """
 
-from __future__ import annotations
-
 import abc
 from collections.abc import Sequence
 from typing import Any, ClassVar
@@ -35,7 +33,7 @@ from ..errors import ConfigurationError
 from .bounds import weighted_mean
 
 
-def _int_array(x: Any) -> Int[Array, ...]:
+def _int_array(x: Any) -> Int[Array, "..."]:
     return jnp.asarray(x, dtype=jnp.int32)
 
 
@@ -138,21 +136,24 @@ class Feedback(eqx.Module):
 
 # --------------------------------------------------------------------------- interface
 class AbstractPriority(eqx.Module):
-    """A priority scheduler: the weight of every objective at each step.
+    """A priority component: the weight of every objective at each step.
 
     `priorities` is called before the step's data is seen (by `select` and again by
     `decide`, with the same state, history and key, so both see the same priorities);
     `utility` combines objective values with them; `update` learns from the `Feedback`.
 
     `scalarisation` is `"sum"` or `"chebyshev"` (a scalar utility, tested with one bound) or
-    `"lexicographic"` (objectives tested in order; see `Lexicographic`).
+    `"lexicographic"` (objectives tested in order: `lexicographic_order` gives the order and
+    tolerances).
+    Every method is abstract; `weighted_sum` is the usual `utility`.
     """
 
-    scalarisation: ClassVar[str] = "sum"
+    scalarisation: eqx.AbstractClassVar[str]
 
+    @abc.abstractmethod
     def init(self, num_objectives: int) -> PyTree[Any]:
-        """The initial state (default: `None`). Raise `ConfigurationError` on a bad size."""
-        return None
+        """The initial state (`None` when there is none). Raise `ConfigurationError` on a
+        bad size."""
 
     @abc.abstractmethod
     def priorities(
@@ -160,15 +161,29 @@ class AbstractPriority(eqx.Module):
     ) -> Float[Array, " objective"]:
         """The weight of every objective for this step: non-negative, summing to one."""
 
+    @abc.abstractmethod
     def utility(
         self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
     ) -> Float[Array, ""]:
-        """One utility from the objective values (default: the weighted sum)."""
-        return jnp.sum(weights * values)
+        """One utility from the objective values (usually `weighted_sum(values, weights)`)."""
 
+    @abc.abstractmethod
     def update(self, state: PyTree[Any], feedback: Feedback, history: History) -> PyTree[Any]:
-        """The state after a decision (default: unchanged)."""
-        return state
+        """The state after a decision (return `state` when nothing is learnt)."""
+
+    @abc.abstractmethod
+    def lexicographic_order(
+        self, num_objectives: int
+    ) -> tuple[tuple[int, ...], Float[Array, " order"]] | None:
+        """For a lexicographic priority, the objectives in the order they are tested and
+        their tolerances; `None` for a scalar utility (static: decided when tracing)."""
+
+
+def weighted_sum(
+    values: Float[Array, " objective"], weights: Float[Array, " objective"]
+) -> Float[Array, ""]:
+    """The weighted sum of the objective values: the usual `AbstractPriority.utility`."""
+    return jnp.sum(weights * values)
 
 
 def _check_size(owner: str, got: int, num_objectives: int) -> None:
@@ -201,6 +216,8 @@ class WeightedSum(AbstractPriority):
     - `weights`: one per objective (normalised to sum to one; an array leaf).
     """
 
+    scalarisation: ClassVar[str] = "sum"
+
     weights: Float[Array, " objective"]
 
     def __init__(self, weights: Sequence[float] | Array):
@@ -214,6 +231,17 @@ class WeightedSum(AbstractPriority):
         self, state: PyTree[Any], history: History, key: PRNGKeyArray
     ) -> Float[Array, " objective"]:
         return self.weights
+
+    def utility(
+        self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
+    ) -> Float[Array, ""]:
+        return weighted_sum(values, weights)
+
+    def update(self, state: PyTree[Any], feedback: Feedback, history: History) -> PyTree[Any]:
+        return state
+
+    def lexicographic_order(self, num_objectives: int) -> None:
+        return None
 
 
 class WeightedChebyshev(AbstractPriority):
@@ -258,6 +286,12 @@ class WeightedChebyshev(AbstractPriority):
     ) -> Float[Array, ""]:
         shortfall = jnp.where(weights > 0, weights * (self.ideal - values), -jnp.inf)
         return -jnp.max(shortfall)
+
+    def update(self, state: PyTree[Any], feedback: Feedback, history: History) -> PyTree[Any]:
+        return state
+
+    def lexicographic_order(self, num_objectives: int) -> None:
+        return None
 
 
 class Lexicographic(AbstractPriority):
@@ -328,6 +362,19 @@ class Lexicographic(AbstractPriority):
         order, _ = self.resolved(_num_objectives(history))
         return jax.nn.one_hot(order[0], _num_objectives(history), dtype=jnp.float32)
 
+    def utility(
+        self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
+    ) -> Float[Array, ""]:
+        return weighted_sum(values, weights)
+
+    def update(self, state: PyTree[Any], feedback: Feedback, history: History) -> PyTree[Any]:
+        return state
+
+    def lexicographic_order(
+        self, num_objectives: int
+    ) -> tuple[tuple[int, ...], Float[Array, " order"]]:
+        return self.resolved(num_objectives)
+
 
 def lexicographic_rank(
     lower: Float[Array, "order model"], tolerances: Float[Array, " order"]
@@ -388,6 +435,8 @@ class StallPriority(AbstractPriority):
     - `floor`: total weight shared by the objectives out of focus (array leaf, in `[0, 1)`).
     """
 
+    scalarisation: ClassVar[str] = "sum"
+
     patience: Int[Array, ""] = eqx.field(converter=_int_array, default=5)
     floor: Float[Array, ""] = eqx.field(converter=_float_array, default=0.1)
 
@@ -412,6 +461,14 @@ class StallPriority(AbstractPriority):
             focus=focus.astype(jnp.int32), stall=jnp.where(move, 0, stall).astype(jnp.int32)
         )
 
+    def utility(
+        self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
+    ) -> Float[Array, ""]:
+        return weighted_sum(values, weights)
+
+    def lexicographic_order(self, num_objectives: int) -> None:
+        return None
+
 
 class BanditState(eqx.Module):
     """`UCBPriority`'s discounted pull counts and reward sums, per objective."""
@@ -435,6 +492,8 @@ class UCBPriority(AbstractPriority):
     - `discount`: per-step discount of counts and rewards (array leaf in `(0, 1]`, default 0.9).
     - `floor`: total weight shared by the other objectives (array leaf, default 0.1).
     """
+
+    scalarisation: ClassVar[str] = "sum"
 
     exploration: Float[Array, ""] = eqx.field(converter=_float_array, default=0.5)
     discount: Float[Array, ""] = eqx.field(converter=_float_array, default=0.9)
@@ -474,6 +533,14 @@ class UCBPriority(AbstractPriority):
             rewards=self.discount * state.rewards + pulled * reward,
         )
 
+    def utility(
+        self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
+    ) -> Float[Array, ""]:
+        return weighted_sum(values, weights)
+
+    def lexicographic_order(self, num_objectives: int) -> None:
+        return None
+
 
 class EXP3State(eqx.Module):
     log_weights: Float[Array, " objective"]
@@ -491,6 +558,8 @@ class EXP3Priority(AbstractPriority):
     - `gamma`: exploration rate and learning rate (array leaf in `(0, 1]`, default 0.2).
     - `floor`: total weight shared by the other objectives (array leaf, default 0.1).
     """
+
+    scalarisation: ClassVar[str] = "sum"
 
     gamma: Float[Array, ""] = eqx.field(converter=_float_array, default=0.2)
     floor: Float[Array, ""] = eqx.field(converter=_float_array, default=0.1)
@@ -525,3 +594,11 @@ class EXP3Priority(AbstractPriority):
         return EXP3State(
             log_weights=state.log_weights + step * jax.nn.one_hot(arm, num, dtype=jnp.float32)
         )
+
+    def utility(
+        self, values: Float[Array, " objective"], weights: Float[Array, " objective"]
+    ) -> Float[Array, ""]:
+        return weighted_sum(values, weights)
+
+    def lexicographic_order(self, num_objectives: int) -> None:
+        return None

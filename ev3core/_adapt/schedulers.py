@@ -10,7 +10,8 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from .._interfaces import AbstractAssessor, AbstractScheduler
+from .._assess.metrics import AbstractBatchAssessor
+from .._interfaces import AbstractAssessor, AbstractScheduler, ComponentName
 from .._types import CURRENT, STABLE, WINNER, Decision, History
 from ..errors import ConfigurationError
 from .bounds import (
@@ -25,7 +26,6 @@ from .priorities import (
     AbstractPriority,
     Constraint,
     Feedback,
-    Lexicographic,
     Objective,
     lexicographic_rank,
 )
@@ -58,16 +58,52 @@ def mean_and_stderr(
 _ORDER = (CURRENT, WINNER, STABLE)
 
 
-def _resolve(kind: str, spec: Any, base: type, owner: str) -> Any:
-    from .._plugins.manager import plugins
-
-    spec = plugins().resolve(kind, spec, owner)
+def _component(kind: str, spec: Any, base: type, owner: str) -> Any:
+    """An instance of `base` as is; a registered name kept as a `ComponentName`, which
+    `Pipeline.build()` resolves through its plugins (components never look up a registry)."""
+    if isinstance(spec, str):
+        return ComponentName(kind, spec)
     if not isinstance(spec, base):
         raise ConfigurationError(
             f"{owner}: {kind}={spec!r} is not an ev3core.{base.__name__} (or a registered "
             f"{kind} name; `ev3 plugins` lists them)."
         )
     return spec
+
+
+def _check_directions(
+    objectives: Sequence[Objective], assessors: Sequence[AbstractAssessor], owner: str
+) -> None:
+    """Objectives must not pull one score both ways, nor against its assessor's direction."""
+    names = [a.name for a in assessors]
+    seen: dict[str, tuple[int, str]] = {}
+    for i, o in enumerate(objectives):
+        name, direction = o.name, o.direction
+        if name is None:
+            continue
+        if name in seen and seen[name][1] != direction:
+            j, other = seen[name]
+            raise ConfigurationError(
+                f"{owner}: objective {name!r} is given conflicting directions: "
+                f"objectives[{j}] has direction={other!r} and objectives[{i}] has "
+                f"direction={direction!r}. An objective is either maximised or minimised: "
+                "keep one of them (or give them different names if they are different scores)."
+            )
+        seen.setdefault(name, (i, direction))
+        if i < len(names) and name in names and names[i] != name:
+            raise ConfigurationError(
+                f"{owner}: objectives[{i}] is named {name!r} but assessor #{i} is "
+                f"{names[i]!r} ({name!r} is assessor #{names.index(name)}). Objectives are "
+                f"matched to assessors by position: list them in assessor order {names}."
+            )
+        declared = assessors[i].direction if i < len(assessors) else None
+        if declared is not None and declared != direction:
+            raise ConfigurationError(
+                f"{owner}: assessor #{i} {names[i]!r} declares direction={declared!r} (its "
+                f"scores are better when {'higher' if declared == 'max' else 'lower'}) but "
+                f"objectives[{i}] has direction={direction!r}, which would optimise it the "
+                f"wrong way. Use Objective({names[i]!r}, direction={declared!r})."
+            )
 
 
 class EV3SchedulerState(eqx.Module):
@@ -113,13 +149,14 @@ class EV3Scheduler(AbstractScheduler):
       `(0, inf)`); the one-sided level of a bound is `Phi(-alpha)` (`z_for_level(0.95)` is
       1.645).
     - `objective`: without `priority`, the index of the objective that decides.
-    - `bound`: an `AbstractBound` or a registered name (`"paired"`, `"normal"`,
-      `"bootstrap"`). Default `PairedBound()`.
-    - `priority`: an `AbstractPriority` or a registered name, for several objectives.
+    - `bound`: an `AbstractBound`, or a registered name (`"paired"`, `"normal"`,
+      `"bootstrap"`) that `Pipeline.build()` resolves through its plugins. Default
+      `PairedBound()`.
+    - `priority`: an `AbstractPriority` (or a registered name, resolved the same way), for
+      several objectives.
     - `objectives`: one `Objective` (or name) per assessor, in assessor order: names,
       directions and batch-level metrics. Default: every assessor's mean, maximised.
     - `constraints`: `Constraint`s that every move must satisfy.
-    - `seed`: seeds the scheduler's own key (bootstrap resamples, EXP3 draws).
 
     ```python
     EV3Scheduler(
@@ -133,12 +170,11 @@ class EV3Scheduler(AbstractScheduler):
 
     assess_alpha: Float[Array, ""]
     decide_alpha: Float[Array, ""]
-    bound: AbstractBound
-    priority: AbstractPriority | None
+    bound: AbstractBound | ComponentName
+    priority: AbstractPriority | ComponentName | None
     objectives: tuple[Objective, ...] | None
     constraints: tuple[Constraint, ...]
     objective: int = eqx.field(static=True)
-    seed: int = eqx.field(static=True)
 
     def __init__(
         self,
@@ -150,7 +186,6 @@ class EV3Scheduler(AbstractScheduler):
         priority: AbstractPriority | str | None = None,
         objectives: Sequence[Objective | str] | None = None,
         constraints: Sequence[Constraint] = (),
-        seed: int = 0,
     ):
         self.assess_alpha = _positive_alpha(assess_alpha)
         self.decide_alpha = _positive_alpha(decide_alpha)
@@ -158,12 +193,12 @@ class EV3Scheduler(AbstractScheduler):
         self.bound = (
             PairedBound()
             if bound is None
-            else _resolve("bound", bound, AbstractBound, "EV3Scheduler")
+            else _component("bound", bound, AbstractBound, "EV3Scheduler")
         )
         self.priority = (
             None
             if priority is None
-            else _resolve("priority", priority, AbstractPriority, "EV3Scheduler")
+            else _component("priority", priority, AbstractPriority, "EV3Scheduler")
         )
         if objectives is not None:
             objectives = tuple(Objective(o) if isinstance(o, str) else o for o in objectives)
@@ -182,12 +217,23 @@ class EV3Scheduler(AbstractScheduler):
                     "Constraint('accuracy', max_drop=0.005)."
                 )
         self.constraints = constraints
-        self.seed = int(seed)
 
     # ------------------------------------------------------------ configuration
     @property
-    def _lexicographic(self) -> bool:
-        return isinstance(self.priority, Lexicographic)
+    def _bound(self) -> AbstractBound:
+        """The bound (a name was resolved when the pipeline was built; `init` checks)."""
+        assert isinstance(self.bound, AbstractBound), self.bound
+        return self.bound
+
+    @property
+    def _priority(self) -> AbstractPriority:
+        assert isinstance(self.priority, AbstractPriority), self.priority
+        return self.priority
+
+    def _order(self, num_objectives: int) -> tuple[tuple[int, ...], Float[Array, " order"]] | None:
+        """The lexicographic order and tolerances of the priority, if it tests objectives in
+        order (`AbstractPriority.lexicographic_order`); `None` for a scalar utility."""
+        return None if self.priority is None else self._priority.lexicographic_order(num_objectives)
 
     def _constraint_index(self, constraint: Constraint, num_objectives: int) -> int:
         target = constraint.objective
@@ -212,19 +258,17 @@ class EV3Scheduler(AbstractScheduler):
         """Name the objectives after `assessors` and use batch-level assessors' metrics.
 
         Without `objectives`, objective `i` becomes `Objective(assessor_i.name, direction,
-        metric)`, where `direction` is the assessor's declared `direction` (default `"max"`)
+        metric)`, where `direction` is the assessor's declared `direction`
         and `metric` is the assessor itself when it is batch-level (F1, AUC, calibration), so
         the bounds test the metric, not a mean of its per-example encodings. Given
         `objectives`, unnamed ones take the assessor's name and batch-level ones without a
         `metric` get the assessor. The engine calls this once when it is built.
         """
-        from .._assess.metrics import AbstractBatchAssessor
 
         def filled(a: AbstractAssessor, o: Objective | None) -> Objective:
             batch = a if isinstance(a, AbstractBatchAssessor) else None
             if o is None:
-                declared = getattr(a, "direction", "max")
-                return Objective(a.name, declared if declared in ("max", "min") else "max", batch)
+                return Objective(a.name, a.direction, batch)
             return Objective(
                 o.name if o.name is not None else a.name,
                 o.direction,
@@ -232,7 +276,9 @@ class EV3Scheduler(AbstractScheduler):
             )
 
         assessors = tuple(assessors)
-        given = self.objectives
+        if self.objectives:
+            _check_directions(self.objectives, assessors, type(self).__name__)
+        given: Sequence[Objective | None] | None = self.objectives
         if given is not None and len(given) != len(assessors):
             return self  # `init` reports the mismatch
         if given is None:
@@ -240,7 +286,17 @@ class EV3Scheduler(AbstractScheduler):
         objectives = tuple(filled(a, o) for a, o in zip(assessors, given))
         return eqx.tree_at(lambda s: s.objectives, self, objectives, is_leaf=lambda x: x is None)
 
-    def init(self, num_objectives: int) -> EV3SchedulerState:
+    def init(self, num_objectives: int, key: PRNGKeyArray) -> EV3SchedulerState:
+        """Check the objectives against `num_objectives`; the state keeps `key` for the
+        bound's resamples and the priority's draws (so they follow the engine's key)."""
+        for name in (self.bound, self.priority):
+            if isinstance(name, ComponentName):
+                raise ConfigurationError(
+                    f"EV3Scheduler: the {name} is a registered name that was never resolved. "
+                    "Names are resolved when a pipeline is built: use "
+                    "ev3core.Pipeline(...).build(), or pass an instance "
+                    f"(ev3core.make({name.kind!r}, {name.name!r}))."
+                )
         if not 0 <= self.objective < num_objectives:
             raise ConfigurationError(
                 f"EV3Scheduler: objective={self.objective} but the pipeline has "
@@ -253,8 +309,8 @@ class EV3Scheduler(AbstractScheduler):
             )
         for c in self.constraints:
             self._constraint_index(c, num_objectives)
-        pstate = None if self.priority is None else self.priority.init(num_objectives)
-        return EV3SchedulerState(key=jax.random.key(self.seed), priority=pstate)
+        pstate = None if self.priority is None else self._priority.init(num_objectives)
+        return EV3SchedulerState(key=key, priority=pstate)
 
     # ------------------------------------------------------------ building blocks
     def _keys(self, state: EV3SchedulerState, history: History) -> _Keys:
@@ -274,11 +330,11 @@ class EV3Scheduler(AbstractScheduler):
             return jax.nn.one_hot(self.objective, num, dtype=jnp.float32), self._value(
                 self.objective
             )
-        weights = self.priority.priorities(state.priority, history, key)
+        weights = self._priority.priorities(state.priority, history, key)
         values = [self._value(o) for o in range(num)]
 
         def utility(v, w):
-            return self.priority.utility(jnp.stack([f(v, w) for f in values]), weights)
+            return self._priority.utility(jnp.stack([f(v, w) for f in values]), weights)
 
         return weights, utility
 
@@ -294,9 +350,9 @@ class EV3Scheduler(AbstractScheduler):
         """Per-objective `(point, lower, upper)` of each model's advantage over `reference`."""
         rows = [
             advantage(
-                self.bound.interval(self._value(o), scores, reference, z, key, mask),
+                self._bound.interval(self._value(o), scores, reference, z, key, mask),
                 reference,
-                self.bound.paired,
+                self._bound.paired,
             )
             for o in objectives
         ]
@@ -331,8 +387,9 @@ class EV3Scheduler(AbstractScheduler):
         k = valid.shape[0]
         keys = self._keys(state, history)
         mask = jnp.concatenate([valid, jnp.zeros((2,), bool)])
-        if self._lexicographic:
-            order, tol = self.priority.resolved(scores.shape[0])
+        lexicographic = self._order(scores.shape[0])
+        if lexicographic is not None:
+            order, tol = lexicographic
             z = bonferroni_z(self.assess_alpha, len(order))
             _, lower, _ = self._advantages(scores, order, k, z, keys.select, mask)
             rank, at = lexicographic_rank(lower[:, :k], tol)
@@ -341,7 +398,7 @@ class EV3Scheduler(AbstractScheduler):
             score = jnp.where(ok & (rank == best), at, -jnp.inf)
         else:
             _, utility = self._utility(state, history, keys.priority, scores.shape[0])
-            iv = self.bound.interval(utility, scores, k, self.assess_alpha, keys.select, mask)
+            iv = self._bound.interval(utility, scores, k, self.assess_alpha, keys.select, mask)
             lcb = iv.lower[:k]
             score = jnp.where(valid & jnp.isfinite(lcb), lcb, -jnp.inf)
         if self.constraints:
@@ -369,8 +426,9 @@ class EV3Scheduler(AbstractScheduler):
         holds_stable = self._constraints_hold(scores, STABLE, z, keys.decide, versus_stable)
         order_ = jnp.array(_ORDER, jnp.int32)
 
-        if self._lexicographic:
-            order, tol = self.priority.resolved(num)
+        lexicographic = self._order(num)
+        if lexicographic is not None:
+            order, tol = lexicographic
             zl = bonferroni_z(z, len(order))
             _, lo, up = self._advantages(scores, order, CURRENT, zl, keys.decide, moves)
             rank, at = lexicographic_rank(lo, tol)
@@ -392,13 +450,13 @@ class EV3Scheduler(AbstractScheduler):
             beats_stable = (rank_s[WINNER] < len(order)) & jnp.isfinite(at_s[WINNER])
         else:
             priorities, utility = self._utility(state, history, keys.priority, num)
-            iv = self.bound.interval(utility, scores, CURRENT, z, keys.decide, moves)
+            iv = self._bound.interval(utility, scores, CURRENT, z, keys.decide, moves)
             lower, upper = iv.lower, iv.upper
             ok = movable & jnp.isfinite(lower) & holds
             masked = jnp.where(ok, lower, -jnp.inf)
             choice = order_[jnp.argmax(masked[order_])]
-            if self.bound.paired:
-                iv_s = self.bound.interval(utility, scores, STABLE, z, keys.decide, versus_stable)
+            if self._bound.paired:
+                iv_s = self._bound.interval(utility, scores, STABLE, z, keys.decide, versus_stable)
             else:  # marginal intervals do not depend on the reference
                 iv_s = iv
             beats_stable = jnp.isfinite(iv_s.lower[WINNER]) & (
@@ -419,7 +477,7 @@ class EV3Scheduler(AbstractScheduler):
                 gain_upper=gain(up_o),
                 priorities=priorities,
             )
-            pstate = self.priority.update(state.priority, feedback, history)
+            pstate = self._priority.update(state.priority, feedback, history)
         decision = Decision(
             choice=choice.astype(jnp.int32),
             update_stable=significant,
@@ -444,7 +502,10 @@ class AlwaysAccept(AbstractScheduler):
 
     objective: int = eqx.field(static=True, default=0)
 
-    def init(self, num_objectives: int) -> None:
+    def bind(self, assessors: Sequence[AbstractAssessor]) -> AlwaysAccept:
+        return self
+
+    def init(self, num_objectives: int, key: PRNGKeyArray) -> None:
         if not 0 <= self.objective < num_objectives:
             raise ConfigurationError(
                 f"AlwaysAccept: objective={self.objective} but the pipeline has "

@@ -8,45 +8,22 @@ just drawing new weights (`BootstrapBound`), and the delta method is the gradien
 to the weights (`NormalBound`, `PairedBound`). Objectives use `metric` through
 `Objective(metric=assessor)`.
 
-The engine logs each objective through `assessor.summary(values)`, so `StepInfo.assess_mean`,
-`decide_mean` and `History.score` hold the metric itself, not a mean of encodings.
+The engine logs each objective through `objective_value(assessor, values)`, so
+`StepInfo.assess_mean`, `decide_mean` and `History.score` hold the metric itself, not a mean
+of encodings.
 """
 
 from __future__ import annotations
 
-import abc
-from typing import Any, ClassVar
+from typing import Any
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PyTree
 
-from .._interfaces import AbstractAssessor
+from .._interfaces import AbstractBatchAssessor
 from ..errors import ConfigurationError
-
-
-class AbstractBatchAssessor(AbstractAssessor):
-    """An assessor whose objective is a batch-level metric.
-
-    `__call__(model, batch)` returns one float per example that encodes everything `metric`
-    needs about that example; `metric(values, weights)` computes the metric (higher is better)
-    from those values with non-negative example weights. `metric` must be invariant to
-    multiplying every weight by the same constant (normalise by the weights' sum) and
-    differentiable in the weights almost everywhere; it needs no gradient in the model.
-    """
-
-    per_example: ClassVar[bool] = False
-
-    @abc.abstractmethod
-    def metric(
-        self, values: Float[Array, " example"], weights: Float[Array, " example"]
-    ) -> Float[Array, ""]:
-        """The batch-level metric of the encoded `values` weighted by `weights`."""
-
-    def summary(self, values: Float[Array, " example"]) -> Float[Array, ""]:
-        """The metric on the whole batch (every example weighted 1)."""
-        return jnp.asarray(self.metric(values, jnp.ones_like(values)), jnp.float32)
 
 
 def _safe_div(num: Float[Array, ""], den: Float[Array, ""], empty: float) -> Float[Array, ""]:
@@ -71,6 +48,8 @@ class F1Score(AbstractBatchAssessor):
 
     - `positive`: the class counted as positive (default 1).
     """
+
+    direction = "max"  # higher scores are better
 
     positive: int = eqx.field(static=True, default=1)
 
@@ -110,6 +89,8 @@ class AUC(AbstractBatchAssessor):
 
     - `positive`: the class counted as positive (default 1).
     """
+
+    direction = "max"  # higher scores are better
 
     positive: int = eqx.field(static=True, default=1)
 
@@ -152,6 +133,8 @@ class NegExpectedCalibrationError(AbstractBatchAssessor):
 
     - `num_bins`: number of equal-width confidence bins (default 15).
     """
+
+    direction = "max"  # higher scores are better
 
     num_bins: int = eqx.field(static=True, default=15)
 

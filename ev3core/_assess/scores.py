@@ -19,6 +19,8 @@ class Accuracy(AbstractAssessor):
     Not differentiable: it takes an argmax.
     """
 
+    direction = "max"  # higher scores are better
+
     @property
     def name(self) -> str:
         return "accuracy"
@@ -31,6 +33,8 @@ class Accuracy(AbstractAssessor):
 
 class NegCrossEntropy(AbstractAssessor):
     """Per-example negative cross-entropy (log-likelihood of the true label), higher is better."""
+
+    direction = "max"  # higher scores are better
 
     @property
     def name(self) -> str:
@@ -50,6 +54,8 @@ class NegBrierScore(AbstractAssessor):
     log-likelihood is unbounded. Decisions on it therefore follow accuracy more closely than
     decisions on the log-likelihood once a model grows overconfident.
     """
+
+    direction = "max"  # higher scores are better
 
     @property
     def name(self) -> str:

@@ -29,7 +29,7 @@ class CrossEntropy(AbstractLoss):
     ```
     """
 
-    temperature: Float[Array, ""] = eqx.field(converter=_as_float_array, default=1.0)
+    temperature: Float[Array, ""] | float = eqx.field(converter=_as_float_array, default=1.0)
 
     def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
         del key

@@ -6,107 +6,109 @@ import argparse
 import json
 import os
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
-from ..errors import CheckpointError, EV3Error
+from .._plugins.manager import Plugins, load_plugins, plugin_manager
+from ..errors import CheckpointError, ConfigurationError, EV3Error, RunInterrupted
+from .observe import JsonlLogger
+from .smoke import smoke_pipeline
+
+RUN_RECORD = "ev3-run.json"
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    name = _pick_experiment(args)
-    if name is None:
-        return _run_smoke(args)
-    return _run_experiment(name, args)
+def _recorded_experiment(directory: str) -> str | None:
+    """The experiment that owns a run directory (recorded by `ev3 run --out`), or `None`."""
+    try:
+        with open(os.path.join(directory, RUN_RECORD)) as f:
+            return str(json.load(f)["experiment"])
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f"{os.path.join(directory, RUN_RECORD)} is unreadable ({exc}); pass --experiment "
+            "NAME to say which experiment made the run."
+        ) from exc
 
 
-def _pick_experiment(args: argparse.Namespace) -> str | None:
-    """The registered experiment `ev3 run` runs, or `None` for the built-in smoke one.
+def _record_experiment(directory: str, name: str) -> None:
+    owner = _recorded_experiment(directory)
+    if owner is not None and owner != name:
+        raise ConfigurationError(
+            f"--out {directory} holds a run of the {owner!r} experiment. Continue it with "
+            f"`ev3 run --resume {directory}`, or pass another directory."
+        )
+    os.makedirs(directory, exist_ok=True)
+    with open(os.path.join(directory, RUN_RECORD), "w") as f:
+        json.dump({"experiment": name}, f)
 
-    `--smoke` runs smoke; `--resume DIR` continues the experiment whose output DIR is (a
-    distillation run keeps its checkpoints in `DIR/checkpoint/`, a smoke run in `DIR`);
-    `--experiment NAME` runs that one; otherwise the `distill` experiment if a plugin
-    registered it (the ev3-distill package), else smoke.
+
+def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
+    """The registered experiment `ev3 run` runs.
+
+    `--smoke` is `--experiment smoke`; `--resume DIR` continues the experiment recorded in
+    DIR; otherwise `--experiment NAME`, or the default experiment (`ev3_default_experiment`:
+    a plugin's main job when one is installed, else the built-in smoke experiment).
     """
-    from .._plugins.manager import plugins as default_plugins
-    from ..errors import ConfigurationError
-
     if args.smoke:
         if args.experiment not in (None, "smoke") or args.pipeline:
             raise ConfigurationError(
                 "--smoke runs the built-in smoke experiment, which takes no --experiment or "
                 "pipeline file; drop --smoke to run them."
             )
-        return None
-    distill_output = bool(args.resume) and os.path.isdir(os.path.join(args.resume, "checkpoint"))
-    if args.experiment == "smoke" or (
-        args.resume and args.experiment is None and not distill_output
-    ):
-        return None
-    plugins = default_plugins()
-    if distill_output and args.experiment is None:
-        if "distill" not in plugins.components("experiment"):
-            raise ConfigurationError(
-                f"--resume {args.resume}: that is the output of a distillation run, but the "
-                "distillation plugin is not installed (pip install -e plugins/ev3-distill)."
+        name = "smoke"
+    elif args.experiment is not None:
+        name = args.experiment
+    elif args.resume:
+        name = _recorded_experiment(args.resume)  # type: ignore[assignment]
+        if name is None:
+            raise CheckpointError(
+                f"--resume {args.resume}: the directory records no experiment ({RUN_RECORD}); "
+                "pass the --out directory of an earlier `ev3 run`, or say which experiment "
+                "made it with --experiment NAME."
             )
-        return "distill"
-    if args.experiment is not None:
-        plugins.get("experiment", args.experiment)  # UnknownComponentError with close matches
-        return args.experiment
-    if "distill" in plugins.components("experiment"):
-        return "distill"
-    if args.pipeline:
-        raise ConfigurationError(
-            f"`ev3 run {args.pipeline}`: no installed experiment runs pipeline files. Install "
-            "the distillation plugin (pip install -e plugins/ev3-distill) or pass "
-            "--experiment NAME."
-        )
-    return None
+    else:
+        name = plugins.pm.hook.ev3_default_experiment()
+    plugins.get("experiment", name)  # UnknownComponentError with close matches
+    return name
 
 
-def _run_experiment(name: str, args: argparse.Namespace) -> int:
-    """Run an experiment registered through `ev3_register_experiments`."""
-    from .._plugins.manager import plugins as default_plugins
-    from ..errors import ConfigurationError, RunInterrupted
-
-    resume: dict[str, Any] = {}
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    """The experiment's keyword arguments: the common ones, and the others when given."""
+    options: dict[str, Any] = {
+        "steps": args.steps,
+        "seed": args.seed,
+        "out": args.out,
+        "dataset": args.dataset,
+        "pipeline": args.pipeline,
+        "progress": not args.no_progress,
+        "checkpoint_every": args.checkpoint_every,
+        "keep": args.keep,
+    }
+    for name in ("chunk", "examples", "print_every"):
+        if getattr(args, name) is not None:
+            options[name] = getattr(args, name)
     if args.resume:
-        if name != "distill":
-            raise ConfigurationError(
-                f"--resume is supported by the smoke and distill experiments, not by {name!r}; "
-                "start a new run with --out DIR."
-            )
         if args.out or args.pipeline or args.dataset:
             raise ConfigurationError(
                 f"--resume {args.resume} continues that run with its recorded options; drop "
                 "--out, --dataset and the pipeline file."
             )
-        resume = {"resume": args.resume}
-    experiment = default_plugins().get("experiment", name)
-    if getattr(args, "log_jsonl", None):
-        # The experiment's EV3 steps go through `ev3core.run` with these plugins, so the
-        # JSONL logger sees every step (the distill experiment takes `plugins=`).
-        from .observe import JsonlLogger
+        options["resume"] = args.resume
+    if args.log_jsonl:
+        options["observers"] = [JsonlLogger(args.log_jsonl, every=args.print_every or 5)]
+    return options
 
-        plugins = default_plugins()
-        plugins.register(
-            JsonlLogger(args.log_jsonl, every=getattr(args, "print_every", 1) or 1),
-            name="ev3core.cli-jsonl",
-        )
-        resume["plugins"] = plugins
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    """Run a registered experiment (`ev3_register_experiments`) and print its summary."""
+    plugins = plugin_manager()
+    name = _pick_experiment(args, plugins)
+    options = _options(args)
+    if args.out:
+        _record_experiment(args.out, name)
     try:
-        summary = experiment(
-            steps=args.steps,
-            seed=args.seed,
-            out=args.out,
-            dataset=args.dataset,
-            pipeline=args.pipeline,
-            progress=not getattr(args, "no_progress", False),
-            checkpoint_every=args.checkpoint_every,
-            keep=args.keep,
-            **resume,
-        )
+        summary = plugins.get("experiment", name)(**options)
     except RunInterrupted as exc:
         if exc.state is None:
             print(
@@ -118,163 +120,27 @@ def _run_experiment(name: str, args: argparse.Namespace) -> int:
         where = (
             f"; checkpoint in {out}. Continue with: ev3 run --resume {out}"
             if out
-            else " (the checkpoint is in the run directory printed above; continue with "
-            "ev3 run --resume DIR)"
+            else " (pass --out DIR to be able to resume with ev3 run --resume DIR)"
         )
-        print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
+        step = int(getattr(exc.state, "step", -1))
+        print(f"ev3: interrupted at step {step}{where}", file=sys.stderr)
         return 130
     print(json.dumps(summary, indent=2))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    return 0
-
-
-def _smoke_resume_options(args: argparse.Namespace) -> dict[str, Any] | None:
-    """The options of the run being resumed (from its newest usable checkpoint's metadata)."""
-    from .checkpoint import list_checkpoints
-
-    if not args.resume:
-        return None
-    manifests = list_checkpoints(args.resume)
-    if not manifests:
-        raise CheckpointError(
-            f"--resume {args.resume}: no checkpoint there. Pass the --out directory of an "
-            "earlier `ev3 run`."
-        )
-    for manifest in reversed(manifests):  # the newest readable one; load_checkpoint verifies
-        try:
-            cli = json.loads(manifest.read_text())["metadata"]["cli"]
-        except (OSError, ValueError, KeyError, TypeError):
-            continue
-        if cli.get("experiment") != "smoke":
-            raise CheckpointError(
-                f"--resume {args.resume}: the checkpoint is of the {cli.get('experiment')!r} "
-                "experiment; `ev3 run --resume` continues smoke runs only."
-            )
-        return cli
-    raise CheckpointError(f"--resume {args.resume}: no readable checkpoint manifest there.")
-
-
-def _run_smoke(args: argparse.Namespace) -> int:
-    """The built-in smoke experiment, with `--out` checkpoints and `--resume`."""
-    import jax
-
-    from .._assess.scores import Accuracy
-    from .._plugins.manager import plugins as default_plugins
-    from ..errors import RunInterrupted
-    from .checkpoint import Checkpointer, list_checkpoints, load_checkpoint, state_digest
-    from .observe import JsonlLogger, ProgressBar
-    from .run import run
-    from .smoke import smoke_data, smoke_model, smoke_pipeline
-
-    t0 = time.perf_counter()
-    resumed = _smoke_resume_options(args)
-    options = {
-        "experiment": "smoke",
-        "seed": args.seed,
-        "steps": 30 if args.steps is None else args.steps,
-        "chunk": args.chunk,
-        "examples": args.examples,
-    }
-    if resumed is not None:
-        options.update({k: resumed[k] for k in ("seed", "chunk", "examples") if k in resumed})
-        options["steps"] = resumed.get("steps", 30) if args.steps is None else args.steps
-    out = args.resume or args.out
-    if args.out and not args.resume and list_checkpoints(args.out):
-        raise CheckpointError(
-            f"--out {args.out} already holds checkpoints. Continue that run with "
-            f"`ev3 run --smoke --resume {args.out}`, or pass an empty directory."
-        )
-    key = jax.random.key(options["seed"])
-    k_data, k_model, k_run = jax.random.split(key, 3)
-    data, (x_test, y_test) = smoke_data(k_data, n=options["examples"])
-    engine = smoke_pipeline().build()
-    state = engine.init(smoke_model(k_model), k_run)
-    # Counts decisions for the summary and checkpoints even when nothing is drawn.
-    progress = ProgressBar(
-        args.print_every, desc="ev3 smoke", disable=True if args.no_progress else None
-    )
-    if resumed is not None:
-        state, manifest = load_checkpoint(args.resume, like=state)
-        progress.counts.update(manifest["metadata"].get("counts", {}))
-        for skipped in manifest["skipped"]:
-            print(
-                f"ev3: skipped unusable checkpoint {skipped['file']}: {skipped['reason']}",
-                file=sys.stderr,
-            )
-        print(
-            f"ev3: resuming from {manifest['leaves_file']} at step {int(state.step)} of "
-            f"{options['steps']}",
-            file=sys.stderr,
-        )
-    remaining = max(0, options["steps"] - int(state.step))
-    plugins = default_plugins()
-    names = [plugins.register(progress, name="ev3core.cli-progress")]
-    if args.log_jsonl:
-        names.append(
-            plugins.register(
-                JsonlLogger(args.log_jsonl, every=args.print_every), name="ev3core.cli-jsonl"
-            )
-        )
-    if out:
-        checkpointer = Checkpointer(
-            out,
-            every=args.checkpoint_every,
-            keep=args.keep,
-            metadata=lambda: {"cli": options, "counts": dict(progress.counts)},
-        )
-        names.append(plugins.register(checkpointer, name="ev3core.cli-checkpointer"))
-    try:
-        state, infos = run(engine, state, data, remaining, plugins=plugins, chunk=options["chunk"])
-    except RunInterrupted as exc:
-        where = (
-            f"; checkpoint in {out}. Continue with: ev3 run --smoke --resume {out}"
-            if out
-            else " (no checkpoint: pass --out DIR to be able to resume)"
-        )
-        print(f"ev3: interrupted at step {int(exc.state.step)}{where}", file=sys.stderr)
-        return 130
-    finally:
-        for name in names:
-            if name is not None:
-                plugins.pm.unregister(name=name)
-    test_acc = float(Accuracy()(state.model, (x_test, y_test)).mean())
-    stable_acc = float(Accuracy()(state.stable_model, (x_test, y_test)).mean())
-    summary = {
-        "experiment": "smoke",
-        "steps": int(state.step),
-        "seed": options["seed"],
-        "test_accuracy": test_acc,
-        "stable_test_accuracy": stable_acc,
-        **progress.counts,
-        "state_sha256": state_digest(state),  # equal digests: bit-identical final states
-        "resumed_from": None if resumed is None else int(manifest["step"]),
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    print(json.dumps(summary, indent=2))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(summary, f, indent=2)
-    if out:
-        with open(os.path.join(out, "summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
     return 0
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
-    from .._plugins.manager import load_plugins, plugins as default_plugins
-
     if args.trace:
         # A fresh plugin set traced from its first registration; then build a pipeline (the
         # smoke one) so the stage hooks show as they run at build time.
-        from .smoke import smoke_pipeline
-
         plugins = load_plugins(trace=True)
         plugins.describe()  # the registration hooks of every kind
         smoke_pipeline(plugins=plugins).build()
     else:
-        plugins = default_plugins()
+        plugins = plugin_manager()
     report = plugins.describe()
     if args.json:
         print(json.dumps(report, indent=2))
@@ -299,8 +165,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser(
         "run",
-        help="run an EV3 experiment (default: distillation when ev3-distill is installed, "
-        "else the smoke experiment)",
+        help="run a registered EV3 experiment (default: the main experiment of an installed "
+        "plugin, else the built-in smoke experiment)",
     )
     p_run.add_argument(
         "pipeline", nargs="?", default=None, help="a pipeline file (.py) for the experiment to run"
@@ -310,18 +176,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--experiment", default=None, help="name of a registered experiment (see `ev3 plugins`)"
     )
     p_run.add_argument(
-        "--dataset", default=None, help="data set of the experiment (distill: digits or mnist1d)"
+        "--dataset", default=None, help="data set of the experiment (if it takes one)"
     )
     p_run.add_argument(
         "--steps",
         type=int,
         default=None,
-        help="EV3 iterations (default: the experiment's; smoke 30, distill 60)",
+        help="EV3 iterations (default: the experiment's; smoke 30)",
     )
     p_run.add_argument("--seed", type=int, default=0)
-    p_run.add_argument("--chunk", type=int, default=1, help="steps per compiled call")
     p_run.add_argument(
-        "--print-every", type=int, default=5, help="steps between progress refreshes (default 5)"
+        "--chunk", type=int, default=None, help="steps per compiled call (smoke; default 1)"
+    )
+    p_run.add_argument(
+        "--print-every",
+        type=int,
+        default=None,
+        help="steps between progress refreshes and JSONL lines (default 5)",
     )
     p_run.add_argument(
         "--no-progress", action="store_true", help="show no progress (also: EV3_NO_PROGRESS=1)"
@@ -329,7 +200,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument(
         "--log-jsonl",
         metavar="PATH",
-        help="append one JSON line per step to PATH (smoke experiment)",
+        help="append one JSON line per step to PATH",
     )
     p_run.add_argument("--json", help="also write the summary to this file")
     p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")
@@ -348,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument(
         "--examples",
         type=int,
-        default=100_000,
+        default=None,
         help="examples per data split of the smoke experiment (default 100000)",
     )
     p_run.set_defaults(func=_cmd_run)

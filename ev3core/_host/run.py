@@ -6,6 +6,7 @@ import logging
 import signal
 import threading
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -13,11 +14,13 @@ import numpy as np
 
 from .._engine.engine import Engine
 from .._faults import component_owner, describe_component
-from .._plugins.manager import Plugins, plugins as default_plugins
+from .._plugins.manager import Plugins, plugin_manager
 from .._types import Data, State, StepInfo
 from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 
 logger = logging.getLogger("ev3core")
+
+_LIFECYCLE = ("ev3_run_start", "ev3_after_step", "ev3_run_end")
 
 
 class _StopOnInterrupt:
@@ -54,12 +57,17 @@ class _StopOnInterrupt:
             self._installed = False
 
 
-def _culprit(hook_caller: Any, exc: BaseException) -> str:
+def _culprit(hook_caller: Any, exc: BaseException, observers: Sequence[Any] = ()) -> str:
     codes = {
         impl.function.__code__: impl.plugin_name
         for impl in hook_caller.get_hookimpls()
         if hasattr(impl.function, "__code__")
     }
+    name = hook_caller.name
+    for obs in observers:
+        method = getattr(obs, name, None)
+        if method is not None and hasattr(method, "__code__"):
+            codes[method.__code__] = f"observer {type(obs).__name__}"
     for frame, _ in traceback.walk_tb(exc.__traceback__):
         if frame.f_code in codes:
             return codes[frame.f_code]
@@ -84,16 +92,41 @@ def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
         ) from exc
 
 
-def call_lifecycle(plugins: Plugins, name: str, **kwargs: Any) -> None:
-    """Call a lifecycle hook; an exception is re-raised as `PluginError` naming the plugin."""
+def call_lifecycle(
+    plugins: Plugins, name: str, observers: Sequence[Any] = (), **kwargs: Any
+) -> None:
+    """Call a lifecycle hook on the plugins and on this run's `observers` (objects with
+    methods named like the hooks); an exception is re-raised as `PluginError` naming the
+    plugin or observer."""
     caller = getattr(plugins.pm.hook, name)
+    extra = [m for m in (getattr(o, name, None) for o in observers) if m is not None]
     try:
-        caller(**kwargs)
+        if extra:
+            caller.call_extra(extra, kwargs)
+        else:
+            caller(**kwargs)
     except Exception as exc:
         raise PluginError(
-            f"plugin {_culprit(caller, exc)!r} raised in {name}: {type(exc).__name__}: {exc}. "
-            "The run was stopped; the state passed to the hook is intact."
+            f"plugin {_culprit(caller, exc, observers)!r} raised in {name}: "
+            f"{type(exc).__name__}: {exc}. The run was stopped; the state passed to the hook "
+            "is intact."
         ) from exc
+
+
+def _check_observers(observers: Sequence[Any]) -> None:
+    for obs in observers:
+        if not any(hasattr(obs, h) for h in _LIFECYCLE):
+            raise ConfigurationError(
+                f"run: observer {obs!r} has none of the lifecycle methods {list(_LIFECYCLE)}. "
+                "An observer is an object with methods named like the lifecycle hooks, e.g. "
+                "ev3core.ProgressBar() or ev3core.Checkpointer(dir)."
+            )
+
+
+def _host_steps(stacked: StepInfo, n: int) -> list[StepInfo]:
+    """`n` per-step infos from a scanned chunk: one transfer, then NumPy views."""
+    host = jax.device_get(stacked)
+    return [jax.tree.map(lambda x, i=i: x[i], host) for i in range(n)]
 
 
 def run(
@@ -103,6 +136,7 @@ def run(
     num_steps: int,
     *,
     plugins: Plugins | None = None,
+    observers: Sequence[Any] = (),
     chunk: int = 1,
 ) -> tuple[State, StepInfo | None]:
     """Run `num_steps` EV3 steps on the host, calling the lifecycle hooks.
@@ -111,10 +145,15 @@ def run(
 
     - `engine`, `state`, `data`: as for `Engine.step`.
     - `num_steps`: steps to take.
-    - `plugins`: whose lifecycle hooks to call (default `ev3core.plugins()`).
+    - `plugins`: whose lifecycle hooks to call (default `ev3core.plugin_manager()`).
+    - `observers`: objects for this run only (a `ProgressBar`, a `Checkpointer`, a
+      `JsonlLogger`, your own) whose methods named like the lifecycle hooks are called
+      after the plugins' implementations; nothing is registered on `plugins`.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
-      after the chunk.
+      after the chunk. Each chunk's infos come to the host in one transfer (hooks see
+      `StepInfo`s of NumPy arrays); with `chunk=1` hooks see device arrays, and reading one
+      waits for that step.
 
     **Returns:** `(final_state, infos)`, where `infos` is a `StepInfo` of NumPy arrays with a
     leading axis of size `num_steps` (`None` when `num_steps` is 0).
@@ -128,10 +167,14 @@ def run(
         raise ConfigurationError(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
-    plugins = plugins if plugins is not None else default_plugins()
+    plugins = plugins if plugins is not None else plugin_manager()
+    observers = tuple(observers)
+    _check_observers(observers)
     # Abstract evaluation (no compilation) of every component on the data's shapes.
     _guarded(engine, plugins, engine.check_data, data, state)
-    call_lifecycle(plugins, "ev3_run_start", engine=engine, state=state, num_steps=num_steps)
+    call_lifecycle(
+        plugins, "ev3_run_start", observers, engine=engine, state=state, num_steps=num_steps
+    )
     infos: list[StepInfo] = []
     done = 0
     # Ctrl-C stops at the next step boundary, so `ev3_run_end` (checkpointers) sees a
@@ -141,21 +184,25 @@ def run(
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
                 if n == 1:
+                    # device arrays: the host queues the next step unless a hook reads them
                     state, info = _guarded(engine, plugins, engine.step, state, data)
                     batch = [info]
                 else:
                     state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
-                    batch = [jax.tree.map(lambda x, i=i: x[i], stacked) for i in range(n)]
+                    batch = _host_steps(stacked, n)
                 for info in batch:
                     call_lifecycle(
-                        plugins, "ev3_after_step", engine=engine, state=state, info=info, step=done
-                    )
+                        plugins, "ev3_after_step", observers,
+                        engine=engine, state=state, info=info, step=done,
+                    )  # fmt: skip
                     infos.append(info)
                     done += 1
         finally:
-            call_lifecycle(plugins, "ev3_run_end", engine=engine, state=state, infos=infos)
+            call_lifecycle(
+                plugins, "ev3_run_end", observers, engine=engine, state=state, infos=infos
+            )
     if infos:
-        host = jax.device_get(infos)
+        host = jax.device_get(infos)  # one transfer for the steps not yet on the host
         stacked_infos = jax.tree.map(lambda *xs: np.stack(xs), *host)
         masked = int(np.sum(stacked_infos.num_invalid))
         if masked:

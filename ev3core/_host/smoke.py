@@ -1,8 +1,6 @@
-"""The built-in smoke experiment (issue #2): a linearly separable 2-D problem.
+"""The built-in smoke pipeline (issue #2) on the toy problem (`ev3core.toy_problem`).
 
-Data: 2 features from N(0, 1), label `[x . w >= 0]` for a fixed random `w`; separate
-propose / assess / decide sets of 100,000 examples (and a held-out test set). Model: MLP
-2 -> 8 (ReLU) -> 2. Six candidates: cross-entropy with temperatures {0.5, 1, 1.5} x
+Six candidates: cross-entropy with temperatures {0.5, 1, 1.5} x
 {SGD lr 0.1, SGD lr 0.01 with momentum 0.95}; trajectories of 100 steps of batch 32; assess
 on 128 examples with alpha 0.5; decide on 2048 examples with alpha 4, with the reference
 (unpaired normal) bound.
@@ -12,11 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import equinox as eqx
-import jax
-import jax.numpy as jnp
 import optax
-from jaxtyping import Array, PRNGKeyArray
 
 from .._adapt.bounds import NormalBound
 from .._adapt.schedulers import EV3Scheduler
@@ -24,27 +18,8 @@ from .._assess.scores import Accuracy, NegCrossEntropy
 from .._explore.gradient import GradientProposer
 from .._explore.losses import CrossEntropy
 from .._plugins.pipeline import Pipeline
-from .._types import Data
 
 TEMPERATURES = (0.5, 1.0, 1.5)
-NUM_EXAMPLES = 100_000
-
-
-def smoke_data(key: PRNGKeyArray, n: int = NUM_EXAMPLES) -> tuple[Data, tuple[Array, Array]]:
-    """`(Data, test_set)` for the smoke problem; every split is drawn independently."""
-    kw, kp, ka, kd, kt = jax.random.split(key, 5)
-    w = jax.random.normal(kw, (2,))
-
-    def draw(k: PRNGKeyArray) -> tuple[Array, Array]:
-        x = jax.random.normal(k, (n, 2))
-        return x, (x @ w >= 0).astype(jnp.int32)
-
-    return Data(propose=draw(kp), assess=draw(ka), decide=draw(kd)), draw(kt)
-
-
-def smoke_model(key: PRNGKeyArray) -> Any:
-    """MLP 2 -> 8 (ReLU) -> 2."""
-    return eqx.nn.MLP(2, 2, 8, 1, activation=jax.nn.relu, key=key)
 
 
 def smoke_optimizers() -> tuple[optax.GradientTransformation, ...]:

@@ -1,4 +1,8 @@
-"""The built-in plugin: ev3core's own components, registered like any third-party plugin."""
+"""The built-in plugin: ev3core's own components, registered like any third-party plugin.
+
+Their conformance examples live with the kit (`ev3core/testing/_examples.py`), which adds
+them when it asks the plugins for examples: importing ev3core never imports the kit.
+"""
 
 from __future__ import annotations
 
@@ -78,11 +82,3 @@ def ev3_assess(assessors: tuple[Any, ...]) -> tuple[Any, ...]:
 @hookimpl(trylast=True)
 def ev3_adapt(scheduler: Any) -> Any:
     return scheduler
-
-
-@hookimpl
-def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
-    # The examples module imports optax and the kit: only when the kit asks.
-    from ..testing._examples import builtin_examples
-
-    return builtin_examples(kind, cls)

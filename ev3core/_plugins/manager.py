@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import importlib.metadata
 import logging
 import os
@@ -39,6 +40,11 @@ from ..errors import (
 logger = logging.getLogger("ev3core")
 
 ENTRY_POINT_GROUP = "ev3"
+
+#: ev3core's own plugins, imported by name when plugins are loaded (as pytest loads its
+#: built-in plugins): the components, and the host's experiments (which sit above this
+#: module, so it cannot import them).
+BUILTIN_PLUGINS = ("ev3core._plugins.builtins", "ev3core._host.experiments")
 
 #: kind -> (registration hook name, base class; `None`: any callable, e.g. an experiment)
 KINDS: dict[str, tuple[str, type | None]] = {
@@ -90,8 +96,8 @@ class PluginInfo:
 class Plugins:
     """A loaded set of plugins and the registry of the components they provide.
 
-    Use `ev3core.plugins()` for the default, cached instance, or `ev3core.load_plugins()` for a
-    fresh one (for instance with extra plugin objects in tests).
+    Use `ev3core.plugin_manager()` for the default, cached instance, or
+    `ev3core.load_plugins()` for a fresh one (for instance with extra plugin objects in tests).
     """
 
     def __init__(self, raise_errors: bool = False):
@@ -377,8 +383,6 @@ def load_plugins(
     - `trace`: write plugin registrations and hook calls to stderr (default:
       `EV3_TRACE_PLUGINS=1`; see `Plugins.trace`).
     """
-    from . import builtins as _builtins
-
     if raise_errors is None:
         raise_errors = _env_flag("EV3_RAISE_PLUGIN_ERRORS")
     if autoload is None:
@@ -388,7 +392,11 @@ def load_plugins(
     plugins = Plugins(raise_errors=raise_errors)
     if trace if trace is not None else _env_flag("EV3_TRACE_PLUGINS"):
         plugins.trace()
-    plugins.register(_builtins, name="ev3core.builtins", distribution=_own_distribution())
+    for module in BUILTIN_PLUGINS:
+        name = "ev3core." + module.rpartition(".")[2]  # ev3core.builtins, ev3core.experiments
+        plugins.register(
+            importlib.import_module(module), name=name, distribution=_own_distribution()
+        )
     if autoload:
         plugins.load_entry_points(only=only)
     for obj in extra:
@@ -435,7 +443,7 @@ def _own_distribution() -> tuple[str, str] | None:
 _DEFAULT: Plugins | None = None
 
 
-def plugins() -> Plugins:
+def plugin_manager() -> Plugins:
     """The default plugin set, loaded once per process (see `load_plugins`)."""
     global _DEFAULT
     if _DEFAULT is None:
@@ -450,4 +458,4 @@ def make(kind: str, name: str, /, **kwargs: Any) -> Any:
     proposer = ev3core.make("proposer", "gradient", losses=[...], optimizers=[...])
     ```
     """
-    return plugins().make(kind, name, **kwargs)
+    return plugin_manager().make(kind, name, **kwargs)

@@ -5,8 +5,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import jax
+
 from .._engine.engine import Engine
-from .manager import Plugins, plugins as default_plugins
+from .._interfaces import ComponentName
+from .manager import Plugins, plugin_manager
 
 ComponentSpec = Any  # an instance, a registered name, or a class to instantiate with no arguments
 
@@ -14,8 +17,9 @@ ComponentSpec = Any  # an instance, a registered name, or a class to instantiate
 class Pipeline:
     """A user's EV3 pipeline: components by instance, by class or by registered name.
 
-    `build()` resolves names through the plugins, lets stage hooks (`ev3_explore`,
-    `ev3_assess`, `ev3_adapt`) adjust each stage, and returns a compiled-ready `Engine`.
+    `build()` resolves names through the plugins (nested ones too, such as
+    `EV3Scheduler(bound="bootstrap")`), lets stage hooks (`ev3_explore`, `ev3_assess`,
+    `ev3_adapt`) adjust each stage, and returns a compiled-ready `Engine`.
 
     **Arguments:**
 
@@ -25,7 +29,7 @@ class Pipeline:
     - `scheduler`: the adapt stage. Default `"ev3"`.
     - `assess_size`, `decide_size`, `history_size`, `mesh`, `chunk_size`: see `Engine`
       (`mesh=ev3core.candidate_mesh()` spreads the candidates over every device).
-    - `plugins`: a `Plugins` instance (default: `ev3core.plugins()`).
+    - `plugins`: a `Plugins` instance (default: `ev3core.plugin_manager()`).
 
     ```python
     pipeline = Pipeline(
@@ -66,14 +70,19 @@ class Pipeline:
 
     def build(self) -> Engine:
         """Resolve every component and return the `Engine`."""
-        plugins = self.plugins if self.plugins is not None else default_plugins()
+        plugins = self.plugins if self.plugins is not None else plugin_manager()
         hook = plugins.pm.hook
-        proposers = tuple(plugins.resolve("proposer", p) for p in self.proposers)
-        assessors = tuple(plugins.resolve("assessor", a) for a in self.assessors)
-        scheduler = plugins.resolve("scheduler", self.scheduler)
-        proposers = tuple(hook.ev3_explore(pipeline=self, proposers=proposers))
-        assessors = tuple(hook.ev3_assess(pipeline=self, assessors=assessors))
-        scheduler = hook.ev3_adapt(pipeline=self, scheduler=scheduler)
+        proposers, assessors, scheduler = resolve_names(
+            (
+                tuple(plugins.resolve("proposer", p) for p in self.proposers),
+                tuple(plugins.resolve("assessor", a) for a in self.assessors),
+                plugins.resolve("scheduler", self.scheduler),
+            ),
+            plugins,
+        )
+        proposers = tuple(hook.ev3_explore(proposers=proposers, assessors=assessors))
+        assessors = tuple(hook.ev3_assess(assessors=assessors))
+        scheduler = hook.ev3_adapt(scheduler=scheduler, assessors=assessors)
         return Engine(
             proposers=proposers,
             assessors=assessors,
@@ -84,3 +93,22 @@ class Pipeline:
             mesh=self.mesh,
             chunk_size=self.chunk_size,
         )
+
+
+def _is_name(x: Any) -> bool:
+    return isinstance(x, ComponentName)
+
+
+def resolve_names(components: Any, plugins: Plugins) -> Any:
+    """`components` with every `ComponentName` inside replaced by the registered component
+    (repeatedly: a resolved component may itself name others)."""
+    for _ in range(16):
+        names = [x for x in jax.tree.leaves(components, is_leaf=_is_name) if _is_name(x)]
+        if not names:
+            return components
+        components = jax.tree.map(
+            lambda x: plugins.resolve(x.kind, x.name) if _is_name(x) else x,
+            components,
+            is_leaf=_is_name,
+        )
+    return components  # a name that resolves to itself: the engine reports what is left

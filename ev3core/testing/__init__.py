@@ -62,7 +62,10 @@ from .._engine.engine import Engine
 from .._explore.gradient import GradientProposer
 from .._host.checkpoint import load_checkpoint, save_checkpoint
 from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
+from .._plugins.manager import plugin_manager
 from .._types import WINNER, Data, History, Outcome, State, split_model
+from . import _examples
+from ._example import Example as Example
 
 __all__ = [
     "CHECKS",
@@ -849,7 +852,9 @@ def _scheduler_contract(
     """Direct checks of `select` and `decide` on synthetic scores."""
     num_obj, K, n = num_objectives, 3, 32
     history = History.empty(8, num_obj)
-    state = chk.run("structure", f"init({num_obj})", scheduler.init, num_obj)
+    state = chk.run(
+        "structure", f"init({num_obj}, key)", scheduler.init, num_obj, jax.random.key(11)
+    )
     ks = jax.random.split(jax.random.key(3), 8)
     valid = jnp.ones((K,), bool)
 
@@ -1355,28 +1360,6 @@ _CHECKERS: dict[str, Callable[..., tuple[str, ...]]] = {
 }
 
 
-class Example:
-    """An example instance of a component with the options to check it with.
-
-    Return these from the `ev3_conformance_examples` hook when a component needs its own
-    model or data (`problem=`), several objectives (`num_objectives=`), a deterministic
-    proposer (`uses_key=False`) or explicit hyperparameter `variants=`.
-
-    ```python
-    Example(MyProposer(scale=0.1), variants=[MyProposer(scale=0.2)])
-    ```
-    """
-
-    def __init__(self, component: Any, /, **options: Any):
-        self.component = component
-        self.options = options
-        self.error: str | None = None
-        self.label = ""
-
-    def __repr__(self) -> str:
-        return f"Example({type(self.component).__qualname__}, {self.label or 'unregistered'})"
-
-
 def _as_example(item: Any) -> Example:
     return item if isinstance(item, Example) else Example(item)
 
@@ -1385,13 +1368,14 @@ def examples(kind: str, name: str, plugins: Any = None) -> list[Example]:
     """The examples of the component registered as `name`: those the plugins give through
     `ev3_conformance_examples`, else `cls()`. A component that cannot be built gives one
     `Example` whose `error` says how to fix it (checking it raises `ConformanceError`)."""
-    from .._plugins.manager import plugins as default_plugins
-
-    plugins = default_plugins() if plugins is None else plugins
+    plugins = plugin_manager() if plugins is None else plugins
     info = plugins.components(kind)[name]
     cls = info.cls
     found: list[Any] = []
-    for result in plugins.pm.hook.ev3_conformance_examples(kind=kind, name=name, cls=cls):
+    # ev3core's own examples join the plugins' answers (the core never imports the kit)
+    for result in plugins.pm.hook.ev3_conformance_examples.call_extra(
+        [_examples.ev3_conformance_examples], {"kind": kind, "name": name, "cls": cls}
+    ):
         found.extend(result or [])
     out = [_as_example(x) for x in found]
     if not out:
@@ -1423,9 +1407,7 @@ def registered_examples(
     """`(kind, name, example)` for every registered component of `kinds` and each of its
     examples: parametrise a test over it so that every newly registered component is
     checked."""
-    from .._plugins.manager import plugins as default_plugins
-
-    plugins = default_plugins() if plugins is None else plugins
+    plugins = plugin_manager() if plugins is None else plugins
     return [
         (kind, name, ex)
         for kind in kinds

@@ -1,7 +1,9 @@
 """Conformance-kit examples of ev3core's built-in components whose constructors need
-arguments, or that have settings worth checking separately (the `ev3_conformance_examples`
-hook of the built-in plugin, `ev3core/_builtins.py`, which imports this module only when
-the kit asks)."""
+arguments, or that have settings worth checking separately.
+
+`ev3_conformance_examples` here is the built-in answer to the hook of that name: the kit
+adds it to every plugin manager's answers when it collects examples (`examples()`), so the
+core's built-in plugin never imports the kit."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from .._adapt.priorities import WeightedChebyshev, WeightedSum
 from .._adapt.schedulers import AlwaysAccept, EV3Scheduler
 from .._explore.gradient import GradientProposer
 from .._explore.losses import CrossEntropy
+from ._example import Example
 
 
 def _gradient() -> list[Any]:
@@ -41,22 +44,18 @@ def _gradient() -> list[Any]:
 
 
 def _ev3() -> list[Any]:
-    from ..testing import Example
-
     return [
         EV3Scheduler(),
         Example(EV3Scheduler(bound=NormalBound()), num_objectives=2),
     ]
 
 
-def builtin_examples(kind: str, cls: type) -> list[Any] | None:
+def ev3_conformance_examples(kind: str, name: str, cls: type) -> list[Any] | None:
     if kind == "proposer" and cls is GradientProposer:
         return _gradient()
     if kind == "scheduler" and cls is EV3Scheduler:
         return _ev3()
     if kind == "scheduler" and cls is AlwaysAccept:
-        from ..testing import Example
-
         return [Example(AlwaysAccept(), safe=False)]  # accepts every valid winner by design
     if kind == "bound" and cls is BootstrapBound:
         return [BootstrapBound(num_resamples=200, method="normal")]

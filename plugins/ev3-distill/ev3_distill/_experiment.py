@@ -27,7 +27,7 @@ import os
 import runpy
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -492,6 +492,7 @@ def run_ev3(
     growth: GrowthPolicy | None | str = "default",
     on_iteration: Callable[[dict[str, Any], dict[str, int]], None] | None = None,
     plugins: Any = None,
+    observers: Sequence[Any] = (),
     out: str | os.PathLike[str] | None = None,
     checkpoint_every: int = 10,
     keep: int = 3,
@@ -502,7 +503,7 @@ def run_ev3(
     """EV3 distillation with growth and multi-pass teachers; one metrics row per iteration.
 
     The steps run through `ev3core.run` in segments, so every lifecycle plugin (`plugins`,
-    default `ev3core.plugins()`) sees `ev3_run_start`, `ev3_after_step` and `ev3_run_end`.
+    default `ev3core.plugin_manager()`) sees `ev3_run_start`, `ev3_after_step` and `ev3_run_end`.
     Between segments the host grows the student (`growth`) and starts new passes; a segment
     is never longer than the number of steps before the growth trigger could fire, so growth
     happens at exactly the step it would if it were checked after every step.
@@ -513,7 +514,7 @@ def run_ev3(
     `load_resume_point`) continues such a run with the same results as never stopping.
     Ctrl-C raises `ev3core.errors.RunInterrupted` after checkpointing.
     """
-    from ev3core import Checkpointer, plugins as default_plugins, run
+    from ev3core import Checkpointer, run
 
     k_student, k_init, k_grow = jax.random.split(key, 3)
     if student is None:
@@ -576,8 +577,7 @@ def run_ev3(
     job.labels = list(engine.labels())
     job.proposal_steps = sum(p.num_candidates * getattr(p, "steps", 0) for p in engine.proposers)
 
-    plugins = default_plugins() if plugins is None else plugins
-    names = [plugins.register(job, name="ev3_distill.job")]
+    observers = [job, *observers]  # this run's observers (nothing is registered globally)
     if out is not None:
         checkpointer = Checkpointer(
             out / "checkpoint",
@@ -588,7 +588,7 @@ def run_ev3(
                 "distill": job.record(checkpointed_model[0], growth),
             },
         )
-        names.append(plugins.register(checkpointer, name="ev3_distill.checkpointer"))
+        observers.append(checkpointer)
     checkpointed_model = [state.model]  # the architecture of the state being run (for metadata)
     if out is not None and resume is None:
         checkpointer.save(state)  # step 0: a run interrupted at once can still be resumed
@@ -636,7 +636,7 @@ def run_ev3(
             if wait is not None:
                 n = min(n, wait)
             checkpointed_model[0] = state.model
-            state, _ = run(engine, state, data, n, plugins=plugins)
+            state, _ = run(engine, state, data, n, plugins=plugins, observers=observers)
             boundary = state
     except RunInterrupted:
         raise
@@ -649,10 +649,6 @@ def run_ev3(
             state=boundary,
             steps_done=int(boundary.step) - (0 if resume is None else int(resume.state.step)),
         ) from None
-    finally:
-        for name in names:
-            if name is not None:
-                plugins.pm.unregister(name=name)
     return EV3Result(
         state=state,
         engine=engine,
@@ -860,6 +856,7 @@ def distill_experiment(
     checkpoint_every: int = 10,
     keep: int = 3,
     plugins: Any = None,
+    observers: Sequence[Any] = (),
     **options: Any,
 ) -> dict[str, Any]:
     """Run the distillation job and write its outputs; returns the summary.
@@ -877,7 +874,9 @@ def distill_experiment(
       never stopped, up to wall times).
     - `checkpoint_every`, `keep`: checkpoint period (EV3 steps) and checkpoints kept.
     - `plugins`: the `ev3core.Plugins` whose lifecycle hooks see the EV3 steps (default
-      `ev3core.plugins()`).
+      `ev3core.plugin_manager()`).
+    - `observers`: objects whose lifecycle methods see the EV3 steps of this run only (see
+      `ev3core.run`), such as the CLI's `--log-jsonl` logger.
     - `options`: any other `DistillConfig` field (unknown names are an error).
 
     **Raises:** `ev3core.errors.RunInterrupted` after Ctrl-C (the checkpoint is written first).
@@ -1027,6 +1026,7 @@ def distill_experiment(
             growth=growth,
             on_iteration=bar,
             plugins=plugins,
+            observers=observers,
             out=out,
             checkpoint_every=checkpoint_every,
             keep=keep,

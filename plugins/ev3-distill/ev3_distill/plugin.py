@@ -33,3 +33,9 @@ _distill.__doc__ = (
 @hookimpl
 def ev3_register_experiments() -> dict[str, Any]:
     return {"distill": _distill}
+
+
+@hookimpl
+def ev3_default_experiment() -> str:
+    """Distillation is the main job `ev3 run` runs when this plugin is installed."""
+    return "distill"

@@ -18,7 +18,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ev3core import Accuracy, Outcome
+from ev3core import Accuracy, Outcome, objective_value
 from ev3core._interfaces import AbstractAssessor, AbstractProposer
 from ev3core.errors import ConfigurationError
 
@@ -269,8 +269,8 @@ class _AbstractEvosaxProposer(AbstractProposer):
     def _score(self, params: PyTree[Array], static: Any, batch: PyTree[Array]) -> Array:
         fitness = self.fitness if self.fitness is not None else Accuracy()
         values = fitness(eqx.combine(params, static), batch).astype(jnp.float32)
-        summary = getattr(fitness, "summary", None)  # batch-level metrics (F1, AUC, ...)
-        return jnp.mean(values) if summary is None else summary(values).astype(jnp.float32)
+        # the mean, or the metric of a batch-level assessor (F1, AUC, ...)
+        return objective_value(fitness, values).astype(jnp.float32)
 
     # ---------------------------------------------------------------- stages
     def init(self, params: PyTree[Array], static: Any, key: PRNGKeyArray) -> EvosaxState:

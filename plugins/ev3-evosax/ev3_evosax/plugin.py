@@ -22,14 +22,13 @@ def ev3_register_proposers() -> dict[str, type]:
 
 
 @ev3core.hookimpl(wrapper=True)
-def ev3_explore(pipeline: Any, proposers: tuple[Any, ...]):
+def ev3_explore(proposers: tuple[Any, ...], assessors: tuple[Any, ...]):
     """Evosax proposers built without a `fitness` score their members with the pipeline's
     first assessor (its primary objective)."""
     result = yield
     if not any(isinstance(p, _AbstractEvosaxProposer) and p.fitness is None for p in result):
         return result
-    plugins = pipeline.plugins if pipeline.plugins is not None else ev3core.plugins()
-    primary = plugins.resolve("assessor", pipeline.assessors[0])
+    primary = assessors[0]
     return tuple(
         eqx.tree_at(lambda q: q.fitness, p, primary, is_leaf=lambda x: x is None)
         if isinstance(p, _AbstractEvosaxProposer) and p.fitness is None

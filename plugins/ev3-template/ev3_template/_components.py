@@ -117,6 +117,8 @@ class TopKAccuracy(ev3core.AbstractAssessor):
     - `k`: how many of the highest-scoring classes count as a hit (static, `>= 1`).
     """
 
+    direction = "max"  # higher scores are better
+
     k: int = eqx.field(static=True, default=5)
 
     def __check_init__(self):
@@ -167,7 +169,10 @@ class MarginScheduler(ev3core.AbstractScheduler):
                 "higher-is-better, so the margin is a required gain)."
             )
 
-    def init(self, num_objectives: int) -> MarginState:
+    def bind(self, assessors: Sequence[ev3core.AbstractAssessor]) -> MarginScheduler:
+        return self  # nothing to configure from the assessors
+
+    def init(self, num_objectives: int, key: PRNGKeyArray) -> MarginState:
         if not 0 <= self.objective < num_objectives:
             raise ConfigurationError(
                 f"MarginScheduler: objective={self.objective} but the pipeline has "

@@ -1,0 +1,252 @@
+"""Host-side checks of an engine's components and data, before anything is compiled."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+from jaxtyping import PyTree
+
+from .._faults import component_owner
+from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler, ComponentName
+from .._types import Data, State
+from ..errors import ConfigurationError, EV3Error
+
+_STREAMS = ("propose", "assess", "decide")
+#: Engine / state / data signatures that passed `check_data`'s abstract evaluation.
+_CHECKED: set[Any] = set()
+
+
+def _describe_stream(stream: PyTree[Any]) -> str:
+    leaves = jax.tree.leaves(stream)
+    return ", ".join(f"{jnp.result_type(x)}{list(jnp.shape(x))}" for x in leaves)
+
+
+def check_stream(name: str, stream: PyTree[Any]) -> int:
+    leaves = jax.tree.leaves(stream)
+    if not leaves:
+        raise ConfigurationError(
+            f"Data.{name} is empty. Pass a pytree of arrays with a leading example axis, "
+            f"e.g. Data({name}=(x, y), ...)."
+        )
+    sizes = {jnp.shape(x)[0] if jnp.ndim(x) else None for x in leaves}
+    if None in sizes or len(sizes) != 1:
+        raise ConfigurationError(
+            f"Data.{name}: every array needs the same leading example axis, got shapes "
+            f"{[jnp.shape(x) for x in leaves]}. Stack examples on axis 0."
+        )
+    (n,) = sizes
+    assert n is not None  # checked above
+    if n == 0:
+        raise ConfigurationError(f"Data.{name} has zero examples; pass at least one example.")
+    return n
+
+
+def _check_resolved(component: Any, what: str) -> None:
+    is_name = lambda x: isinstance(x, ComponentName)  # noqa: E731
+    names = [x for x in jax.tree.leaves(component, is_leaf=is_name) if is_name(x)]
+    if names:
+        raise ConfigurationError(
+            f"{what} holds the registered name of a {names[0]}, which only a pipeline "
+            "resolves: build the engine with ev3core.Pipeline(...).build(), or pass an "
+            f"instance (ev3core.make({names[0].kind!r}, {names[0].name!r}))."
+        )
+
+
+def check_components(
+    proposers: tuple[AbstractProposer, ...],
+    assessors: tuple[AbstractAssessor, ...],
+    scheduler: AbstractScheduler,
+    assess_size: int,
+    decide_size: int,
+    chunk_size: int | None,
+) -> None:
+    """The components and sizes an `Engine` is built from, before it binds anything."""
+    proposers = tuple(proposers)
+    assessors = tuple(assessors)
+    if not proposers:
+        raise ConfigurationError(
+            "The pipeline has no proposer, so there is no candidate to assess. Add one, "
+            "e.g. proposers=[GradientProposer(...)]."
+        )
+    if not assessors:
+        raise ConfigurationError(
+            "The pipeline has no assessor. Add one, e.g. assessors=['accuracy']."
+        )
+    for p in proposers:
+        if not isinstance(p, AbstractProposer):
+            raise ConfigurationError(f"{p!r} is not an ev3core.AbstractProposer.")
+        if p.num_candidates < 1:
+            raise ConfigurationError(
+                f"{type(p).__name__} proposes {p.num_candidates} candidates; a proposer "
+                "must propose at least one."
+            )
+    for a in assessors:
+        if not isinstance(a, AbstractAssessor):
+            raise ConfigurationError(f"{a!r} is not an ev3core.AbstractAssessor.")
+    names = [a.name for a in assessors]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigurationError(
+            f"Two assessors share the objective name(s) {dupes}. Give each objective a "
+            "distinct name."
+        )
+    if not isinstance(scheduler, AbstractScheduler):
+        raise ConfigurationError(f"{scheduler!r} is not an ev3core.AbstractScheduler.")
+    for label, size in (("assess_size", assess_size), ("decide_size", decide_size)):
+        if int(size) < 2:
+            raise ConfigurationError(
+                f"{label}={size}: at least 2 examples are needed to estimate a standard "
+                f"error. Use a larger {label} (the smoke experiment uses 128 and 2048)."
+            )
+    for kind, group in (("proposer", proposers), ("assessor", assessors)):
+        for i, c in enumerate(group):
+            _check_resolved(c, f"{kind} #{i} ({type(c).__name__})")
+    _check_resolved(scheduler, f"the scheduler ({type(scheduler).__name__})")
+    if chunk_size is not None and int(chunk_size) < 1:
+        raise ConfigurationError(
+            f"chunk_size={chunk_size}: assess at least one candidate at a time (a positive "
+            "integer), or pass chunk_size=None to assess all candidates at once."
+        )
+
+
+def check_data(engine: Any, data: Data, state: State | None = None) -> None:
+    """Raise `ConfigurationError` if `data` cannot feed `engine` (host side, no compile).
+
+    Checks that every stream has one leading example axis, and that the assess and
+    decide streams hold at least `assess_size` / `decide_size` examples (each step draws
+    that many distinct examples, without replacement). Given a `state`, also evaluates every
+    proposer and assessor abstractly (`eqx.filter_eval_shape`: traced, never compiled) on
+    the data's shapes and dtypes, so a model/data mismatch is reported naming the
+    component and the stream instead of failing deep inside JAX. `ev3core.run` calls it.
+    """
+    if not isinstance(data, Data):
+        raise ConfigurationError(
+            f"Expected ev3core.Data(propose=..., assess=..., decide=...), got "
+            f"{type(data).__name__}."
+        )
+    sizes = {name: check_stream(name, getattr(data, name)) for name in _STREAMS}
+    for name, label, size in (
+        ("assess", "assess_size", engine.assess_size),
+        ("decide", "decide_size", engine.decide_size),
+    ):
+        if sizes[name] < size:
+            raise ConfigurationError(
+                f"Data.{name} holds {sizes[name]} examples but {label}={size}. The engine "
+                f"draws {size} distinct {name} examples per step (repeating examples would "
+                "shrink the standard errors, and the confidence bounds (alpha) would claim "
+                "more confidence than the data supports). Pass at least "
+                f"{size} {name} examples or use {label}<={sizes[name]}."
+            )
+    if state is not None:
+        try:  # the abstract check depends only on structures, shapes and dtypes
+            key = (
+                id(engine),
+                jax.tree.structure(engine),
+                jax.tree.structure(state),
+                jax.tree.structure(data),
+                tuple(
+                    (jnp.shape(x), jnp.result_type(x))
+                    for x in jax.tree.leaves((engine, state, data))
+                ),
+            )
+            hash(key)
+        except TypeError:
+            key = None
+        if key is None or key not in _CHECKED:
+            _check_against_state(engine, data, state)
+            if key is not None:
+                if len(_CHECKED) > 256:
+                    _CHECKED.clear()
+                _CHECKED.add(key)
+
+
+def _check_against_state(engine: Any, data: Data, state: State) -> None:
+    if not isinstance(state, State):
+        raise ConfigurationError(
+            f"Expected an ev3core.State from engine.init(model, key), got {type(state).__name__}."
+        )
+    if len(state.proposer_states) != len(engine.proposers):
+        raise ConfigurationError(
+            f"The state has {len(state.proposer_states)} proposer state(s) but the engine "
+            f"has {len(engine.proposers)} proposer(s): it was made by another pipeline. Build "
+            "it with this engine's init(model, key)."
+        )
+    if state.history.score.shape[-1] != len(engine.assessors):
+        raise ConfigurationError(
+            f"The state records {state.history.score.shape[-1]} objective(s) but the engine "
+            f"has {len(engine.assessors)} assessor(s) {list(engine.objective_names)}: it was made "
+            "by another pipeline. Build it with this engine's init(model, key)."
+        )
+
+    def attempt(what: str, stream: str, fn: Any, *args: Any) -> Any:
+        try:
+            return eqx.filter_eval_shape(fn, *args)
+        except EV3Error:
+            raise
+        except Exception as exc:
+            if component_owner(engine, exc, innermost=True) is not None:
+                raise  # the component's own code raised: `run` names it (ComponentError)
+            msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+            raise ConfigurationError(
+                f"{what} cannot run on Data.{stream} "
+                f"({_describe_stream(getattr(data, stream))}) with the model "
+                f"{type(state.model).__name__}: {type(exc).__name__}: {msg}. The data's "
+                "shapes or dtypes do not match what the model and the component expect "
+                "(models are called on one example; axis 0 of every array is the example "
+                "axis). Fix the data or the model."
+            ) from exc
+
+    model = state.model
+    for name, size in (("assess", engine.assess_size), ("decide", engine.decide_size)):
+        batch = jax.tree.map(
+            lambda a, n=size: jax.ShapeDtypeStruct(
+                (n,) + tuple(jnp.shape(a))[1:], jnp.result_type(a)
+            ),
+            getattr(data, name),
+        )
+        for i, a in enumerate(engine.assessors):
+            what = f"assessor #{i} {a.name!r} ({type(a).__qualname__})"
+            out = attempt(what, name, a, model, batch)
+            shape = getattr(out, "shape", None)
+            if shape != (size,):
+                raise ConfigurationError(
+                    f"{what} returned shape {shape} for a batch of {size} {name} examples. "
+                    f"An assessor returns one score per example: shape ({size},)."
+                )
+    for i, (p, ps) in enumerate(zip(engine.proposers, state.proposer_states)):
+        what = f"proposer #{i} ({type(p).__qualname__})"
+        cands, new_ps = attempt(
+            what,
+            "propose",
+            p.propose,
+            state.current,
+            state.static,
+            ps,
+            data.propose,
+            state.key,
+        )
+        want = jax.tree.map(
+            lambda x, k=p.num_candidates: ((k,) + tuple(x.shape), x.dtype), state.current
+        )
+        got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), cands)
+        same_structure = jax.tree.structure(want) == jax.tree.structure(got)  # type: ignore[operator]
+        if not same_structure or jax.tree.leaves(
+            want, is_leaf=lambda x: isinstance(x, tuple)
+        ) != jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, tuple)):
+            raise ConfigurationError(
+                f"{what} returned candidates that are not the parameters stacked "
+                f"{p.num_candidates} times: expected (shape, dtype) {want}, got {got}. A "
+                "proposer returns full parameters with a leading candidate axis of size "
+                "num_candidates."
+            )
+        sig = lambda t: [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(t)]
+        same_structure = jax.tree.structure(new_ps) == jax.tree.structure(ps)  # type: ignore[operator]
+        if not same_structure or sig(new_ps) != sig(ps):
+            raise ConfigurationError(
+                f"{what} returned a state whose structure, shapes or dtypes differ from the "
+                "state it was given, so the step could not be scanned or would re-compile "
+                "every step. Return a state of the same structure from propose()."
+            )
