@@ -15,15 +15,14 @@ from test_checkpoint import _assert_bit_identical, _decisions, _engine, _plugins
 import ev3core
 from ev3core import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
 from ev3core._host.checkpoint import list_checkpoints
-from ev3core._host.smoke import smoke_data, smoke_model
 from ev3core.errors import CheckpointError, CheckpointWarning
 
 
 @pytest.fixture(scope="module")
 def problem():
-    data, _ = smoke_data(jax.random.key(0), n=512)
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=512)
     engine = _engine()
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     return engine, data, init
 
 
@@ -48,7 +47,7 @@ def test_orbax_resume_is_bit_identical_to_an_uninterrupted_run(problem, tmp_path
     assert files == set(body["files"]) and body["data_bytes"] > 0
     assert not [p for p in tmp_path.iterdir() if "tmp" in p.name]
 
-    like = _engine().init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    like = _engine().init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     resumed, loaded_manifest = load_checkpoint(tmp_path, like=like)
     _assert_bit_identical(part, resumed)
     assert loaded_manifest["metadata"]["pipeline"]["assessors"][0]["name"] == "accuracy"
@@ -156,8 +155,8 @@ def _steps(engine, state, data, n):
 def moved():
     """Engines over 8 devices, 4 devices and one device (no mesh), built once, and the
     8-device run: its state after 2 steps and its next 5 steps (the run that never moved)."""
-    data, _ = smoke_data(jax.random.key(0), n=4096)
-    model = smoke_model(jax.random.key(1))
+    data, _ = ev3core.toy_problem(jax.random.key(0), n=4096)
+    model = ev3core.toy_model(jax.random.key(1))
     engines = {n: _sharded_engine(ev3core.candidate_mesh(jax.devices()[:n])) for n in (8, 4)}
     engines[1] = _sharded_engine(None)
     state, _ = _steps(engines[8], engines[8].init(model, jax.random.key(2)), data, 2)

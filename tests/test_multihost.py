@@ -66,14 +66,13 @@ RESUME_WORKER = textwrap.dedent(
     jax.distributed.initialize(f"127.0.0.1:{port}", num_processes=2, process_id=pid)
     import numpy as np
     import ev3core
-    from ev3core._host.smoke import smoke_data, smoke_model
     sys.path.insert(0, sys.argv[6])
     from test_multihost import RESUME_AT, RESUME_STEPS, make_engine
 
     mesh = ev3core.candidate_mesh()
     engine = make_engine(mesh=mesh)
-    data = ev3core.replicate(smoke_data(jax.random.key(0), n=4096)[0], mesh)
-    init = engine.init(smoke_model(jax.random.key(1)), jax.random.key(2))
+    data = ev3core.replicate(ev3core.toy_problem(jax.random.key(0), n=4096)[0], mesh)
+    init = engine.init(ev3core.toy_model(jax.random.key(1)), jax.random.key(2))
     local = lambda x: np.asarray(x.addressable_data(0)).tolist()
 
     def steps(state, n, hooks=None):
