@@ -416,7 +416,7 @@ class PairedBound(AbstractBound):
         point, psi = _point_and_influence(utility, scores)
         same = _same_as_reference(scores, reference)
         point = jnp.where(same, 0.0, point - point[reference])
-        psi = jnp.where(same[:, None], 0.0, psi - psi[reference])
+        psi = jnp.where(same[:, None], 0.0, psi - psi[reference][None])
         return self._influence_intervals(point, psi, reference, z, key, mask, self.num_resamples)
 
 
