@@ -276,11 +276,12 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
         except EV3Error:
             raise
         except Exception as exc:
-            if component_owner(engine, exc, innermost=True) is not None:
+            inner = component_owner(engine, exc, innermost=True)
+            if inner is not None:
                 # The component's own code raised while being traced (for instance a
                 # TypeError from a scan whose carry changes dtype): name the component, not
                 # the data. `run` adds the plugin that registered it.
-                owner = component_owner(engine, exc)
+                owner = component_owner(engine, exc) or inner
                 raise _component_error(
                     ComponentError,
                     owner,

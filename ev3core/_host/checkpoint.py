@@ -44,6 +44,7 @@ import numpy as np
 from .._types import State
 from ..errors import CheckpointError, CheckpointWarning
 from ..hookspecs import hookimpl
+from . import orbax_store
 
 logger = logging.getLogger("ev3core")
 
@@ -257,15 +258,15 @@ def _malformed(body: dict[str, Any], path: Path) -> str | None:
         return f"step {body.get('step')!r} is not a non-negative integer"
     if m is not None and int(m.group(1)) != body["step"]:
         return f"it is named for step {int(m.group(1))} but records step {body['step']}"
-    leaves = body.get("leaves_file")
-    if not isinstance(leaves, str) or not _LEAVES_RE.match(leaves):
-        return f"leaves_file {leaves!r} is not a ckpt-<step>-<digest>.leaves name in its directory"
-    if not _is_count(body.get("leaves_bytes")):
-        return f"leaves_bytes {body.get('leaves_bytes')!r} is not a non-negative integer"
-    if not isinstance(body.get("leaves_sha256"), str) or not _SHA256_RE.match(
-        body["leaves_sha256"]
-    ):
-        return "leaves_sha256 is not a SHA-256 hex digest"
+    if "storage" in body and body["storage"] != orbax_store.STORAGE:
+        return f"storage {body['storage']!r} is not a checkpoint storage this ev3core reads"
+    problem = (
+        _malformed_orbax(body)
+        if body.get("storage") == orbax_store.STORAGE
+        else _malformed_leaves(body)
+    )
+    if problem is not None:
+        return problem
     signature = body.get("signature")
     if not isinstance(signature, list) or not all(
         isinstance(e, list)
@@ -284,6 +285,45 @@ def _malformed(body: dict[str, Any], path: Path) -> str | None:
             return f"sequence {body.get('sequence')!r} is not a positive integer"
         if not isinstance(body.get("run_id"), (str, type(None))):
             return "run_id is not a string"
+    return None
+
+
+def _malformed_leaves(body: dict[str, Any]) -> str | None:
+    leaves = body.get("leaves_file")
+    if not isinstance(leaves, str) or not _LEAVES_RE.match(leaves):
+        return f"leaves_file {leaves!r} is not a ckpt-<step>-<digest>.leaves name in its directory"
+    if not _is_count(body.get("leaves_bytes")):
+        return f"leaves_bytes {body.get('leaves_bytes')!r} is not a non-negative integer"
+    if not isinstance(body.get("leaves_sha256"), str) or not _SHA256_RE.match(
+        body["leaves_sha256"]
+    ):
+        return "leaves_sha256 is not a SHA-256 hex digest"
+    return None
+
+
+def _malformed_orbax(body: dict[str, Any]) -> str | None:
+    """An Orbax manifest names a checkpoint directory beside it and lists every file in it
+    (a relative path inside that directory) with its size and SHA-256."""
+    name = body.get("orbax_dir")
+    if not isinstance(name, str) or not orbax_store.is_dir_name(name):
+        return f"orbax_dir {name!r} is not a ckpt-<step>-<token>.orbax name in its directory"
+    files = body.get("files")
+    if not isinstance(files, dict):
+        return "files is not a JSON object of {path: [bytes, sha256]}"
+    for rel, entry in files.items():
+        parts = Path(rel).parts
+        if not parts or ".." in parts or Path(rel).is_absolute() or "\\" in rel:
+            return f"files names {rel!r}, which is not a path inside {name}"
+        if not (
+            isinstance(entry, list)
+            and len(entry) == 2
+            and _is_count(entry[0])
+            and isinstance(entry[1], str)
+            and _SHA256_RE.match(entry[1])
+        ):
+            return f"the entry of files for {rel!r} is not [bytes, sha256]"
+    if not _is_count(body.get("data_bytes", 0)):
+        return f"data_bytes {body.get('data_bytes')!r} is not a non-negative integer"
     return None
 
 
@@ -417,7 +457,10 @@ def newest_verified_manifest(
     for manifest in reversed(list_checkpoints(directory)):
         try:
             body = _read_manifest(manifest)
-            _verify_leaves(manifest, body)
+            if body.get("storage") == orbax_store.STORAGE:
+                orbax_store.verify(manifest, body)
+            else:
+                _verify_leaves(manifest, body)
         except _Unusable as exc:
             skipped.append({"file": str(manifest), "reason": str(exc)})
             continue
@@ -438,6 +481,7 @@ def save_checkpoint(
     metadata: Mapping[str, Any] | None = None,
     keep: int = 3,
     run_id: str | None = None,
+    storage: str = "auto",
 ) -> Path:
     """Save the whole engine state to `directory`, atomically, keeping the newest `keep`.
 
@@ -449,9 +493,15 @@ def save_checkpoint(
     - `metadata`: JSON-serialisable extra information (pipeline description, run options,
       counters...), returned by `load_checkpoint`.
     - `keep`: how many checkpoints to keep, counted in the order they were written (a
-      sequence number in each manifest), so the checkpoint just written is always kept;
-      older ones are deleted after the new one is safely on disk. At least 1.
+      sequence number in each manifest, whatever the storage), so the checkpoint just
+      written is always kept; older ones are deleted after the new one is safely on disk.
+      At least 1.
     - `run_id`: recorded in the manifest (a `Checkpointer` passes its run's id).
+    - `storage`: `"leaves"` (one file written from this process), `"orbax"` (sharded: every
+      process writes its own shards with `orbax.checkpoint`; needed in multi-process runs)
+      or `"auto"` (default: Orbax when the run has several processes, else `"leaves"`).
+      Loading reads either. `save_checkpoint` returns once the checkpoint is committed;
+      `Checkpointer(storage="orbax")` saves asynchronously.
 
     **Returns:** the path of the new checkpoint's manifest.
 
@@ -470,10 +520,17 @@ def save_checkpoint(
             "state returned by Engine.init / Engine.step / ev3core.run."
         )
     directory = Path(directory)
+    meta = _jsonable(metadata or {})
+    if orbax_store.resolve_storage(storage, state) == orbax_store.STORAGE:
+        directory.mkdir(parents=True, exist_ok=True)
+        writer = orbax_store.OrbaxWriter()
+        try:
+            return writer.save(directory, state, meta, int(keep), block=True, run_id=run_id)
+        finally:
+            writer.close()
     directory.mkdir(parents=True, exist_ok=True)
     step = int(state.step)
-    meta = _jsonable(metadata or {})
-    sequence = 1 + max((e.sequence or 0 for e in _entries(directory)), default=0)
+    sequence = next_sequence(directory)
 
     blob = _serialise_state(state)
     digest = hashlib.sha256(blob).hexdigest()
@@ -505,9 +562,15 @@ def save_checkpoint(
     return manifest
 
 
+def next_sequence(directory: Path) -> int:
+    """The write-order number of the next checkpoint written into `directory`."""
+    return 1 + max((e.sequence or 0 for e in _entries(directory)), default=0)
+
+
 def _prune(directory: Path, keep: int, written: Path) -> None:
-    """Delete all but the `keep` most recently written checkpoints (never `written`), the
-    leaves files no kept manifest references, and temporary files of interrupted saves."""
+    """Delete all but the `keep` most recently written checkpoints (never `written`), whatever
+    their storage: the leaves files and Orbax directories no kept manifest references, and the
+    temporary files and directories of interrupted saves (never those of a save in flight)."""
     entries = _entries(directory)
     kept = entries[-keep:]
     if not any(e.path == written for e in kept):  # cannot happen unless the clock of
@@ -516,8 +579,8 @@ def _prune(directory: Path, keep: int, written: Path) -> None:
     for e in entries:
         if e in kept:
             if e.body is not None:
-                referenced.add(e.body["leaves_file"])
-            else:  # a damaged manifest keeps every leaves file with its step prefix
+                referenced.add(_data_name(e.body))
+            else:  # a damaged manifest keeps every leaves file / Orbax dir with its step prefix
                 referenced.add(e.path.stem)
         else:
             with contextlib.suppress(OSError):
@@ -527,12 +590,25 @@ def _prune(directory: Path, keep: int, written: Path) -> None:
         if p.name not in referenced and prefix not in referenced:
             with contextlib.suppress(OSError):
                 p.unlink()
+    # An Orbax save still in flight in this process (an asynchronous save whose commit or
+    # manifest is not written yet) is spared, as are its temporary files and directories.
+    busy = orbax_store.in_flight(directory)
+    orbax_store.prune_dirs(directory, referenced, referenced, busy)
     # A save killed between creating its temporary file and renaming it leaves the file
     # behind. One run writes a directory at a time (a Checkpointer refuses a directory of
     # another run), and this run's own writes are complete here, so every one is stale.
     for p in directory.glob(".ckpt-*.tmp"):
+        if any(p.name.startswith(f".{name}.") for name in busy):
+            continue
         with contextlib.suppress(OSError):
             p.unlink()
+
+
+def _data_name(body: Mapping[str, Any]) -> str:
+    """The leaves file or Orbax directory that a verified manifest names."""
+    if body.get("storage") == orbax_store.STORAGE:
+        return str(body["orbax_dir"])
+    return str(body["leaves_file"])
 
 
 # ---------------------------------------------------------------------------- load
@@ -605,15 +681,10 @@ def _load_leaves(path: Path, like: State) -> State:
 
 def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     body = _read_manifest(manifest_path)
+    if body.get("storage") == orbax_store.STORAGE:
+        return _load_orbax(manifest_path, body, like)
     leaves = _verify_leaves(manifest_path, body)
-    mismatch = _signature_mismatch(body["signature"], _signature(like))
-    if mismatch is not None:
-        raise CheckpointError(
-            f"checkpoint {manifest_path} (step {body['step']}) does not fit the state passed as "
-            f"`like`: {mismatch}. Build `like` with engine.init(model, key) using the same "
-            "pipeline and the same model architecture as the run that wrote it (after network "
-            "growth, the grown architecture)."
-        )
+    _check_fits(manifest_path, body, like)
     try:
         state = _load_leaves(leaves, like)
     except _Unusable:
@@ -623,6 +694,31 @@ def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     if int(state.step) != body["step"]:
         raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
     return state, body
+
+
+def _load_orbax(manifest_path: Path, body: dict[str, Any], like: State) -> tuple[State, Any]:
+    root = orbax_store.verify(manifest_path, body)
+    _check_fits(manifest_path, body, like)
+    try:
+        state = orbax_store.load(root, like)
+    except CheckpointError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt checkpoint
+        raise _Unusable(f"{root.name} cannot be restored ({type(exc).__name__}: {exc})") from exc
+    if int(state.step) != body["step"]:
+        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
+    return state, body
+
+
+def _check_fits(manifest_path: Path, body: dict[str, Any], like: State) -> None:
+    mismatch = _signature_mismatch(body["signature"], _signature(like))
+    if mismatch is not None:
+        raise CheckpointError(
+            f"checkpoint {manifest_path} (step {body['step']}) does not fit the state passed as "
+            f"`like`: {mismatch}. Build `like` with engine.init(model, key) using the same "
+            "pipeline and the same model architecture as the run that wrote it (after network "
+            "growth, the grown architecture)."
+        )
 
 
 def load_checkpoint(
@@ -692,6 +788,31 @@ def load_checkpoint(
 
 
 # ---------------------------------------------------------------------------- plugin
+def _same_state(entries: list[_Entry], state: State, split: bool) -> dict[str, Any] | None:
+    """The manifest of the most recently written of `entries` (verified manifests) whose
+    checkpoint is `state`, or `None`. `split`: the state is not fully addressable here."""
+    step, signature = int(state.step), _signature(state)
+    digest = None if split else state_digest(state)
+    for e in reversed(entries):
+        body = e.body
+        assert body is not None
+        if body.get("storage") != orbax_store.STORAGE:
+            if digest is not None and body["leaves_sha256"] == digest:
+                return body
+            continue
+        if body["step"] != step or _signature_mismatch(body["signature"], signature) is not None:
+            continue
+        if split:
+            return body
+        try:
+            loaded = orbax_store.load(orbax_store.verify(e.path, body), state)
+        except Exception:  # noqa: BLE001 - a damaged checkpoint is not this state
+            continue
+        if state_digest(loaded) == digest:
+            return body
+    return None
+
+
 class Checkpointer:
     """A lifecycle-hook plugin that checkpoints the run every `every` steps and at its end.
 
@@ -719,6 +840,11 @@ class Checkpointer:
       the run will take) is stored as `metadata["data_position"]`, and
       `stream.restore(manifest)` resumes it, so a resumed run reads exactly what an
       uninterrupted one would have.
+    - `storage`: as for `save_checkpoint`. With Orbax (always in a multi-process run, where
+      every process registers its own `Checkpointer` and saves its shards), a save only
+      blocks the run while the arrays are copied to host memory; the files, the commit and the
+      manifest are written in the background. `wait()` blocks until the last save is
+      committed; the run's end waits for it.
 
     ```python
     plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", every=10)])
@@ -733,9 +859,12 @@ class Checkpointer:
         keep: int = 3,
         metadata: Mapping[str, Any] | Callable[[], Mapping[str, Any]] | None = None,
         stream: Any = None,
+        storage: str = "auto",
     ):
         if int(every) < 1 or int(keep) < 1:
             raise CheckpointError(f"Checkpointer: every={every} and keep={keep} must both be >= 1.")
+        self.storage = storage
+        self._writer: orbax_store.OrbaxWriter | None = None
         self.directory = Path(directory)
         self.every = int(every)
         self.keep = int(keep)
@@ -751,28 +880,47 @@ class Checkpointer:
         self._pipeline: dict[str, Any] | None = None
 
     def _claim(self, state: State) -> None:
-        """Check that the directory is this run's (see the class docstring), once."""
+        """Check that the directory is this run's (see the class docstring), once.
+
+        Checkpoints with this run's `run_id` are its own. Of another run's, the state must be
+        one. When this process holds the whole state it is compared bit for bit: with a
+        single-file checkpoint's `leaves_sha256`, or, for an Orbax checkpoint of the same step
+        and leaf signature, by loading it (once, when a run starts in such a directory). A
+        state split over processes cannot be hashed without gathering it, so there the step
+        and the leaf signature must match (every process reads the same manifests and
+        decides alike).
+        """
         if self._claimed:
             return
+        if jax.process_count() > 1:  # one id for the run: process 0's, as its manifests say
+            from jax.experimental import multihost_utils
+
+            raw = np.frombuffer(bytes.fromhex(self.run_id), np.uint8).copy()
+            self.run_id = np.asarray(multihost_utils.broadcast_one_to_all(raw)).tobytes().hex()
         foreign = [
-            e.body
+            e
             for e in _entries(self.directory)
             if e.body is not None and e.body.get("run_id") != self.run_id
         ]
         if foreign:
-            digest = state_digest(state)
-            same = [b for b in foreign if b["leaves_sha256"] == digest]
-            if not same:
-                steps = sorted({b["step"] for b in foreign})
+            split = orbax_store.not_addressable(state)
+            what = (
+                "by step and leaf signature: the state is split over processes"
+                if split
+                else "bit for bit"
+            )
+            same = _same_state(foreign, state, split)
+            if same is None:
+                steps = sorted({e.step for e in foreign})
                 raise CheckpointError(
                     f"Checkpointer: {self.directory} holds checkpoints of another run (steps "
                     f"{', '.join(map(str, steps[:8]))}{' ...' if len(steps) > 8 else ''}), and "
-                    f"the state this run starts from (step {int(state.step)}) is none of them. "
-                    "Pass an empty directory, or resume that run: start from the state that "
-                    "load_checkpoint(directory, like) returns."
+                    f"the state this run starts from (step {int(state.step)}) matches none of "
+                    f"them ({what}). Pass an empty directory, or resume that run: start from "
+                    "the state that load_checkpoint(directory, like) returns."
                 )
-            if same[-1].get("run_id"):  # a resume: continue the run that wrote it
-                self.run_id = same[-1]["run_id"]
+            if same.get("run_id"):  # a resume: continue the run that wrote it
+                self.run_id = same["run_id"]
         self._claimed = True
 
     def _meta(self) -> dict[str, Any]:
@@ -784,13 +932,33 @@ class Checkpointer:
         return out
 
     def save(self, state: State) -> Path:
-        """Write a checkpoint of `state` now."""
+        """Write a checkpoint of `state` now (with Orbax: start writing it, see `wait`)."""
         self._claim(state)
-        self.last_path = save_checkpoint(
-            self.directory, state, metadata=self._meta(), keep=self.keep, run_id=self.run_id
-        )
+        if orbax_store.resolve_storage(self.storage, state) == orbax_store.STORAGE:
+            if self._writer is None:
+                self._writer = orbax_store.OrbaxWriter()
+            self.directory.mkdir(parents=True, exist_ok=True)
+            meta = _jsonable(self._meta())
+            self.last_path = self._writer.save(
+                self.directory, state, meta, self.keep, block=False, run_id=self.run_id
+            )
+        else:
+            self.last_path = save_checkpoint(
+                self.directory,
+                state,
+                metadata=self._meta(),
+                keep=self.keep,
+                run_id=self.run_id,
+                storage="leaves",
+            )
         self.last_saved = int(state.step)
         return self.last_path
+
+    def wait(self) -> None:
+        """Block until the last save is committed (its manifest written); raise
+        `CheckpointError` if writing it failed. A no-op for the single-file storage."""
+        if self._writer is not None:
+            self._writer.wait()
 
     @hookimpl
     def ev3_run_start(self, engine: Any, state: State) -> None:
@@ -822,6 +990,11 @@ class Checkpointer:
                 step,
                 self.last_saved,
             )
+            self.wait()  # an earlier save may still be committing
             return
-        if step != self.last_saved or not list_checkpoints(self.directory):
-            self.save(state)
+        try:
+            pending = self._writer is not None and self._writer.pending is not None
+            if step != self.last_saved or not (list_checkpoints(self.directory) or pending):
+                self.save(state)
+        finally:
+            self.wait()

@@ -148,7 +148,9 @@ def _guarded(engine: Engine, plugins: Plugins, fn: Any, *args: Any) -> Any:
         if owner is None:
             raise
         # The engine's checks name the component; the plugin that registered it is known here.
-        short, who = describe_component(*owner), describe_component(*owner, plugins=plugins)
+        kind, index, comp = owner
+        short = describe_component(kind, index, comp)
+        who = describe_component(kind, index, comp, plugins=plugins)
         raise type(exc)(str(exc).replace(short, who, 1)) from exc
     except Exception as exc:
         owner = component_owner(engine, exc)
