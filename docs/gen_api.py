@@ -96,6 +96,8 @@ def _signature(name: str, obj: Any) -> str | None:
         params.insert(last + 1, "/")
     ret = sig.return_annotation
     ret = "" if ret is inspect.Signature.empty else f" -> {_annotation(ret)}"
+    # a function default prints with its address; keep its name so the page is reproducible
+    params = [re.sub(r"<function (\S+) at 0x[0-9a-f]+>", r"\1", p) for p in params]
     text = f"{name}({', '.join(params)}){ret}"
     if len(text) > 90:  # one parameter a line
         text = f"{name}(\n" + "".join(f"    {p},\n" for p in params) + f"){ret}"

@@ -26,7 +26,15 @@ from .._types import (
 )
 from ..errors import ConfigurationError
 from .augment import AbstractAugment, augment_batch
-from .hyper import Evolve, Optimizer, _Fixed, as_optimizer, opt_hyperparams, with_opt_hyperparams
+from .hyper import (
+    Evolve,
+    Optimizer,
+    _Fixed,
+    as_optimizer,
+    opt_hyperparams,
+    update_in_param_dtype,
+    with_opt_hyperparams,
+)
 from .population import Slot, log_move, pick, rows_of, take_rows
 
 RejectPolicy = Literal["keep", "reset", "copy", "continue"]
@@ -573,7 +581,7 @@ class GradientProposer(AbstractProposer):
                     return loss(eqx.combine(p, static), batch, k)
 
                 grads = eqx.filter_grad(f)(p)
-                updates, o = opt.update(grads, o, p)
+                updates, o = update_in_param_dtype(opt, grads, o, p)
                 return optax.apply_updates(p, updates), o
 
             k, k_model = jax.random.split(k)
@@ -583,7 +591,7 @@ class GradientProposer(AbstractProposer):
                 return loss_and_state(model, k_model, lambda v: loss(v, batch, k), batch)
 
             grads, new_state = eqx.filter_grad(g, has_aux=True)(trainable(p))
-            updates, o = opt.update(grads, o, trainable(p))
+            updates, o = update_in_param_dtype(opt, grads, o, trainable(p))
             w = optax.apply_updates(trainable(p), updates)
             p = eqx.tree_at(lambda q: q.model, p, w)
             if new_state is not None:

@@ -197,6 +197,34 @@ def with_opt_hyperparams(opt_state: Any, values: Mapping[str, Array]) -> Any:
     return opt_state._replace(hyperparams={**opt_state.hyperparams, **values})
 
 
+def update_in_param_dtype(
+    tx: optax.GradientTransformation, grads: Any, opt_state: Any, params: Any
+) -> tuple[Any, Any]:
+    """`tx.update(grads, opt_state, params)` with the injected float hyperparameters cast to
+    the parameters' float dtype, when the parameters have a single one (so bfloat16 and
+    float16 models train under strict dtype promotion: a float32 learning rate or momentum
+    would not combine with bfloat16 gradients). The returned state keeps its own
+    hyperparameters, so evolving and perturbing them stays exact."""
+    hp = opt_hyperparams(opt_state)
+    dtypes = {
+        x.dtype
+        for x in jax.tree.leaves(params)
+        if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+    }
+    if not hp or len(dtypes) != 1:
+        return tx.update(grads, opt_state, params)
+    (dtype,) = dtypes
+    cast = {
+        k: v.astype(dtype)
+        for k, v in hp.items()
+        if eqx.is_array(v) and jnp.issubdtype(v.dtype, jnp.floating) and v.dtype != dtype
+    }
+    if not cast:
+        return tx.update(grads, opt_state, params)
+    updates, new_state = tx.update(grads, with_opt_hyperparams(opt_state, cast), params)
+    return updates, with_opt_hyperparams(new_state, {k: hp[k] for k in cast})
+
+
 class Evolve(eqx.Module):
     """How a `GradientProposer`'s candidates evolve their hyperparameters ("ever evolving").
 

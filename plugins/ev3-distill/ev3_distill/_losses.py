@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree, Scalar
 
-from ev3core import AbstractLoss
+from ev3core import AbstractLoss, batch_apply
 from ev3core.errors import ConfigurationError
 
 
@@ -122,7 +122,10 @@ class DistillLoss(AbstractLoss):
 
     def teacher_logits(self, batch: PyTree[Array]) -> Float[Array, "example classes"]:
         if self.teacher_fn is not None:
-            return jax.vmap(self.teacher_fn)(batch[0])
+            # The teacher reads the inputs in its own precision (the student's may be lower).
+            weights = jax.tree.leaves(eqx.filter(self.teacher_fn, eqx.is_inexact_array))
+            x = batch[0] if not weights else batch[0].astype(weights[0].dtype)
+            return jax.vmap(self.teacher_fn)(x)
         if len(batch) < 3:
             raise ConfigurationError(
                 "DistillLoss: the batch has no teacher logits. Put (x, y, teacher_logits) in "
@@ -134,9 +137,9 @@ class DistillLoss(AbstractLoss):
     def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
         del key
         x, y = batch[0], batch[1]
-        return kd_loss(
-            jax.vmap(model)(x), self.teacher_logits(batch), y, self.temperature, self.weight
-        )
+        # In float32 whatever the model's dtype: a low-precision softmax loses the loss.
+        logits = batch_apply(model, x).astype(jnp.float32)
+        return kd_loss(logits, self.teacher_logits(batch), y, self.temperature, self.weight)
 
     @property
     def label(self) -> str:
@@ -164,7 +167,7 @@ class LabelLoss(AbstractLoss):
 
     def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
         del key
-        logits = jax.vmap(model)(batch[0]) * self.temperature
+        logits = batch_apply(model, batch[0]).astype(jnp.float32) * self.temperature
         return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, batch[1]))
 
     @property

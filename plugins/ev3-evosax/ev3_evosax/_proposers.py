@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -53,9 +54,12 @@ class _Strategies(Mapping[str, type]):
 STRATEGIES: Mapping[str, type] = _Strategies()
 
 
-def _standard_promotion() -> Any:
-    # evosax mixes bool/int/float arrays; keep it working under jax's strict promotion mode.
-    return jax.numpy_dtype_promotion("standard")
+@contextlib.contextmanager
+def _standard_promotion() -> Iterator[None]:
+    # evosax mixes bool/int/float arrays and broadcasts arrays of different ranks; keep it
+    # working under jax's strict dtype promotion and rank-promotion="raise" settings.
+    with jax.numpy_dtype_promotion("standard"), jax.numpy_rank_promotion("allow"):
+        yield
 
 
 def _strategy_params_fields(cls: type) -> tuple[str, ...]:
