@@ -279,7 +279,13 @@ class _Static:
 
     def __init__(self, value: Engine):
         self.value = value
-        self._hash = hash(value)
+        # The tree structure and the static leaves: a module's own hash would fail on a
+        # container field (an `Optimizer`'s dict of hyperparameters holds no leaves here).
+        leaves, treedef = jax.tree.flatten(value)
+        try:
+            self._hash = hash((treedef, *leaves))
+        except TypeError:  # an unhashable static leaf: never shared, compared by identity
+            self._hash = id(value)
 
     def __hash__(self) -> int:
         return self._hash
