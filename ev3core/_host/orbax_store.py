@@ -32,6 +32,7 @@ import os
 import re
 import shutil
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,19 @@ import numpy as np
 
 from .._types import State
 from ..errors import CheckpointError
+from .ckpt_format import (
+    FORMAT,
+    FORMAT_VERSION,
+    _atomic_write,
+    _is_key,
+    _manifest_digest,
+    _sha256_file,
+    _signature,
+    _to_storable,
+    _Unusable,
+    _versions,
+    _weak_like,
+)
 
 logger = logging.getLogger("ev3core")
 
@@ -118,7 +132,6 @@ def _flat(storable: State) -> dict[str, Any]:
 
 def _file_table(root: Path) -> dict[str, list[Any]]:
     """`{relative path: [bytes, sha256]}` of every file under `root`."""
-    from .checkpoint import _sha256_file
 
     table = {}
     for p in sorted(root.rglob("*")):
@@ -136,7 +149,10 @@ class OrbaxWriter:
     same state (it is a collective); process 0 writes the manifest and prunes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, next_sequence: Callable[[Path], int], prune: Callable[..., None]) -> None:
+        # The directory's write-order rules, from the single-file storage that owns them.
+        self._next_sequence = next_sequence
+        self._prune = prune
         self._ckptr: Any = None
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
@@ -176,17 +192,6 @@ class OrbaxWriter:
 
         **Returns:** the path the manifest will have once the checkpoint is committed.
         """
-        from .checkpoint import (
-            FORMAT,
-            FORMAT_VERSION,
-            _atomic_write,
-            _manifest_digest,
-            _prune,
-            _signature,
-            _to_storable,
-            _versions,
-            next_sequence,
-        )
 
         self.wait()
         if self._ckptr is None:
@@ -223,7 +228,7 @@ class OrbaxWriter:
                 files = _file_table(target)
                 full = dict(body)
                 full.update(
-                    sequence=next_sequence(directory),
+                    sequence=self._next_sequence(directory),
                     storage=STORAGE,
                     orbax_dir=name,
                     files=files,
@@ -236,7 +241,7 @@ class OrbaxWriter:
                 text = json.dumps(full, indent=1, sort_keys=True).encode()
                 _atomic_write(manifest, lambda f: f.write(text))
                 _track(directory, names, busy=False)  # complete: prunable like any other
-                _prune(directory, keep, written=manifest)
+                self._prune(directory, keep, written=manifest)
                 logger.info("ev3core: checkpoint of step %d committed to %s", step, manifest)
             except BaseException as exc:  # noqa: BLE001 - re-raised by wait()
                 self._error = exc
@@ -291,7 +296,6 @@ def prune_dirs(
 def verify(manifest_path: Path, body: dict[str, Any]) -> Path:
     """The checkpoint's Orbax directory, after checking every file's size and SHA-256.
     Raises the loader's `_Unusable` for anything missing, extra, truncated or edited."""
-    from .checkpoint import _sha256_file, _Unusable
 
     name = body.get("orbax_dir")
     files = body.get("files")
@@ -326,7 +330,6 @@ def load(root: Path, like: State) -> State:
     written on another device count); an uncommitted `like` leaf (a fresh single-device
     `init`) gives an uncommitted array, so the compiled step is reused on resume.
     """
-    from .checkpoint import _is_key, _to_storable, _weak_like
 
     storable_like = _to_storable(like)
     leaves, treedef = jax.tree.flatten(storable_like)
