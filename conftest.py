@@ -60,14 +60,19 @@ def pip_install_target():
 @pytest.fixture(scope="session", autouse=True)
 def _private_user_cache(tmp_path_factory):
     """`ev3 run` processes started by the tests keep their compilation cache (on by default
-    in the per-user cache directory) in a directory of the test session, not the user's."""
-    previous = os.environ.get("XDG_CACHE_HOME")
+    in the per-user cache directory) in a directory of the test session, not the user's; and
+    the CLI run *inside* the test process (`main([...])`) leaves JAX's persistent cache off,
+    so it is not switched on for every later test of the session (tests/test_compile_cache.py
+    clears `EV3_*` for the processes whose cache it checks)."""
+    saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EV3_COMPILE_CACHE")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
+    os.environ["EV3_COMPILE_CACHE"] = "0"
     yield
-    if previous is None:
-        del os.environ["XDG_CACHE_HOME"]
-    else:
-        os.environ["XDG_CACHE_HOME"] = previous
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 @pytest.fixture(scope="session")
