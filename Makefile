@@ -27,8 +27,11 @@ lint: setup
 	$(BIN)/ruff format --check ev3core tests plugins benchmarks
 	$(BIN)/mypy ev3core
 
+# The suite runs in two processes: in one process, the XLA CPU programs of some 300 tests
+# exhaust a per-process resource and a compile segfaults (seen at the same test every time).
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest tests/test_[a-o]*.py
+	$(BIN)/python -m pytest tests/test_[p-z]*.py plugins
 
 bench: setup
 	$(BIN)/python benchmarks/smoke.py --json benchmarks/smoke.json

@@ -249,7 +249,7 @@ def test_ev3_plugins_json_lists_plugins_hooks_components_and_failures(broken_sit
     )
     assert "needs a missing library" in failure["error"]
     assert "ev3 trace: register plugin ev3core.builtins (ev3core" in res.stderr
-    assert "ev3_register_proposers() [ev3core.builtins] -> ['gradient']" in res.stderr
+    assert "ev3_register_proposers() [ev3core.builtins] -> ['gradient', 'pbt']" in res.stderr
 
 
 def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
