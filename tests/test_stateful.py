@@ -200,7 +200,7 @@ def test_builtin_components_conform_on_the_stateful_problem(kind):
         for proposer in [
             ev3.GradientProposer(
                 [ev3.CrossEntropy(1.0), ev3.CrossEntropy(0.5)],
-                [optax.sgd(0.1, momentum=0.9)],
+                [ev3.Optimizer(optax.sgd, learning_rate=0.1, momentum=0.9)],
                 steps=2,
                 batch_size=8,
                 on_reject="continue",
