@@ -456,7 +456,8 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, 
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["file"].startswith(str(target))  # the installed copy, not the source tree
-    assert out["experiments"] == {"distill": "distill"}
+    # the installed plugin's experiment, beside the built-in smoke experiment
+    assert out["experiments"] == {"distill": "distill", "smoke": "ev3core.experiments"}
     assert out["losses"]["distill"] == "ev3_distill._losses"
     assert out["plugins"]["distill"] == ["ev3-distill", "0.1.0"]
     assert out["failures"] == []
@@ -468,7 +469,9 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, 
         text=True,
         timeout=120,
     )
-    assert json.loads(res.stdout)["experiments"] == {}
+    assert json.loads(res.stdout)["experiments"] == {
+        "smoke": "ev3core.experiments"
+    }  # built-in only
 
 
 PIPELINE_FILE = """
