@@ -258,7 +258,7 @@ def search_curves(static, params0, losses, lrs, train, decide, test, keys, score
     loss_dyn, loss_static = eqx.partition(losses, eqx.is_array)
 
     def per_seed(p0, tr, de, te, k):
-        ks = jax.random.split(k, lrs.shape[0])
+        ks = k if k.ndim == 1 else jax.random.split(k, lrs.shape[0])
         return jax.vmap(
             lambda ld, lr, kk: _curves(
                 static, p0, ld, loss_static, lr, tr, de, te, kk, score, rounds, every
@@ -266,6 +266,35 @@ def search_curves(static, params0, losses, lrs, train, decide, test, keys, score
         )(loss_dyn, lrs, ks)
 
     return jax.vmap(per_seed)(params0, train, decide, test, keys)
+
+
+def search_configs(static, params0, losses, lrs, train, decide, test, keys, score, rounds, every):
+    """`search_curves` over configurations given as lists (`losses[i]` with `lrs[i]`) whose
+    losses may be of several classes: the configurations are run in groups of one loss
+    structure (stacked and vmapped) and returned in the order given, `[seed, config, rounds +
+    1]`. Configuration `i` of a seed draws its batches from `fold_in(key, i)`."""
+    groups: dict[Any, list[int]] = {}
+    for i, loss in enumerate(losses):
+        groups.setdefault(jax.tree.structure(loss), []).append(i)
+    dec = [None] * len(losses)
+    tst = [None] * len(losses)
+    for idx in groups.values():
+        d, t = search_curves(
+            static,
+            params0,
+            tree_stack([losses[i] for i in idx]),
+            jnp.asarray([lrs[i] for i in idx], jnp.float32),
+            train,
+            decide,
+            test,
+            jnp.stack([jax.vmap(lambda k, i=i: jax.random.fold_in(k, i))(keys) for i in idx], 1),
+            score,
+            rounds,
+            every,
+        )
+        for j, i in enumerate(idx):
+            dec[i], tst[i] = d[:, j], t[:, j]
+    return jnp.stack(dec, 1), jnp.stack(tst, 1)
 
 
 def early_stopped(dec: np.ndarray, tst: np.ndarray) -> dict[str, Any]:
@@ -401,7 +430,7 @@ def label_configs(variant: str, key, k_random: int):
     counts = imbalanced_counts().astype(np.float32)
     balanced = (1.0 / counts) / np.mean(1.0 / counts)
     if variant.startswith("noise"):
-        losses = [WeightedCE(0.0), WeightedCE(0.3)]
+        losses = [WeightedCE(0.0), WeightedCE(0.3), ev3.SelfDistill(0.8)]
     else:
         losses = [WeightedCE(0.0), WeightedCE(0.0, balanced)]
     k_lr, k_h = jax.random.split(key)
@@ -412,7 +441,11 @@ def label_configs(variant: str, key, k_random: int):
     )
     u = np.asarray(jax.random.uniform(k_h, (k_random,)))
     if variant.startswith("noise"):
-        r_losses = [WeightedCE(0.3 * float(v)) for v in u]
+        # the loss family drawn with the grid's odds, its weight from the grid's range
+        r_losses = [
+            ev3.SelfDistill(float(v) * 3 - 2) if v > 2 / 3 else WeightedCE(0.45 * float(v))
+            for v in u
+        ]
     else:
         r_losses = [
             WeightedCE(0.0, (counts ** -float(v)) / np.mean(counts ** -float(v))) for v in u
@@ -420,16 +453,12 @@ def label_configs(variant: str, key, k_random: int):
     return (losses, lrs), (r_losses, tuple(float(v) for v in r_lr))
 
 
-def _grid_arrays(losses, lrs):
+def _grid_configs(losses, lrs):
     """The grid losses x learning rates in GradientProposer's candidate order (optimizer
-    major, losses in order)."""
+    major, losses in order): `(losses, learning rates, labels)`, one entry per configuration."""
     ls = [loss for _ in lrs for loss in losses]
-    lr = [lr for lr in lrs for _ in losses]
-    return (
-        tree_stack(ls),
-        jnp.asarray(lr, jnp.float32),
-        [f"{c.label}|adam{r:g}" for c, r in zip(ls, lr)],
-    )
+    lr = [float(lr) for lr in lrs for _ in losses]
+    return ls, lr, [f"{c.label}|adam{r:g}" for c, r in zip(ls, lr)]
 
 
 def _seed_keys(scenario: str, seeds: list[int]) -> Array:
@@ -585,15 +614,15 @@ def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> d
     ):
         t = time.perf_counter()
         if name == "grid":
-            stacked, lr_arr, labels = _grid_arrays(ls, lr_list)
+            cfg_losses, cfg_lrs, labels = _grid_configs(ls, lr_list)
         else:
-            stacked, lr_arr = tree_stack(list(ls)), jnp.asarray(lr_list, jnp.float32)
+            cfg_losses, cfg_lrs = list(ls), list(lr_list)
             labels = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
-        dec, tst = search_curves(
+        dec, tst = search_configs(
             static,
             params0,
-            stacked,
-            lr_arr,
+            cfg_losses,
+            cfg_lrs,
             d["train"],
             d["decide"],
             d["test"],
@@ -842,15 +871,15 @@ def run_distill_scenario(
     ):
         t = time.perf_counter()
         if mname == "grid":
-            stacked, lr_arr, labs = _grid_arrays(ls, lr_list)
+            cfg_losses, cfg_lrs, labs = _grid_configs(ls, lr_list)
         else:
-            stacked, lr_arr = tree_stack(list(ls)), jnp.asarray(lr_list, jnp.float32)
+            cfg_losses, cfg_lrs = list(ls), list(lr_list)
             labs = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
-        dec, tst = search_curves(
+        dec, tst = search_configs(
             static,
             params0,
-            stacked,
-            lr_arr,
+            cfg_losses,
+            cfg_lrs,
             train,
             decide,
             test,

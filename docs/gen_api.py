@@ -29,12 +29,13 @@ GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "Stage interfaces": (
         *("AbstractProposer", "AbstractAssessor", "AbstractBatchAssessor"),
-        *("AbstractScheduler", "AbstractLoss", "ComponentName", "objective_value"),
+        *("AbstractScheduler", "AbstractLoss", "AbstractReferenceLoss", "ComponentName"),
+        "objective_value",
     ),
     "Proposers": ("GradientProposer", "GradientProposerState"),
     "Assessors and losses": (
         *("Accuracy", "NegCrossEntropy", "NegBrierScore", "F1Score", "AUC"),
-        *("NegExpectedCalibrationError", "CrossEntropy"),
+        *("NegExpectedCalibrationError", "CrossEntropy", "SelfDistill"),
     ),
     "Schedulers": ("EV3Scheduler", "EV3SchedulerState", "AlwaysAccept"),
     "Confidence bounds": (

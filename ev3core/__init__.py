@@ -59,7 +59,7 @@ from ._explore.gradient import (
     GradientProposerState as GradientProposerState,
 )
 from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
-from ._explore.losses import CrossEntropy as CrossEntropy
+from ._explore.losses import CrossEntropy as CrossEntropy, SelfDistill as SelfDistill
 from ._explore.pbt import PBTProposer as PBTProposer
 from ._host.cache import (
     default_cache_dir as default_cache_dir,
@@ -84,6 +84,7 @@ from ._interfaces import (
     AbstractAssessor as AbstractAssessor,
     AbstractLoss as AbstractLoss,
     AbstractProposer as AbstractProposer,
+    AbstractReferenceLoss as AbstractReferenceLoss,
     AbstractScheduler as AbstractScheduler,
     ComponentName as ComponentName,
     objective_value as objective_value,
@@ -133,6 +134,7 @@ __all__ = [
     "AbstractLoss",
     "AbstractPriority",
     "AbstractProposer",
+    "AbstractReferenceLoss",
     "AbstractScheduler",
     "ComponentName",
     "objective_value",
@@ -178,6 +180,7 @@ __all__ = [
     "RandomCrop",
     "Reshaped",
     "STABLE",
+    "SelfDistill",
     "Shift1D",
     "StallPriority",
     "State",

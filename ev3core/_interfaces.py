@@ -61,6 +61,32 @@ class AbstractLoss(eqx.Module):
         return type(self).__name__
 
 
+class AbstractReferenceLoss(AbstractLoss):
+    """A training loss that also sees a *reference model*: the model the proposer's
+    trajectories start from, that is the engine's current (accepted) model.
+
+    This is how a candidate learns from the model EV3 has accepted so far (self-distillation:
+    under label noise, the accepted model's predictions correct the labels it has not
+    memorized). `GradientProposer` (and so `PBTProposer`) calls
+    `with_reference(model, reference, batch, key)` with the current model as `reference`,
+    the same for every step of an iteration. A plain call `loss(model, batch, key)` (a
+    training loop without an accepted model, such as a grid-search baseline) passes the model
+    itself, which makes the loss a bootstrapping loss on the model's own predictions.
+
+    Implementations compute the reference's outputs under `jax.lax.stop_gradient` (the
+    reference is a target, never trained through), in float32 for low-precision models.
+    """
+
+    @abc.abstractmethod
+    def with_reference(
+        self, model: Any, reference: Any, batch: PyTree[Array], key: PRNGKeyArray
+    ) -> Scalar:
+        """The mean loss of `model` on `batch` given the `reference` model."""
+
+    def __call__(self, model: Any, batch: PyTree[Array], key: PRNGKeyArray) -> Scalar:
+        return self.with_reference(model, model, batch, key)
+
+
 class AbstractProposer(eqx.Module):
     """The explore stage: maps the current parameters to `K` candidate parameters.
 

@@ -305,6 +305,11 @@ def tree_where(
     return jax.tree.map(lambda a, b: jnp.where(pred, a, b), on_true, on_false)
 
 
+def same_structure(a: Any, b: Any) -> bool:
+    """Whether two pytrees have the same tree structure (node types, static fields, arity)."""
+    return bool(jax.tree.structure(a) == jax.tree.structure(b))  # type: ignore[operator]
+
+
 def tree_all_finite(tree: PyTree[Array], batch_dims: int = 0) -> Bool[Array, ...]:
     """Whether every inexact leaf is finite, reduced over all but `batch_dims` leading axes."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]

@@ -74,12 +74,12 @@ def test_compute_is_equal_across_methods(value):
         sink: list[int] = []
         counted = [Counting(loss, sink) for loss in losses]
         if name == "grid":
-            stacked, lr_arr, labels = value._grid_arrays(counted, lrs)
-            dec, _ = value.search_curves(
+            cfg_losses, cfg_lrs, labels = value._grid_configs(counted, lrs)
+            dec, _ = value.search_configs(
                 static,
                 params0,
-                stacked,
-                lr_arr,
+                cfg_losses,
+                cfg_lrs,
                 d["train"],
                 d["decide"],
                 d["test"],

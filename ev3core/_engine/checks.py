@@ -12,7 +12,7 @@ from jaxtyping import PyTree
 
 from .._faults import component_owner, describe_component
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler, ComponentName
-from .._types import Data, State
+from .._types import Data, State, same_structure
 from ..errors import ComponentError, ConfigurationError, EV3Error
 
 _STREAMS = ("propose", "assess", "decide")
@@ -334,8 +334,8 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
             lambda x, k=p.num_candidates: ((k,) + tuple(x.shape), x.dtype), state.current
         )
         got = jax.tree.map(lambda x: (tuple(x.shape), x.dtype), cands)
-        same_structure = jax.tree.structure(want) == jax.tree.structure(got)  # type: ignore[operator]
-        if not same_structure or jax.tree.leaves(
+        same = same_structure(want, got)
+        if not same or jax.tree.leaves(
             want, is_leaf=lambda x: isinstance(x, tuple)
         ) != jax.tree.leaves(got, is_leaf=lambda x: isinstance(x, tuple)):
             expected = jax.tree.map(
@@ -350,8 +350,8 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
                 "parameters with a leading candidate axis of size num_candidates.",
             )
         sig = lambda t: [(tuple(jnp.shape(x)), jnp.result_type(x)) for x in jax.tree.leaves(t)]
-        same_structure = jax.tree.structure(new_ps) == jax.tree.structure(ps)  # type: ignore[operator]
-        if not same_structure or sig(new_ps) != sig(ps):
+        same = same_structure(new_ps, ps)
+        if not same or sig(new_ps) != sig(ps):
             raise ConfigurationError(
                 f"{what} returned a state whose structure, shapes or dtypes differ from the "
                 "state it was given, so the step could not be scanned or would re-compile "

@@ -14,10 +14,11 @@ import numpy as np
 import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
-from .._interfaces import AbstractLoss, AbstractProposer
+from .._interfaces import AbstractLoss, AbstractProposer, AbstractReferenceLoss
 from .._stateful import Stateful, loss_and_state, trainable, with_trainable
 from .._types import (
     Outcome,
+    same_structure,
     tree_all_finite,
     tree_concat,
     tree_index,
@@ -46,12 +47,11 @@ def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
     groups: list[list[int]] = []
     for i, loss in enumerate(losses):
         static_i = eqx.filter(loss, eqx.is_array, inverse=True)
-        struct_i = jax.tree.structure(loss)
         for g in groups:
             ref = losses[g[0]]
             if (
                 type(ref) is type(loss)
-                and jax.tree.structure(ref) == struct_i
+                and same_structure(ref, loss)
                 and eqx.tree_equal(eqx.filter(ref, eqx.is_array, inverse=True), static_i) is True
                 and all(
                     a.shape == b.shape and a.dtype == b.dtype
@@ -66,6 +66,16 @@ def _loss_groups(losses: Sequence[AbstractLoss]) -> tuple[tuple[int, ...], ...]:
         else:
             groups.append([i])
     return tuple(tuple(g) for g in groups)
+
+
+def _field(tree: Any, name: str) -> Any:
+    return getattr(tree, name)
+
+
+def _with_reference(
+    loss: AbstractReferenceLoss, reference: Any, model: Any, batch: PyTree[Array], key: Any
+) -> Array:
+    return loss.with_reference(model, reference, batch, key)
 
 
 def _broadcast(tree: PyTree[Array], n: int) -> PyTree[Array]:
@@ -469,7 +479,7 @@ class GradientProposer(AbstractProposer):
             else:
                 assert loss_params is not None  # loss slots exist only with loss_params
                 loss_params[j][gi] = eqx.tree_at(
-                    lambda lp, name=slot.name: getattr(lp, name), loss_params[j][gi], v
+                    functools.partial(_field, name=slot.name), loss_params[j][gi], v
                 )
         return dataclasses.replace(
             state,
@@ -569,12 +579,15 @@ class GradientProposer(AbstractProposer):
                 start += size
 
         stateful = isinstance(static, Stateful)
+        reference = eqx.combine(params, static)  # the current model, for reference losses
 
         def one(opt, lstatic, p, o, loss_dyn, batch, k):
             loss = eqx.combine(loss_dyn, lstatic)
             if self.augment is not None:
                 k, k_aug = jax.random.split(k)
                 batch = augment_batch(self.augment, batch, k_aug)
+            if isinstance(loss, AbstractReferenceLoss):
+                loss = functools.partial(_with_reference, loss, reference)
             if not stateful:
 
                 def f(p):
@@ -685,6 +698,7 @@ class GradientProposer(AbstractProposer):
     def _grow(self, state: GradientProposerState, outcome: Outcome) -> GradientProposerState:
         if not self.grows:
             return state
+        assert state.streak is not None and state.length is not None  # a growing proposer's
         streak = jnp.where(outcome.significant, 0, state.streak + 1)
         grow = streak >= self.patience
         longer = jnp.ceil(state.length.astype(jnp.float32) * self.growth_factor)
@@ -745,6 +759,7 @@ class GradientProposer(AbstractProposer):
         from it when it changes, and any non-finite one from it with a fresh optimizer
         state."""
         changed = outcome.current_changed
+        assert state.lineages is not None  # "continue" keeps lineages
         lineages, states = [], []
         for opt, per_lin, per_opt in zip(self.optimizers, state.lineages, opt_states):
             fresh = opt.transformation().init(trainable(outcome.params))
@@ -762,7 +777,7 @@ class GradientProposer(AbstractProposer):
         (by assess score) restart; on a roll back all of them; otherwise none."""
         K = self.num_candidates
         changed = jnp.broadcast_to(outcome.current_changed, (K,))
-        if outcome.scores is None:
+        if outcome.scores is None or self.evolve is None or self.evolve.truncate is None:
             return changed
         s = outcome.scores[self.evolve.objective]
         s = jnp.where(jnp.isfinite(s), s, -jnp.inf)
@@ -822,6 +837,7 @@ class GradientProposer(AbstractProposer):
         log-normal noise); they persist per candidate whatever the `on_reject` policy did to
         the optimizer states."""
         ev = self.evolve
+        assert ev is not None and before.key is not None  # init keeps a key when evolving
         K = self.num_candidates
         a = outcome.accepted_index
         key, k_noise = jax.random.split(before.key)

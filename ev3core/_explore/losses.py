@@ -10,7 +10,8 @@ import jax.numpy as jnp
 import optax
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree, Scalar
 
-from .._interfaces import AbstractLoss
+from .._interfaces import AbstractLoss, AbstractReferenceLoss
+from .._stateful import batch_apply
 from .._types import _as_float_array, _logits
 
 
@@ -44,3 +45,48 @@ class CrossEntropy(AbstractLoss):
             return f"ce(T={float(self.temperature):g})"
         except (TypeError, jax.errors.ConcretizationTypeError):  # traced
             return "ce"
+
+
+class SelfDistill(AbstractReferenceLoss):
+    """Cross-entropy against the labels mixed with a reference model's predictions.
+
+    The target of an example `(x, y)` is `(1 - weight) * one_hot(y) + weight *
+    softmax(reference(x) / temperature)`. Inside a `GradientProposer` the reference is the
+    engine's current (accepted) model, so a candidate distils from the best model EV3 has
+    accepted while it keeps learning from the labels; called on its own
+    (`loss(model, batch, key)`) the reference is the model itself, which is the soft
+    bootstrapping loss of Reed et al. (2015). The batch is `(x, y, ...)` with integer labels.
+
+    **Arguments:**
+
+    - `weight`: the reference's share of the target, in `[0, 1]` (an array leaf).
+    - `temperature`: divides the reference's logits before the softmax (an array leaf;
+      above 1 softens the reference's targets).
+
+    ```python
+    losses = [CrossEntropy(), SelfDistill(weight=0.5), SelfDistill(weight=0.8)]
+    ```
+    """
+
+    weight: Float[Array, ""] | float = eqx.field(converter=_as_float_array, default=0.5)
+    temperature: Float[Array, ""] | float = eqx.field(converter=_as_float_array, default=1.0)
+
+    def with_reference(
+        self, model: Any, reference: Any, batch: PyTree[Array], key: PRNGKeyArray
+    ) -> Scalar:
+        del key
+        x, y = batch[0], batch[1]
+        logits = _logits(model, x).astype(jnp.float32)
+        ref = logits if reference is model else batch_apply(reference, x)
+        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
+        soft = jax.nn.softmax(ref / self.temperature, axis=-1)
+        target = (1.0 - self.weight) * jax.nn.one_hot(y, logits.shape[-1]) + self.weight * soft
+        return jnp.mean(optax.softmax_cross_entropy(logits, target))
+
+    @property
+    def label(self) -> str:
+        try:
+            t = float(self.temperature)
+            return f"self(w={float(self.weight):g}{f',T={t:g}' if t != 1.0 else ''})"
+        except (TypeError, jax.errors.ConcretizationTypeError):  # traced
+            return "self"

@@ -18,7 +18,7 @@ from .._adapt.bounds import AbstractBound
 from .._adapt.priorities import AbstractPriority
 from .._host.checkpoint import load_checkpoint, save_checkpoint
 from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
-from .._types import History, State
+from .._types import History, State, same_structure
 
 #: Every check's name, in the order they run.
 CHECKS = (
@@ -190,7 +190,7 @@ def _host(tree: Any) -> list[np.ndarray]:
 
 def _identical(a: Any, b: Any) -> bool:
     """Same structure and bit-identical leaves (NaNs in the same places count as equal)."""
-    if jax.tree.structure(a) != jax.tree.structure(b):
+    if not same_structure(a, b):
         return False
     ha, hb = _host(a), _host(b)
     return len(ha) == len(hb) and all(
@@ -363,7 +363,7 @@ class _Static:
     def __eq__(self, other: Any) -> bool:
         return (
             isinstance(other, _Static)
-            and self.treedef == other.treedef
+            and bool(self.treedef == other.treedef)  # type: ignore[operator]
             and len(self.leaves) == len(other.leaves)
             and all(_same(a, b) for a, b in zip(self.leaves, other.leaves))
         )
@@ -457,9 +457,7 @@ def _check_no_recompile(
     for v in variants:
         chk.run("no_recompile", "calling it with changed hyperparameters", call, v)
     if count[0] > before:
-        same_tree = all(
-            jax.tree.structure(v) == jax.tree.structure(chk.component) for v in variants
-        )
+        same_tree = all(same_structure(v, chk.component) for v in variants)
         why = (
             "an array leaf changed shape, dtype or weak type"
             if same_tree

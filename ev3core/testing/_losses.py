@@ -13,7 +13,7 @@ import optax
 
 from .._explore.gradient import GradientProposer
 from .._interfaces import AbstractLoss
-from .._types import split_model
+from .._types import same_structure, split_model
 from ._checker import (
     ConformanceError,
     Report,
@@ -52,7 +52,7 @@ def check_loss(
         "checkpoint": "a loss has no state",
         "nonfinite": "a loss is never selected: GradientProposer masks non-finite trajectories",
     }
-    if not variants or jax.tree.structure(variants[0]) != jax.tree.structure(loss):
+    if not variants or not same_structure(variants[0], loss):
         reasons["vmap"] = (
             "it has no variant of the same structure to stack with (no inexact array leaves "
             "and no `variants=`)"
@@ -107,7 +107,8 @@ def check_loss(
                 lbatch,
                 key,
             )
-            _value_fits(chk, *got, lparams, f" for a {dtype.__name__} model")
+            value, grad = got
+            _value_fits(chk, value, grad, lparams, f" for a {dtype.__name__} model")
     if chk.wants("structure"):
         _as_proposer(chk, loss, variants, problem)
     return chk.report()
