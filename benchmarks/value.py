@@ -568,8 +568,9 @@ def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> d
     start_test = np.asarray(
         jax.vmap(lambda p, x, y: score(eqx.combine(p, static), x, y))(params0, *d["test"])
     )
-    (losses, lrs), (r_losses, r_lrs) = label_configs(variant, k_cfg[0], 6)
+    (losses, lrs), _ = label_configs(variant, k_cfg[0], 0)
     K = len(losses) * len(lrs)
+    _, (r_losses, r_lrs) = label_configs(variant, k_cfg[0], K)  # random search of the same size
     total = budget.total(K)
     out: dict[str, Any] = {
         "scenario": variant,

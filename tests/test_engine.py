@@ -500,7 +500,10 @@ def test_assess_and_decide_draw_distinct_examples(builtin_plugins):
 
     idx = jnp.arange(300)
     for size in (20, 200):  # the sparse (repeat-rejecting) and the dense (top-k) draw
-        draws = [np.asarray(_sample(idx, jax.random.key(k), size)) for k in range(200)]
+        keys = jax.random.split(jax.random.key(0), 200)
+        draws = list(
+            np.asarray(jax.jit(jax.vmap(lambda k, size=size: _sample(idx, k, size)))(keys))
+        )
         assert all(len(np.unique(d)) == size for d in draws)
         assert len({tuple(d) for d in draws}) == 200  # a different subset each time
         freq = np.bincount(np.concatenate(draws), minlength=300) / 200
