@@ -203,9 +203,8 @@ class MarginScheduler(ev3core.AbstractScheduler):
         gain = mean[ev3core.WINNER] - mean[ev3core.CURRENT]
         accept = winner_valid & jnp.isfinite(gain) & (gain > self.margin)
         beats_stable = accept & (mean[ev3core.WINNER] - mean[ev3core.STABLE] > self.margin)
-        choice = jnp.where(accept, ev3core.WINNER, ev3core.CURRENT).astype(jnp.int32)
         decision = ev3core.Decision(
-            choice=choice,
+            choice=ev3core.Choice.where(accept, ev3core.Choice.winner, ev3core.Choice.current),
             update_stable=beats_stable,
             significant=beats_stable,
             lower=mean,
