@@ -101,6 +101,9 @@ class _Saboteur(ev3core.AbstractProposer):
     def labels(self):
         return ("sabotage",) * 4
 
+    def adapt(self, state, outcome):
+        return state
+
     def init(self, params, static, key):
         return None
 
@@ -250,6 +253,10 @@ def _const_loss_problem():
 
 
 class _ZeroLoss(ev3core.AbstractLoss):
+    @property
+    def label(self):
+        return type(self).__name__
+
     def __call__(self, model, batch, key):
         return 0.0 * jnp.sum(jax.vmap(model)(batch[0]))
 
@@ -362,6 +369,10 @@ def test_rejected_candidate_optimizer_state_policy(policy):
 class _SumLoss(ev3core.AbstractLoss):
     """The sum of every parameter: its gradient is 1 everywhere, so each SGD step moves every
     parameter by exactly `-lr` and a trajectory's length can be read off its endpoint."""
+
+    @property
+    def label(self):
+        return type(self).__name__
 
     def __call__(self, model, batch, key):
         del batch, key

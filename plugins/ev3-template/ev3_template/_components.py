@@ -107,6 +107,9 @@ class Signum(ev3core.AbstractProposer):
 
         return jax.tree.map(step, params, momentum), SignumState(momentum=momentum)
 
+    def adapt(self, state: SignumState, outcome: ev3core.Outcome) -> SignumState:
+        return state  # the momentum follows the current model, whatever was decided
+
 
 # --------------------------------------------------------------------------- assessor
 class TopKAccuracy(ev3core.AbstractAssessor):
