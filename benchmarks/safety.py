@@ -50,7 +50,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import ev3core
-from ev3core import CURRENT, STABLE, WINNER, EV3Scheduler, EV3SchedulerState, History
+from ev3core import (
+    CURRENT,
+    STABLE,
+    WINNER,
+    Choice,
+    EV3Scheduler,
+    EV3SchedulerState,
+    History,
+    choice_index,
+)
 from ev3core._adapt.bounds import _standardised, advantage, weighted_mean
 
 NOMINAL = 0.95
@@ -126,7 +135,7 @@ def split_decision(scheduler, data, cand_a, cur_a, cand_d, cur_d, deltas, k):
     centre, half = (upper + lower) / 2, (upper - lower) / 2
     welch = centre[WINNER] - centre[CURRENT] - jnp.hypot(half[WINNER], half[CURRENT])
     return {
-        "accepted": decision.choice == WINNER,
+        "accepted": decision.choice == Choice.winner,
         "significant": decision.significant,
         "winner_delta": deltas[winner],
         "margin": lower[WINNER] - jnp.maximum(lower[CURRENT], lower[STABLE]),
@@ -395,20 +404,21 @@ def emulate(scheduler, make_candidates, start, key, steps, n_decide, q_range):
         trio = jnp.stack([cands[winner], cur, stab])
         s_d = scores(k_d, trio, jnp.concatenate([qs[winner][None], incumbents_q]), n_decide)
         decision, sstate = scheduler.decide(s_d, jnp.array(True), sstate, hist)
-        new_cur = trio[decision.choice]
+        position = choice_index(decision.choice)
+        new_cur = trio[position]
         new_stab = jnp.where(decision.update_stable, trio[WINNER], stab)
         observed = jnp.mean(s_d, axis=-1)  # [M, 3]
         hist = hist.record(
             hist.count,
             winner,
-            decision.choice,
-            decision.choice == WINNER,
+            position,
+            decision.choice == Choice.winner,
             decision.significant,
-            observed[:, decision.choice],
+            observed[:, position],
         )
         log = {
             "priorities": decision.priorities,
-            "accepted": decision.choice == WINNER,
+            "accepted": decision.choice == Choice.winner,
             "true": new_cur,
             "winner_true_change": cands[winner] - cur,
             "observed_change": observed[:, WINNER] - observed[:, CURRENT],

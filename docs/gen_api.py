@@ -25,7 +25,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Pipelines and the engine": ("Pipeline", "Engine", "run", "toy_problem", "toy_model"),
     "Engine state and step results": (
         *("Data", "State", "StepInfo", "History", "Decision", "Outcome"),
-        *("WINNER", "CURRENT", "STABLE"),
+        *("Choice", "choice_index", "choice_at", "WINNER", "CURRENT", "STABLE"),
     ),
     "Stage interfaces": (
         *("AbstractProposer", "AbstractAssessor", "AbstractBatchAssessor"),

@@ -111,12 +111,15 @@ from ._types import (
     CURRENT as CURRENT,
     STABLE as STABLE,
     WINNER as WINNER,
+    Choice as Choice,
     Data as Data,
     Decision as Decision,
     History as History,
     Outcome as Outcome,
     State as State,
     StepInfo as StepInfo,
+    choice_at as choice_at,
+    choice_index as choice_index,
 )
 from .hookspecs import hookimpl as hookimpl
 
@@ -143,6 +146,7 @@ __all__ = [
     "BootstrapBound",
     "CURRENT",
     "Checkpointer",
+    "Choice",
     "Compose",
     "Constraint",
     "CrossEntropy",
@@ -194,6 +198,8 @@ __all__ = [
     "augment_batch",
     "batch_apply",
     "candidate_mesh",
+    "choice_at",
+    "choice_index",
     "default_cache_dir",
     "disable_compilation_cache",
     "enable_compilation_cache",

@@ -56,9 +56,10 @@ class AbstractLoss(eqx.Module):
         """The mean loss of `model` on `batch` (lower is better)."""
 
     @property
+    @abc.abstractmethod
     def label(self) -> str:
-        """A short human-readable name used in candidate labels."""
-        return type(self).__name__
+        """A short human-readable name used in candidate labels (the loss and its
+        hyperparameters, e.g. `"ce(T=0.5)"`; `type(self).__name__` for a loss without any)."""
 
 
 class AbstractReferenceLoss(AbstractLoss):
@@ -132,9 +133,12 @@ class AbstractProposer(eqx.Module):
         leading axis of size `num_candidates`.
         """
 
+    @abc.abstractmethod
     def adapt(self, state: PyTree[Any], outcome: Outcome) -> PyTree[Any]:
-        """Update the state after the adapt stage decided (default: unchanged)."""
-        return state
+        """Update the state after the adapt stage decided; a proposer that ignores the
+        decision returns `state` unchanged. `outcome.accepted_index` is the index of this
+        proposer's accepted candidate (or `-1`), `outcome.scores` its candidates' assess
+        summaries."""
 
 
 class AbstractAssessor(eqx.Module):

@@ -7,7 +7,7 @@ Index conventions used everywhere:
 * assessment stacks `K + 2` models: the `K` candidates, then the current model (index `K`),
   then the stable model (index `K + 1`);
 * the decide stage stacks three models in the order `(winner, current, stable)`
-  (see `WINNER`, `CURRENT`, `STABLE`).
+  (positions `WINNER`, `CURRENT`, `STABLE`; the decision among them is a `Choice`).
 
 Scores are always "higher is better": an assessor of a quantity to be minimised returns its
 negation.
@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, cast
 
 import equinox as eqx
 import jax
@@ -29,14 +29,70 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 from ._stateful import batch_apply
 from .errors import ConfigurationError
 
-#: Index of the assess winner in the decide stage's stacked models.
+#: Position of the assess winner in the decide stage's stacked models.
 WINNER = 0
-#: Index of the current model in the decide stage's stacked models.
+#: Position of the current model in the decide stage's stacked models.
 CURRENT = 1
-#: Index of the stable model in the decide stage's stacked models.
+#: Position of the stable model in the decide stage's stacked models.
 STABLE = 2
 
-CHOICE_NAMES = ("winner", "current", "stable")
+
+class Choice(eqx.Enumeration):
+    """Which of `(winner, current, stable)` the adapt stage makes the new current model.
+
+    An Equinox enumeration: items are pytrees holding one int32 array, so a `Choice` passes
+    through `jax.jit`, `jax.vmap` and `jax.lax.scan` like any array. Compare items with `==`
+    (`decision.choice == Choice.winner`, an array of bools), pick one with
+    `Choice.where(pred, Choice.winner, Choice.current)` (a scalar boolean `pred`), and read
+    the name on the host with `Choice[item]` (`"winner"`, `"current"` or `"stable"`; the
+    names JSON-lines logs use).
+
+    - `winner`: accept the assess winner.
+    - `current`: keep the current model.
+    - `stable`: roll back to the stable model.
+
+    Each item's position in the decide stage's stacked models is `choice_index(item)`
+    (`WINNER`, `CURRENT`, `STABLE`), and `choice_at(index)` is the item at a position.
+    """
+
+    # `cast`: the value is the item's name at run time, and type checkers see an item.
+    winner = cast("Choice", "winner")
+    current = cast("Choice", "current")
+    stable = cast("Choice", "stable")
+
+
+#: The decide stage's stacked models, in order (`_DECIDE_ORDER[WINNER] is Choice.winner`).
+_DECIDE_ORDER = (Choice.winner, Choice.current, Choice.stable)
+
+
+def choice_index(choice: Choice) -> Int[Array, "*batch"]:
+    """The position of `choice` in the decide stage's stacked models: `WINNER` (0),
+    `CURRENT` (1) or `STABLE` (2), and `-1` for a value that is none of them (a hand-made
+    item out of range). Jittable; a stacked (`vmap`, `scan`) choice gives one position per
+    element. Index the decide scores or means with it (`decide_mean[:, choice_index(c)]`)."""
+    if not isinstance(choice, Choice):
+        raise TypeError(f"choice_index: expected an ev3core.Choice item, got {choice!r}.")
+    positions = [choice == item for item in _DECIDE_ORDER]
+    return jnp.select(positions, [jnp.int32(i) for i in range(len(positions))], jnp.int32(-1))
+
+
+def choice_name(choice: Choice) -> str:
+    """`Choice[choice]`, the name of one concrete (host) choice: `"winner"`, `"current"` or
+    `"stable"`."""
+    return Choice[choice]  # type: ignore[misc]  # the enumeration's metaclass indexes it
+
+
+def choice_at(index: Int[Array, ""] | int) -> Choice:
+    """The `Choice` at position `index` of the decide stage's stacked models (the inverse of
+    `choice_index`): `Choice.winner` for `WINNER`, `Choice.stable` for `STABLE` and
+    `Choice.current` for `CURRENT` or any other value. Jittable (a scalar `index`); lets a
+    scheduler that ranks the three models by position (an `argmax`) return its pick."""
+    index = jnp.asarray(index)
+    return Choice.where(
+        index == WINNER,
+        Choice.winner,
+        Choice.where(index == STABLE, Choice.stable, Choice.current),
+    )
 
 
 class Data(eqx.Module):
@@ -98,8 +154,8 @@ class Decision(eqx.Module):
 
     **Arguments:**
 
-    - `choice`: which of `(winner, current, stable)` becomes the new current model
-      (`WINNER`, `CURRENT` or `STABLE`).
+    - `choice`: which of `(winner, current, stable)` becomes the new current model, a
+      `Choice` (`Choice.winner`, `Choice.current` or `Choice.stable`).
     - `update_stable`: whether the winner replaces the stable model.
     - `significant`: whether the step counts as a significant improvement (recorded in the
       history; schedulers and proposers react to runs of non-significant steps).
@@ -107,7 +163,7 @@ class Decision(eqx.Module):
     - `priorities`: the weight each objective had in this decision (sums to one).
     """
 
-    choice: Int[Array, ""]
+    choice: Choice
     update_stable: Bool[Array, ""]
     significant: Bool[Array, ""]
     lower: Float[Array, 3]
@@ -120,7 +176,8 @@ class History(eqx.Module):
 
     Row `i` holds the step `count - size + i` after `count >= size`; use `History.last(n)` or
     `History.ordered()` rather than indexing directly. `count` is the number of decisions ever
-    recorded.
+    recorded. `choice` holds each decision's position `choice_index(decision.choice)`
+    (`WINNER`, `CURRENT` or `STABLE`; `-1` in rows never written).
     """
 
     step: Int[Array, " size"]
@@ -207,7 +264,8 @@ class StepInfo(eqx.Module):
 
     - `step`: index of the step that produced this info (0 for the first).
     - `winner`: index of the assess winner among the `K` candidates.
-    - `choice`: `WINNER`, `CURRENT` or `STABLE` (see `Decision`).
+    - `choice`: the decision, a `Choice` (see `Decision`); `Choice[info.choice]` is its name
+      on the host, `choice_index(info.choice)` its position in `decide_mean`.
     - `accepted`: the winner became the current model.
     - `rolled_back`: the stable model became the current model.
     - `significant`: the stable model was replaced.
@@ -220,13 +278,13 @@ class StepInfo(eqx.Module):
     - `decide_lower`, `decide_upper`: the confidence bounds of the decision.
     - `priorities`: the objective priorities used by the decision.
     - `bad_indices`: how many indices the scheduler returned out of range this step (a
-      `select` outside `[0, K)`, a `decide` choice outside `{WINNER, CURRENT, STABLE}`); the
+      `select` outside `[0, K)`, a `decide` choice that is no `Choice` item); the
       engine treats each as "keep the current model" and `ev3core.run` logs them.
     """
 
     step: Int[Array, ""]
     winner: Int[Array, ""]
-    choice: Int[Array, ""]
+    choice: Choice
     accepted: Bool[Array, ""]
     rolled_back: Bool[Array, ""]
     significant: Bool[Array, ""]

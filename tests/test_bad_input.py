@@ -180,6 +180,9 @@ def test_empty_candidate_sets_are_refused():
         def labels(self):
             return ()
 
+        def adapt(self, state, outcome):
+            return state
+
         def init(self, params, static, key):
             return None
 

@@ -334,7 +334,7 @@ def test_engine_split_decision_holds_the_level_whatever_k():
         decide = _paired_trial(jax.random.fold_in(kd, winner), 1, 0.0)
         decide = jnp.concatenate([decide, decide[:, -1:]], axis=1)  # (winner, current, stable)
         decision, _ = sched.decide(decide, jnp.array(True), state, history)
-        return decision.choice == ev3core.WINNER
+        return decision.choice == ev3core.Choice.winner
 
     keys = jax.random.split(jax.random.key(7), NULL_TRIALS)
     rate = float(jnp.mean(jax.lax.map(one, keys, batch_size=500)))
@@ -363,4 +363,4 @@ def test_a_model_identical_to_the_reference_is_exactly_tied(bound):
         assert float(iv.point[2]) == 0.0 and float(iv.lower[2]) == 0.0
         assert float(iv.upper[2]) == 0.0
         decision, _ = decide(scores)
-        assert int(decision.choice) != ev3core.STABLE
+        assert int(ev3core.choice_index(decision.choice)) != ev3core.STABLE

@@ -77,8 +77,8 @@ def _plugins(*extra):
 
 
 def _decisions(infos):
-    return {
-        k: np.asarray(getattr(infos, k))
+    return {  # each field is one array (a `Choice` holds one int32 array)
+        k: np.asarray(jax.tree.leaves(getattr(infos, k))[0])
         for k in ("step", "winner", "choice", "accepted", "significant", "valid", "num_invalid")
     }
 
@@ -107,6 +107,25 @@ def test_round_trip_is_bit_exact_and_keeps_metadata(problem, tmp_path):
     # loading the manifest file directly works too
     again, _ = load_checkpoint(path, like=init)
     _assert_bit_identical(state, again)
+
+
+def test_a_choice_in_the_state_round_trips(problem, tmp_path):
+    """A scheduler state may hold a `Choice` (its last decision, say): it is saved as its one
+    int32 array and loads back as the same item."""
+    engine, data, init = problem
+    state, _ = engine.step(init, data)
+    remember = lambda s, c: eqx.tree_at(  # noqa: E731
+        lambda t: t.scheduler_state, s, (s.scheduler_state, c)
+    )
+    kept = remember(
+        state, ev3core.Choice.where(state.step > 0, ev3core.Choice.stable, ev3core.Choice.winner)
+    )
+    save_checkpoint(tmp_path, kept)
+    loaded, _ = load_checkpoint(tmp_path, like=remember(init, ev3core.Choice.current))
+    choice = loaded.scheduler_state[1]
+    assert isinstance(choice, ev3core.Choice) and bool(choice == ev3core.Choice.stable)
+    assert ev3core.Choice[choice] == "stable"
+    _assert_bit_identical(kept, loaded)
 
 
 def test_resuming_reuses_the_compiled_step(problem, tmp_path):

@@ -37,6 +37,9 @@ class _Noise(ev3core.AbstractProposer):
     def labels(self):
         return ("a", "b")
 
+    def adapt(self, state, outcome):
+        return state
+
     def init(self, params, static, key):
         return None
 
@@ -178,6 +181,10 @@ class _NegatedLoss(ev3core.AbstractLoss):
     """A 'loss' that is higher for better models (wraps `CrossEntropy`)."""
 
     inner: ev3core.CrossEntropy = ev3core.CrossEntropy()
+
+    @property
+    def label(self):
+        return type(self).__name__
 
     def __call__(self, model, batch, key):
         return -self.inner(model, batch, key)

@@ -12,7 +12,7 @@ import pytest
 import ev3core
 from ev3core import CURRENT, STABLE, WINNER
 from ev3core._host.smoke import smoke_pipeline
-from ev3core._types import tree_index
+from ev3core._types import tree_index, tree_stack
 
 N = 20_000  # examples per split: plenty for 2048-example decide batches, quick to build
 
@@ -100,6 +100,9 @@ class _Saboteur(ev3core.AbstractProposer):
 
     def labels(self):
         return ("sabotage",) * 4
+
+    def adapt(self, state, outcome):
+        return state
 
     def init(self, params, static, key):
         return None
@@ -194,9 +197,52 @@ def test_same_key_same_result_and_scan_matches_steps(problem, engine):
     assert not _leaves_equal(s1.current, s3.current)  # the key matters
     # Many iterations in one lax.scan make the same decisions.
     s4, infos = engine.scan(engine.init(model, jax.random.key(5)), data, 3)
-    assert int(infos.choice[-1]) == int(i1.choice) and int(s4.step) == 3
+    assert (
+        int(ev3core.choice_index(infos.choice)[-1]) == int(ev3core.choice_index(i1.choice))
+        and int(s4.step) == 3
+    )
     for a, b in zip(jax.tree.leaves(s4.current), jax.tree.leaves(s1.current)):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# ------------------------------------------------------------------ the Choice enumeration
+def test_choice_positions_names_and_traced_selection():
+    Choice = ev3core.Choice
+    items = (Choice.winner, Choice.current, Choice.stable)
+    assert [ev3core.Choice[c] for c in items] == ["winner", "current", "stable"]
+    assert [int(ev3core.choice_index(c)) for c in items] == [WINNER, CURRENT, STABLE]
+    for i, c in enumerate(items):
+        assert bool(ev3core.choice_at(i) == c) and isinstance(ev3core.choice_at(i), Choice)
+    assert bool(ev3core.choice_at(7) == Choice.current)  # any other position keeps
+    picked = jax.jit(lambda p: Choice.where(p, Choice.winner, Choice.stable))(jnp.array(False))
+    assert isinstance(picked, Choice) and bool(picked == Choice.stable)
+    many = jax.vmap(ev3core.choice_at)(jnp.array([2, 0, 1], jnp.int32))
+    np.testing.assert_array_equal(ev3core.choice_index(many), [STABLE, WINNER, CURRENT])
+    assert ev3core.Choice[many] == str(np.array(["stable", "winner", "current"]))
+    stray = jax.tree.map(lambda v: v + 5, Choice.winner)  # no item: position -1
+    assert int(ev3core.choice_index(stray)) == -1
+    with pytest.raises(TypeError, match="Choice"):
+        ev3core.choice_index(jnp.int32(0))
+
+
+def test_step_info_choice_is_a_choice_that_survives_vmap_over_seeds(problem, engine):
+    data, _ = problem
+    model = ev3core.toy_model(jax.random.key(1))
+    state = engine.init(model, jax.random.key(5))
+    _, info = engine.step(state, data)
+    assert isinstance(info.choice, ev3core.Choice)
+    assert ev3core.Choice[info.choice] in ("winner", "current", "stable")
+    assert bool(info.accepted) == bool(info.choice == ev3core.Choice.winner)
+    assert bool(info.rolled_back) == bool(info.choice == ev3core.Choice.stable)
+    # One engine step per seed under jax.vmap, as the value benchmark runs it.
+    states = tree_stack([engine.init(model, jax.random.key(k)) for k in (5, 6)])
+    seeds = eqx.filter_jit(lambda e, s, d: jax.vmap(lambda x: e.step_pure(x, d))(s))
+    _, infos = seeds(engine, states, data)
+    assert isinstance(infos.choice, ev3core.Choice)
+    positions = ev3core.choice_index(infos.choice)
+    assert positions.shape == (2,)
+    assert int(positions[0]) == int(ev3core.choice_index(info.choice))
+    np.testing.assert_array_equal(infos.accepted, positions == WINNER)
 
 
 # ------------------------------------------------------------------ gradient proposer
@@ -207,6 +253,10 @@ def _const_loss_problem():
 
 
 class _ZeroLoss(ev3core.AbstractLoss):
+    @property
+    def label(self):
+        return type(self).__name__
+
     def __call__(self, model, batch, key):
         return 0.0 * jnp.sum(jax.vmap(model)(batch[0]))
 
@@ -319,6 +369,10 @@ def test_rejected_candidate_optimizer_state_policy(policy):
 class _SumLoss(ev3core.AbstractLoss):
     """The sum of every parameter: its gradient is 1 everywhere, so each SGD step moves every
     parameter by exactly `-lr` and a trajectory's length can be read off its endpoint."""
+
+    @property
+    def label(self):
+        return type(self).__name__
 
     def __call__(self, model, batch, key):
         del batch, key
@@ -437,7 +491,9 @@ class _AlwaysRollBack(ev3core.AbstractScheduler):
     def decide(self, scores, winner_valid, state, history):
         decision, state = self.inner.decide(scores, winner_valid, state, history)
         decision = eqx.tree_at(
-            lambda d: (d.choice, d.update_stable), decision, (jnp.int32(STABLE), jnp.bool_(False))
+            lambda d: (d.choice, d.update_stable),
+            decision,
+            (ev3core.Choice.stable, jnp.bool_(False)),
         )
         return decision, state
 

@@ -88,7 +88,7 @@ class _Reckless(ev3core.AbstractScheduler):
     def decide(self, scores, winner_valid, state, history):
         return (
             ev3core.Decision(
-                choice=jnp.int32(ev3core.WINNER),
+                choice=ev3core.Choice.winner,
                 update_stable=jnp.array(True),
                 significant=jnp.array(True),
                 lower=jnp.zeros(3),
@@ -149,7 +149,7 @@ def test_a_scheduler_that_insists_on_an_invalid_winner_is_overruled(data):
     state, infos = ev3core.run(engine, init, data, 4, plugins=_plugins())
     assert (infos.winner == 0).all() and not infos.valid[:, 0].any()
     assert not infos.accepted.any() and not infos.significant.any()
-    assert (infos.choice == ev3core.CURRENT).all()
+    assert (infos.choice == ev3core.Choice.current).all()
     for a, b in zip(jax.tree.leaves(state.current), jax.tree.leaves(init.current)):
         np.testing.assert_array_equal(a, b)  # never moved to a NaN candidate
     for a, b in zip(jax.tree.leaves(state.stable), jax.tree.leaves(init.stable)):

@@ -499,7 +499,9 @@ class _Wayward(ev3core.AbstractScheduler):
         return self.index if self.stage == "select" else jnp.int32(0)
 
     def decide(self, scores, winner_valid, state, history):
-        choice = self.index if self.stage == "decide" else jnp.int32(ev3core.WINNER)
+        choice = ev3core.Choice.winner
+        if self.stage == "decide":  # an item holding any value, as a careless tree_map makes
+            choice = jax.tree.map(lambda _: self.index, choice)
         return (
             ev3core.Decision(
                 choice=choice,
@@ -525,7 +527,9 @@ def test_out_of_range_scheduler_indices_keep_the_current_model(tiny, stage, capl
         new, info = wayward.step(state, data)
         assert int(info.bad_indices) == 1, index
         assert not bool(info.accepted) and not bool(info.rolled_back), index
-        assert int(info.choice) == ev3core.CURRENT and not bool(info.significant)
+        assert int(ev3core.choice_index(info.choice)) == ev3core.CURRENT and not bool(
+            info.significant
+        )
         assert _bits(new.current) == _bits(state.current), index  # nothing moved
         assert _bits(new.stable) == _bits(state.stable), index
     with caplog.at_level("WARNING", logger="ev3core"):

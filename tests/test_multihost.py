@@ -45,7 +45,8 @@ WORKER = textwrap.dedent(
     for _ in range(STEPS):
         state, info = engine.step(state, data)
         local = lambda x: np.asarray(x.addressable_data(0)).tolist()
-        decisions.append([local(info.winner), local(info.choice), local(info.accepted)])
+        choice = jax.tree.leaves(info.choice)[0]  # a Choice holds one int32 array
+        decisions.append([local(info.winner), local(choice), local(info.accepted)])
     current = [np.asarray(x.addressable_data(0)).tolist() for x in jax.tree.leaves(state.current)]
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "current": current, "rows": local_rows,
@@ -84,7 +85,7 @@ RESUME_WORKER = textwrap.dedent(
             hooks.ev3_run_start(engine=engine, state=state)
         for i in range(n):
             state, info = engine.step(state, data)
-            choices.append(local(info.choice))
+            choices.append(local(jax.tree.leaves(info.choice)[0]))
             if hooks is not None:
                 hooks.ev3_after_step(state=state, step=i)
         if hooks is not None:
@@ -180,7 +181,9 @@ def test_two_processes_agree_with_one(tmp_path):
     decisions = []
     for _ in range(STEPS):
         state, info = engine.step(state, data)
-        decisions.append([int(info.winner), int(info.choice), bool(info.accepted)])
+        decisions.append(
+            [int(info.winner), int(ev3core.choice_index(info.choice)), bool(info.accepted)]
+        )
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out

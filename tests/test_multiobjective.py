@@ -67,7 +67,7 @@ def test_normal_bound_is_exactly_the_reference_rule():
         order = jnp.array([CURRENT, WINNER, STABLE])
         choice = order[jnp.argmax(lower[order])]
         decision, _ = sched.decide(scores_d, YES, state, history)
-        assert int(decision.choice) == int(choice)
+        assert int(ev3core.choice_index(decision.choice)) == int(choice)
         assert bool(decision.significant) == bool(lower[WINNER] > upper[STABLE])
         np.testing.assert_allclose(decision.lower, lower, rtol=1e-5, atol=1e-6)
         np.testing.assert_allclose(decision.upper, upper, rtol=1e-5, atol=1e-6)
@@ -79,20 +79,20 @@ def test_paired_rule(bound, builtin_plugins):
     # a component built outside a pipeline takes instances (names resolve at build time)
     sched = EV3Scheduler(decide_alpha=1.645, bound=builtin_plugins.make("bound", bound))
     d = decide(sched, trio(0.1, 0.0, 0.0))  # winner better than both incumbents
-    assert int(d.choice) == WINNER and bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == WINNER and bool(d.significant)
     np.testing.assert_allclose(d.lower, [0.1, 0.0, 0.0], atol=1e-6)  # relative to current
     d = decide(sched, trio(-0.1, 0.0, 0.0))  # winner worse: keep
-    assert int(d.choice) == CURRENT and not bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == CURRENT and not bool(d.significant)
     d = decide(sched, trio(0.1, 0.0, 0.2))  # the stable model is best: roll back
-    assert int(d.choice) == STABLE and not bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == STABLE and not bool(d.significant)
     d = decide(sched, trio(0.1, 0.0, -0.1))  # accept; beats the stable model too
-    assert int(d.choice) == WINNER and bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == WINNER and bool(d.significant)
     d = decide(sched, trio(0.1, 0.2, -0.1))  # beats stable but not current: new stable only
-    assert int(d.choice) == CURRENT and bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == CURRENT and bool(d.significant)
     d = decide(sched, trio(0.0, 0.0, 0.0))  # a tie never moves the model
-    assert int(d.choice) == CURRENT and not bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == CURRENT and not bool(d.significant)
     d = decide(sched, trio(0.5, 0.0, 0.0), winner_valid=jnp.array(False))
-    assert int(d.choice) == CURRENT and not bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == CURRENT and not bool(d.significant)
 
 
 def test_noise_needs_enough_evidence():
@@ -107,15 +107,15 @@ def test_noise_needs_enough_evidence():
     t = float(d.mean() / (d.std(ddof=1) / np.sqrt(1000)))
     for alpha, accept in ((t - 0.5, True), (t + 0.5, False)):
         dec = decide(EV3Scheduler(decide_alpha=alpha), scores)
-        assert (int(dec.choice) == WINNER) is accept
+        assert (int(ev3core.choice_index(dec.choice)) == WINNER) is accept
 
 
 # ------------------------------------------------------------------ objectives and constraints
 def test_direction_min_negates():
     scores = trio(-0.1, 0.0, 0.0)  # the winner's scores are lower
-    assert int(decide(EV3Scheduler(), scores).choice) == CURRENT
+    assert int(ev3core.choice_index(decide(EV3Scheduler(), scores).choice)) == CURRENT
     minimise = EV3Scheduler(objectives=[Objective("size", direction="min")])
-    assert int(decide(minimise, scores).choice) == WINNER
+    assert int(ev3core.choice_index(decide(minimise, scores).choice)) == WINNER
 
 
 def test_constraint_blocks_a_step_that_loses_too_much():
@@ -132,16 +132,16 @@ def test_constraint_blocks_a_step_that_loses_too_much():
         )
 
     blocked = decide(sched(0.005), scores)
-    assert int(blocked.choice) == CURRENT and not bool(blocked.significant)
+    assert int(ev3core.choice_index(blocked.choice)) == CURRENT and not bool(blocked.significant)
     allowed = decide(sched(0.02), scores)
-    assert int(allowed.choice) == WINNER and bool(allowed.significant)
+    assert int(ev3core.choice_index(allowed.choice)) == WINNER and bool(allowed.significant)
     # no constraint: the step is taken
     free = EV3Scheduler(decide_alpha=1.645, priority=ev3core.WeightedSum([0.0, 1.0]))
-    assert int(decide(free, scores).choice) == WINNER
+    assert int(ev3core.choice_index(decide(free, scores).choice)) == WINNER
     # the stable update checks the constraint against the stable model
     vs_stable = trio((0.0, 0.1), (0.0, 0.0), (0.02, 0.0), objectives=2)
     d = decide(sched(0.005), vs_stable)
-    assert int(d.choice) == WINNER and not bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == WINNER and not bool(d.significant)
 
 
 def test_constraint_names_and_errors():
@@ -190,14 +190,14 @@ def test_lexicographic_decisions_log_the_deciding_objective():
         return decide(sched, trio((a, b), (0.0, 0.0), (0.0, 0.0), objectives=2))
 
     d = run(0.05, -0.2)  # better on the first objective: decided there
-    assert int(d.choice) == WINNER
+    assert int(ev3core.choice_index(d.choice)) == WINNER
     np.testing.assert_allclose(d.priorities, [1.0, 0.0])
     d = run(-0.003, 0.1)  # within tolerance on the first, better on the second
-    assert int(d.choice) == WINNER
+    assert int(ev3core.choice_index(d.choice)) == WINNER
     np.testing.assert_allclose(d.priorities, [0.0, 1.0])
     np.testing.assert_allclose(d.lower, [0.1, 0.0, 0.0], atol=1e-6)
     d = run(-0.01, 0.1)  # worse than the tolerance on the first: refused
-    assert int(d.choice) == CURRENT
+    assert int(ev3core.choice_index(d.choice)) == CURRENT
 
 
 def test_batch_level_objective_with_the_bootstrap():
@@ -216,11 +216,14 @@ def test_batch_level_objective_with_the_bootstrap():
         objectives=[Objective("f1", metric=f1)],
     )
     d = decide(sched, jnp.stack([good, bad, bad])[None])
-    assert int(d.choice) == WINNER and bool(d.significant)
+    assert int(ev3core.choice_index(d.choice)) == WINNER and bool(d.significant)
     # the logged advantage is in F1 units
     expect = f1.metric(good, jnp.ones(400)) - f1.metric(bad, jnp.ones(400))
     assert float(d.upper[WINNER]) > float(expect) > float(d.lower[WINNER]) > 0
-    assert int(decide(sched, jnp.stack([bad, good, good])[None]).choice) == CURRENT
+    assert (
+        int(ev3core.choice_index(decide(sched, jnp.stack([bad, good, good])[None]).choice))
+        == CURRENT
+    )
 
 
 # ------------------------------------------------------------------ in the engine

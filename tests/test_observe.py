@@ -65,11 +65,10 @@ def test_progress_lines_and_counts_match_the_infos(setup):
     _, infos = _run(setup, [bar], 5)
     lines = out.getvalue().splitlines()
     assert [ln.split()[2] for ln in lines] == ["2/5", "4/5", "5/5"]
-    choice = np.asarray(infos.choice)
     assert bar.counts == {
-        "accepted": int(np.sum(choice == ev3core.WINNER)),
-        "kept": int(np.sum(choice == ev3core.CURRENT)),
-        "rolled_back": int(np.sum(choice == ev3core.STABLE)),
+        "accepted": int(np.sum(infos.choice == ev3core.Choice.winner)),
+        "kept": int(np.sum(infos.choice == ev3core.Choice.current)),
+        "rolled_back": int(np.sum(infos.choice == ev3core.Choice.stable)),
         "significant": int(np.sum(infos.significant)),
         "masked": int(np.sum(infos.num_invalid)),
     }
@@ -78,7 +77,7 @@ def test_progress_lines_and_counts_match_the_infos(setup):
         f"accepted {c['accepted']}  kept {c['kept']}  rolled back "
         f"{c['rolled_back']}  significant {c['significant']}"
     )
-    last = float(infos.decide_mean[-1, 0, choice[-1]])
+    last = float(infos.decide_mean[-1, 0, ev3core.choice_index(infos.choice)[-1]])
     assert f"decide {last:.4f}" in lines[-1]
 
 
@@ -108,7 +107,10 @@ def test_jsonl_logger_writes_one_line_per_step(setup, tmp_path):
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     labels = engine.labels()
     for i, r in enumerate(rows):
-        assert r["choice"] == ["winner", "current", "stable"][int(infos.choice[i])]
+        assert (
+            r["choice"]
+            == ["winner", "current", "stable"][int(ev3core.choice_index(infos.choice)[i])]
+        )
         assert r["accepted"] == bool(infos.accepted[i])
         assert r["rolled_back"] == bool(infos.rolled_back[i])
         assert r["significant"] == bool(infos.significant[i])

@@ -365,6 +365,9 @@ class _Gradientless(ev3.AbstractProposer):
     def labels(self):
         return ("same",)
 
+    def adapt(self, state, outcome):
+        return state
+
     def init(self, params, static, key):
         return None
 

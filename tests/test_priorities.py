@@ -161,12 +161,12 @@ def run_script(priority, shifts):
         history = history.record(
             history.count,
             jnp.int32(0),
-            decision.choice,
-            decision.choice == ev3core.WINNER,
+            ev3core.choice_index(decision.choice),
+            decision.choice == ev3core.Choice.winner,
             decision.significant,
             jnp.zeros(2),
         )
-        logged.append((np.asarray(decision.priorities), int(decision.choice)))
+        logged.append((np.asarray(decision.priorities), int(ev3core.choice_index(decision.choice))))
     return logged
 
 

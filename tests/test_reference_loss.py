@@ -17,6 +17,10 @@ class Pull(ev3core.AbstractReferenceLoss):
     """Half the squared distance from the reference's weights: one SGD step of rate 1 lands
     on the reference exactly, so the test can see which model the reference was."""
 
+    @property
+    def label(self):
+        return type(self).__name__
+
     def with_reference(self, model, reference, batch, key):
         del batch, key
         diff = jax.tree.map(

@@ -12,7 +12,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._assess.metrics import AbstractBatchAssessor
 from .._interfaces import AbstractAssessor, AbstractScheduler, ComponentName
-from .._types import CURRENT, STABLE, WINNER, Decision, History
+from .._types import CURRENT, STABLE, WINNER, Choice, Decision, History, choice_at
 from ..errors import ConfigurationError
 from .bounds import (
     AbstractBound,
@@ -450,12 +450,12 @@ class EV3Scheduler(AbstractScheduler):
             winner_first = (rank[WINNER] < rank[STABLE]) | (
                 (rank[WINNER] == rank[STABLE]) & (at[WINNER] >= at[STABLE])
             )
-            choice = jnp.where(
+            pick = jnp.where(
                 passes[WINNER] & (~passes[STABLE] | winner_first),
                 WINNER,
                 jnp.where(passes[STABLE], STABLE, CURRENT),
             ).astype(jnp.int32)
-            row = jnp.where(choice == CURRENT, 0, jnp.minimum(rank[choice], len(order) - 1))
+            row = jnp.where(pick == CURRENT, 0, jnp.minimum(rank[pick], len(order) - 1))
             priorities = jax.nn.one_hot(jnp.asarray(order)[row], num, dtype=jnp.float32)
             lower, upper = lo[row], up[row]
             _, lo_s, _ = self._advantages(scores, order, STABLE, zl, keys.decide, versus_stable)
@@ -467,7 +467,7 @@ class EV3Scheduler(AbstractScheduler):
             lower, upper = iv.lower, iv.upper
             ok = movable & jnp.isfinite(lower) & holds
             masked = jnp.where(ok, lower, -jnp.inf)
-            choice = order_[jnp.argmax(masked[order_])]
+            pick = order_[jnp.argmax(masked[order_])]
             if self._bound.paired:
                 iv_s = self._bound.interval(utility, scores, STABLE, z, keys.decide, versus_stable)
             else:  # marginal intervals do not depend on the reference
@@ -480,10 +480,10 @@ class EV3Scheduler(AbstractScheduler):
         pstate = state.priority
         if self.priority is not None:
             point, lo_o, up_o = self._advantages(scores, range(num), CURRENT, z, keys.decide, moves)
-            moved = choice != CURRENT
-            gain = lambda x: jnp.where(moved, x[:, choice], 0.0)  # noqa: E731
+            moved = pick != CURRENT
+            gain = lambda x: jnp.where(moved, x[:, pick], 0.0)  # noqa: E731
             feedback = Feedback(
-                accepted=choice == WINNER,
+                accepted=pick == WINNER,
                 significant=significant,
                 gain=gain(point),
                 gain_lower=gain(lo_o),
@@ -492,7 +492,7 @@ class EV3Scheduler(AbstractScheduler):
             )
             pstate = self._priority.update(state.priority, feedback, history)
         decision = Decision(
-            choice=choice.astype(jnp.int32),
+            choice=choice_at(pick),
             update_stable=significant,
             significant=significant,
             lower=lower,
@@ -547,10 +547,9 @@ class AlwaysAccept(AbstractScheduler):
     ) -> tuple[Decision, PyTree[Any]]:
         mean = jnp.mean(scores[self.objective], axis=-1)
         ok = winner_valid & jnp.isfinite(mean[WINNER])
-        choice = jnp.where(ok, WINNER, CURRENT).astype(jnp.int32)
         return (
             Decision(
-                choice=choice,
+                choice=Choice.where(ok, Choice.winner, Choice.current),
                 update_stable=ok,
                 significant=jnp.array(False),
                 lower=mean,

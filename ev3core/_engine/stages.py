@@ -16,18 +16,19 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
 from .._types import (
-    CURRENT,
-    STABLE,
     WINNER,
+    Choice,
     Decision,
     Outcome,
     State,
     StepInfo,
+    choice_index,
     tree_concat,
     tree_index,
     tree_stack,
     tree_where,
 )
+from ..errors import ConfigurationError
 from .placement import AbstractPlacement
 from .sampling import sample
 from .scoring import score_models, summaries
@@ -103,8 +104,8 @@ def _decide(
 ) -> tuple[Float[Array, "objective 3 example"], Decision, PyTree, Bool[Array, ""]]:
     """The scheduler's verdict on `(winner, current, stable)`, with the engine's own safety
     net: an invalid winner (non-finite parameters or scores, or an out-of-range `select`) is
-    never taken, and a choice that is none of WINNER, CURRENT, STABLE keeps the current
-    model. Also returns whether the choice was in range."""
+    never taken, and a choice that is no `Choice` item (a value out of range) keeps the
+    current model. Also returns whether the choice was in range."""
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
     scores = score_models(assessors, trio, state.static, batch)
     winner_valid = (
@@ -113,10 +114,19 @@ def _decide(
         & jnp.all(jnp.isfinite(scores[:, WINNER]))
     )
     decision, sstate = scheduler.decide(scores, winner_valid, state.scheduler_state, state.history)
-    choice_ok = (decision.choice >= 0) & (decision.choice <= 2)
-    choice = jnp.where(
-        ((decision.choice == WINNER) & ~winner_valid) | ~choice_ok, CURRENT, decision.choice
-    ).astype(jnp.int32)
+    if not isinstance(decision.choice, Choice):
+        raise ConfigurationError(
+            f"scheduler {type(scheduler).__qualname__}: decide returned a Decision whose "
+            f"choice is {decision.choice!r}, not an ev3core.Choice. Return Choice.winner, "
+            "Choice.current or Choice.stable (Choice.where(pred, a, b) picks one in traced "
+            "code; ev3core.choice_at(index) is the item at a decide position)."
+        )
+    choice_ok = choice_index(decision.choice) >= 0
+    choice = Choice.where(
+        ((decision.choice == Choice.winner) & ~winner_valid) | ~choice_ok,
+        Choice.current,
+        decision.choice,
+    )
     keep = winner_valid & choice_ok
     decision = eqx.tree_at(
         lambda d: (d.choice, d.update_stable, d.significant),
@@ -136,7 +146,7 @@ def _adapt_proposers(
 ) -> tuple[PyTree, ...]:
     """Each proposer learns which of its candidates (if any) was accepted, and its
     candidates' assess summaries (`Outcome.scores`, `-inf` where invalid)."""
-    accepted = decision.choice == WINNER
+    accepted = decision.choice == Choice.winner
     offset, out = 0, []
     for p, ps in zip(proposers, proposer_states):
         local = winner - offset
@@ -146,7 +156,7 @@ def _adapt_proposers(
             accepted=accepted,
             significant=decision.significant,
             params=params,
-            changed=decision.choice != CURRENT,
+            changed=decision.choice != Choice.current,
             scores=ranked[:, offset : offset + p.num_candidates],
         )
         out.append(p.adapt(ps, outcome))
@@ -173,9 +183,10 @@ def adapt(
         assessors, scheduler, assessed, state, sample(data, key, size)
     )
     choice, winner = decision.choice, assessed.winner
+    position = choice_index(choice)  # in range: `_decide` replaced any other value
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
-    new_current = tree_index(trio, choice)
-    accepted = choice == WINNER
+    new_current = tree_index(trio, position)
+    accepted = choice == Choice.winner
     decide_mean = summaries(assessors, scores)
     assess_mean = summaries(assessors, assessed.scores)
     k = assessed.valid.shape[0]
@@ -192,10 +203,10 @@ def adapt(
         history=state.history.record(
             step=state.step,
             winner=winner,
-            choice=choice,
+            choice=position,
             accepted=accepted,
             significant=decision.significant,
-            score=decide_mean[:, choice],
+            score=decide_mean[:, position],
         ),
         static=state.static,
     )
@@ -204,7 +215,7 @@ def adapt(
         winner=winner,
         choice=choice,
         accepted=accepted,
-        rolled_back=choice == STABLE,
+        rolled_back=choice == Choice.stable,
         significant=decision.significant,
         num_invalid=jnp.sum(~assessed.valid).astype(jnp.int32),
         valid=assessed.valid,

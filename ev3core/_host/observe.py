@@ -24,15 +24,34 @@ from typing import IO, Any
 import jax
 import numpy as np
 
-from .._types import CURRENT, STABLE, WINNER
+from .._types import CURRENT, STABLE, WINNER, Choice, choice_name
 from ..errors import ConfigurationError
 from ..hookspecs import hookimpl
 
 __all__ = ["JsonlLogger", "ProgressBar", "step_record"]
 
-#: `StepInfo.choice` value -> name used in logs.
-CHOICES = {WINNER: "winner", CURRENT: "current", STABLE: "stable"}
-_COUNT_KEY = {WINNER: "accepted", CURRENT: "kept", STABLE: "rolled_back"}
+#: `ProgressBar.counts` key of each decision (by its `Choice` name).
+_COUNT_KEY = {
+    choice_name(Choice.winner): "accepted",
+    choice_name(Choice.current): "kept",
+    choice_name(Choice.stable): "rolled_back",
+}
+#: Position in `StepInfo.decide_mean` of each decision (by its `Choice` name).
+_POSITION = {
+    choice_name(Choice.winner): WINNER,
+    choice_name(Choice.current): CURRENT,
+    choice_name(Choice.stable): STABLE,
+}
+
+
+def _choice_name(choice: Any) -> str:
+    """`Choice[choice]` for one step's choice on the host (`"winner"`, `"current"` or
+    `"stable"`; `"invalid"` for a hand-made item past the last one, which the engine never
+    reports)."""
+    try:
+        return choice_name(choice)
+    except (IndexError, ValueError):
+        return "invalid"
 
 
 def _env_flag(name: str) -> bool:
@@ -66,7 +85,7 @@ def step_record(
     winner = int(info.winner)
     return {
         "step": int(info.step),
-        "choice": CHOICES.get(int(info.choice), str(int(info.choice))),
+        "choice": _choice_name(info.choice),
         "accepted": bool(info.accepted),
         "rolled_back": bool(info.rolled_back),
         "significant": bool(info.significant),
@@ -177,11 +196,11 @@ class ProgressBar(_Buffered):
 
     def _drain(self) -> None:
         for info in self._take():
-            choice = int(info.choice)
-            self._counts[_COUNT_KEY.get(choice, "kept")] += 1
+            name = _choice_name(info.choice)
+            self._counts[_COUNT_KEY.get(name, "kept")] += 1
             self._counts["significant"] += bool(info.significant)
             self._counts["masked"] += int(info.num_invalid)
-            acc = float(np.asarray(info.decide_mean)[0, choice])
+            acc = float(np.asarray(info.decide_mean)[0, _POSITION.get(name, CURRENT)])
             self._last = f"{acc:.4f}"
             self._seen = int(info.step) + 1
 

@@ -48,6 +48,9 @@ class _PoisonProposer(AbstractProposer):
 
         return jax.tree.map(poison, params), state
 
+    def adapt(self, state: Any, outcome: Any) -> Any:
+        return state
+
 
 class _NoiseProposer(AbstractProposer):
     """Current parameters plus Gaussian noise (the kit's neutral proposer)."""
@@ -74,6 +77,9 @@ class _NoiseProposer(AbstractProposer):
             for x, k in zip(leaves, keys)
         ]
         return jax.tree.unflatten(treedef, out), state
+
+    def adapt(self, state: Any, outcome: Any) -> Any:
+        return state
 
 
 def _engine_checks(

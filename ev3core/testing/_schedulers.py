@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._interfaces import AbstractScheduler
-from .._types import WINNER, History, split_model
+from .._types import WINNER, Choice, History, choice_index, choice_name, split_model
 from ._checker import (
     Report,
     _check_no_recompile,
@@ -109,8 +109,15 @@ class _SchedulerRun:
                 f"select returned {w!r}",
                 "return a scalar integer array: the winner's index among the K candidates",
             )
+        if not isinstance(decision.choice, Choice):
+            chk.fail(
+                "structure",
+                f"decide returned Decision.choice={decision.choice!r}",
+                "return an ev3core.Choice item: Choice.winner, Choice.current or "
+                "Choice.stable (Choice.where(pred, a, b) picks one in traced code)",
+            )
         shapes = {
-            "choice": (decision.choice.shape, ()),
+            "choice": (choice_index(decision.choice).shape, ()),
             "lower": (decision.lower.shape, (3,)),
             "upper": (decision.upper.shape, (3,)),
             "priorities": (decision.priorities.shape, (self.num_obj,)),
@@ -148,15 +155,15 @@ class _SchedulerRun:
                     "than every other model on every objective: scores are higher-is-better",
                     "pick the candidate with the highest (lower bound of its) score",
                 )
-        if int(self.decision.choice) != WINNER:
+        if not bool(self.decision.choice == Choice.winner):
             chk.fail(
                 "convention",
-                f"decide chose {int(self.decision.choice)} although the winner scores 1.0 "
-                "higher than the current and the stable model on every example (noise sd 0.1)",
+                f"decide chose {choice_name(self.decision.choice)!r} although the winner scores "
+                "1.0 higher than the current and the stable model on every example (noise sd 0.1)",
                 "accept a clearly better valid winner (higher is better)",
             )
         d, _ = self.jdecide(s, self.scores(6, 3, {WINNER: -1.0}), jnp.asarray(True))
-        if safe and int(d.choice) == WINNER:
+        if safe and bool(d.choice == Choice.winner):
             chk.fail(
                 "convention",
                 "decide accepted a winner that scores 1.0 lower than the current and the "
@@ -184,11 +191,11 @@ class _SchedulerRun:
                 fix,
             )
         d, _ = self.jdecide(s, self.better, jnp.asarray(False))
-        if int(d.choice) == WINNER or bool(d.update_stable):
+        if bool(d.choice == Choice.winner) or bool(d.update_stable):
             chk.fail(
                 "nonfinite",
                 "decide chose (or made stable) a winner whose winner_valid flag is false",
-                "never choose WINNER or set update_stable when winner_valid is false",
+                "never choose Choice.winner or set update_stable when winner_valid is false",
             )
 
     def pure(self) -> None:
@@ -249,10 +256,11 @@ class _SchedulerRun:
             dboth,
         )
         one = self.jselect(s, both[1], valid)
+        dgot = choice_index(dgot)
         if (
             int(got[0]) != int(self.w)
             or int(got[1]) != int(one)
-            or int(dgot[0]) != int(self.decision.choice)
+            or int(dgot[0]) != int(choice_index(self.decision.choice))
         ):
             chk.fail(
                 "vmap",

@@ -33,7 +33,8 @@ from ._losses import DistillLoss, LabelLoss
 from ._models import CNN, MLP
 from ._train import logits_of
 
-CHOICES = {0: "accepted", 1: "kept", 2: "rolled_back"}
+#: The name a row gives each decision, by the engine's `Choice` name.
+CHOICES = {"winner": "accepted", "current": "kept", "stable": "rolled_back"}
 
 
 @dataclasses.dataclass

@@ -104,7 +104,8 @@ class _Job:
     def ev3_after_step(self, state: Any, info: Any) -> None:
         info = jax.device_get(info)
         it = int(state.step)
-        choice = int(info.choice)
+        choice = ev3core.Choice[info.choice]  # "winner", "current" or "stable"
+        position = int(ev3core.choice_index(info.choice))  # its row in decide_mean
         self.explored += self.proposal_steps
         # The winner's lineage started from the current model `since` iterations ago (one
         # iteration unless on_reject="continue"); a significant winner also becomes the
@@ -136,7 +137,7 @@ class _Job:
             "significant": bool(info.significant),
             "winner": self.labels[int(info.winner)],
             "num_invalid": int(info.num_invalid),
-            "decide_accuracy": float(np.asarray(info.decide_mean)[0, choice]),
+            "decide_accuracy": float(np.asarray(info.decide_mean)[0, position]),
             "decide_accuracy_full": decide_full,
             "test_accuracy": accuracy(model, self.splits.test.x, self.splits.test.y),
             "student_params": count_params(model),

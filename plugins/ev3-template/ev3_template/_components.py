@@ -107,6 +107,9 @@ class Signum(ev3core.AbstractProposer):
 
         return jax.tree.map(step, params, momentum), SignumState(momentum=momentum)
 
+    def adapt(self, state: SignumState, outcome: ev3core.Outcome) -> SignumState:
+        return state  # the momentum follows the current model, whatever was decided
+
 
 # --------------------------------------------------------------------------- assessor
 class TopKAccuracy(ev3core.AbstractAssessor):
@@ -203,9 +206,8 @@ class MarginScheduler(ev3core.AbstractScheduler):
         gain = mean[ev3core.WINNER] - mean[ev3core.CURRENT]
         accept = winner_valid & jnp.isfinite(gain) & (gain > self.margin)
         beats_stable = accept & (mean[ev3core.WINNER] - mean[ev3core.STABLE] > self.margin)
-        choice = jnp.where(accept, ev3core.WINNER, ev3core.CURRENT).astype(jnp.int32)
         decision = ev3core.Decision(
-            choice=choice,
+            choice=ev3core.Choice.where(accept, ev3core.Choice.winner, ev3core.Choice.current),
             update_stable=beats_stable,
             significant=beats_stable,
             lower=mean,

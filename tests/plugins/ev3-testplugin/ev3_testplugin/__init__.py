@@ -31,6 +31,9 @@ class GaussianNoise(ev3core.AbstractProposer):
         ]
         return jax.tree.unflatten(treedef, noisy), state
 
+    def adapt(self, state, outcome):
+        return state
+
 
 @ev3core.hookimpl
 def ev3_register_proposers():
