@@ -1,9 +1,11 @@
 """Observability plugins: a progress bar and a JSON-lines step logger.
 
-Both are lifecycle-hook plugins (`ev3_run_start`, `ev3_after_step`, `ev3_run_end`), registered
-like `ev3core.Checkpointer`: add them to the plugins passed to `ev3core.run`. Nothing is
-shown or written unless you register them (`ev3 run` registers a progress bar unless
-`--no-progress`, and a JSON-lines logger with `--log-jsonl PATH`).
+Both are lifecycle observers (methods `ev3_run_start`, `ev3_after_step`, `ev3_run_end`), like
+`ev3core.Checkpointer`: pass them to `ev3core.run(observers=[...])`, or by their registered
+names `"progress"` and `"jsonl"` (this module is a built-in plugin implementing
+`ev3_register_observers`; `ev3 run --observer jsonl:path=steps.jsonl`). Nothing is shown or
+written unless a run asks for them (`ev3 run` adds a progress bar unless `--no-progress`, and
+a JSON-lines logger with `--log-jsonl PATH`).
 
 Reading a `StepInfo` on the host waits for the step to finish. Both plugins keep the infos of
 the last steps on the device and read them together every `every` steps, so with `every > 1`
@@ -329,3 +331,8 @@ class JsonlLogger(_Buffered):
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
+
+
+@hookimpl
+def ev3_register_observers() -> dict[str, Any]:
+    return {"progress": ProgressBar, "jsonl": JsonlLogger}

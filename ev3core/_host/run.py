@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import logging
 import signal
 import threading
@@ -196,8 +197,63 @@ def _check_observers(observers: Sequence[Any]) -> None:
             raise ConfigurationError(
                 f"run: observer {obs!r} has none of the lifecycle methods {list(_LIFECYCLE)}. "
                 "An observer is an object with methods named like the lifecycle hooks, e.g. "
-                "ev3core.ProgressBar() or ev3core.Checkpointer(dir)."
+                "ev3core.ProgressBar() or ev3core.Checkpointer(dir), or the name of one a "
+                "plugin registered (ev3_register_observers; `ev3 plugins` lists them)."
             )
+
+
+def make_observer(plugins: Plugins, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Build the observer a plugin registered as `name` (`ev3_register_observers`) with
+    keyword `options`.
+
+    **Raises:** `ConfigurationError` for a name no plugin registered (listing the registered
+    ones) or options its factory does not take; `PluginError` naming the plugin when the
+    factory itself fails.
+    """
+    options = dict(options or {})
+    registered = plugins.components("observer")
+    if name not in registered:
+        close = difflib.get_close_matches(name, list(registered), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        available = ", ".join(sorted(registered)) or "(none)"
+        raise ConfigurationError(
+            f"run: no observer named {name!r}.{hint} Registered observers: {available}. Pass "
+            "one of these names, an observer object, or install the plugin that provides it "
+            "(`ev3 plugins` lists plugins and their observers)."
+        )
+    info = registered[name]
+    try:
+        obs = info.cls(**options)
+    except EV3Error:
+        raise
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise ConfigurationError(
+            f"run: the observer {name!r} (plugin {info.plugin!r}) cannot be built with "
+            f"{given}: {exc}. Build it with ev3core.make('observer', {name!r}, ...) and pass "
+            f"the object, or on the command line give its options: --observer "
+            f"{name}:key=value,..."
+        ) from exc
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {info.plugin!r} raised building the observer {name!r}: "
+            f"{type(exc).__name__}: {exc}. Fix or uninstall that plugin."
+        ) from exc
+    _check_observers([obs])
+    return obs
+
+
+def resolve_observers(plugins: Plugins, observers: Sequence[Any]) -> tuple[Any, ...]:
+    """The observer objects of `observers`: a string is the name of an observer a plugin
+    registered (built with no options, see `make_observer`), anything else is used as is."""
+    if isinstance(observers, str):
+        raise ConfigurationError(
+            f"run: observers={observers!r} is a string; pass a list of names or objects, "
+            f"e.g. observers=[{observers!r}]."
+        )
+    out = tuple(make_observer(plugins, o) if isinstance(o, str) else o for o in observers)
+    _check_observers(out)
+    return out
 
 
 def _host_steps(stacked: StepInfo, n: int) -> list[StepInfo]:
@@ -226,9 +282,13 @@ def run(
       loader; see `DataStream`), for data that does not fit on the device.
     - `num_steps`: steps to take.
     - `plugins`: whose lifecycle hooks to call (default `ev3core.plugin_manager()`).
-    - `observers`: objects for this run only (a `ProgressBar`, a `Checkpointer`, a
-      `JsonlLogger`, your own) whose methods named like the lifecycle hooks are called
-      after the plugins' implementations; nothing is registered on `plugins`.
+    - `observers`: observers for this run only, called after the plugins' lifecycle
+      hooks (nothing is registered on `plugins`): objects whose methods are named like the
+      lifecycle hooks (a `ProgressBar`, a `Checkpointer`, a `JsonlLogger`, your own), or
+      names of observers that plugins registered (`ev3_register_observers`; e.g.
+      `"progress"`), each built with no options. For options, build it with
+      `ev3core.make("observer", name, **options)`. An unknown name raises
+      `ConfigurationError` listing the registered ones, before anything runs.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
       after the chunk. Each chunk's infos come to the host in one transfer (hooks see
@@ -248,8 +308,7 @@ def run(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
     plugins = plugins if plugins is not None else plugin_manager()
-    observers = tuple(observers)
-    _check_observers(observers)
+    observers = resolve_observers(plugins, observers)
     stream = data if isinstance(data, DataStream) else None
     if stream is not None and int(chunk) != 1:
         raise ConfigurationError(
