@@ -339,9 +339,11 @@ def ev3_after_step(engine: Engine, state: State, info: StepInfo, step: int) -> N
     step after the chunk, and `state` is the state at the end of the chunk.
 
     **Calling rule:** collect-all; return values are ignored. With `chunk > 1`, `info` holds
-    NumPy arrays (the run loop brings each chunk's infos to the host in one transfer); with
-    `chunk=1` it holds device arrays, and reading them waits for the step, so loggers that
-    need speed read every N steps.
+    read-only NumPy arrays, views of the run's info log (the run loop brings each chunk's
+    infos to the host in one transfer, and builds the per-step `StepInfo`s only when a
+    plugin or observer implements this hook); copy an array to change it. With `chunk=1` it
+    holds device arrays, and reading them waits for the step, so loggers that need speed
+    read every N steps.
     """
 
 

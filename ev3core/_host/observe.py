@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import jax
 import numpy as np
 
+from .._sharding import to_host
 from .._types import CURRENT, STABLE, WINNER
 from ..errors import ConfigurationError
 from ..hookspecs import hookimpl
@@ -108,7 +108,7 @@ class _Buffered:
         """The pending infos, on the host, in step order."""
         if not self._pending:
             return []
-        host = jax.device_get(self._pending)
+        host = to_host(self._pending)  # also in a multi-process run
         self._pending = []
         return host
 
@@ -196,7 +196,7 @@ class ProgressBar(_Buffered):
 
     @hookimpl
     def ev3_run_start(self, state: Any, num_steps: int) -> None:
-        self._start = int(state.step)
+        self._start = int(to_host(state.step))  # replicated: read locally
         self._num_steps = int(num_steps)
         self._seen = self._start
         if self.disable:
@@ -301,7 +301,7 @@ class JsonlLogger(_Buffered):
         self._names = tuple(engine.objective_names)
         self._labels = tuple(engine.labels())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._forget_from(int(state.step))
+        self._forget_from(int(to_host(state.step)))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in ev3_run_end
 
     def _write(self) -> None:
