@@ -139,3 +139,30 @@ def replicate(tree: PyTree[Any], mesh: Mesh) -> PyTree[Any]:
     mesh = check_mesh(mesh)
     everywhere = NamedSharding(mesh, P())
     return jax.tree.map(lambda x: _put(x, everywhere) if eqx.is_array(x) else x, tree)
+
+
+def to_host(tree: PyTree[Any]) -> PyTree[Any]:
+    """`jax.device_get(tree)` that also works in a multi-process run.
+
+    A leaf this process holds entirely is copied as by `jax.device_get` (one batched
+    transfer). A leaf that spans other processes' devices is read from this process's own
+    copy when it is replicated, and gathered from every process
+    (`multihost_utils.process_allgather`) when it is sharded, such as the per-candidate
+    `StepInfo.valid`. The gather is a collective: every process must call `to_host` on the
+    same arrays in the same order, as the host run loop does.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    remote = [isinstance(x, jax.Array) and not x.is_fully_addressable for x in leaves]
+    local = jax.device_get([x for x, r in zip(leaves, remote, strict=True) if not r])
+    it = iter(local)
+    out = []
+    for x, r in zip(leaves, remote, strict=True):
+        if not r:
+            out.append(next(it))
+        elif x.is_fully_replicated:
+            out.append(np.asarray(x.addressable_data(0)))
+        else:
+            from jax.experimental import multihost_utils
+
+            out.append(np.asarray(multihost_utils.process_allgather(x, tiled=True)))
+    return jax.tree.unflatten(treedef, out)

@@ -10,8 +10,9 @@ mything = "ev3_mything.plugin"
 
 Hooks come in three families.
 
-* **Registration hooks** (`ev3_register_*`) add named components. They are called once per
-  kind, the first time a component of that kind is looked up by name.
+* **Registration hooks** (`ev3_register_*`) add named components (and named experiments and
+  observers). They are called once per kind, the first time one of that kind is looked up
+  by name.
 * **Stage hooks** (`ev3_explore`, `ev3_assess`, `ev3_adapt`) resolve each stage of a
   pipeline when `Pipeline.build()` runs, on components whose names were already resolved
   (they never see the `Pipeline`). They are host-side Python: pluggy is never
@@ -19,7 +20,9 @@ Hooks come in three families.
 * **Lifecycle hooks** (`ev3_run_start`, `ev3_after_step`, `ev3_run_end`) are called by the
   host run loop `ev3core.run` between compiled steps, for loggers, checkpointers and progress
   display. A plugin's implementations run for every run; an object passed to
-  `ev3core.run(observers=[...])` with methods of the same names runs for that run only.
+  `ev3core.run(observers=[...])` with methods of the same names runs for that run only, and
+  so does an observer a plugin registered by name (`ev3_register_observers`) when a run
+  names it (`observers=["name"]`, `ev3 run --observer name`).
 
 Implementations may accept any subset of a hook's arguments (pluggy passes them by name), so
 new arguments can be added to a hook without breaking existing plugins.
@@ -27,7 +30,7 @@ new arguments can be added to a hook without breaking existing plugins.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -164,10 +167,11 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
 
     `ev3 run` may also pass `resume` (a directory of an earlier run of this experiment, which
     `ev3 run --out` recorded as this experiment's), `checkpoint_every`, `keep`, `observers`
-    (per-run lifecycle observers, such as the `--log-jsonl` logger: pass them to
-    `ev3core.run(observers=...)`), and `chunk`, `examples`, `print_every` when given on the
-    command line. `ev3 run` with no `--experiment` runs `ev3_default_experiment`'s answer;
-    `ev3 run --smoke` runs the built-in `"smoke"` experiment.
+    (per-run lifecycle observer objects: the `--log-jsonl` logger and those named with
+    `--observer`, already built; pass them to `ev3core.run(observers=...)`), and `chunk`,
+    `examples`, `print_every` when given on the command line. `ev3 run` with no
+    `--experiment` runs `ev3_default_experiment`'s answer; `ev3 run --smoke` runs the
+    built-in `"smoke"` experiment.
 
     **Calling rule:** collect-all, like the other registration hooks; two plugins
     registering the same name is a `DuplicateComponentError` naming both.
@@ -176,6 +180,38 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
     @ev3core.hookimpl
     def ev3_register_experiments():
         return {"my_job": my_job}  # def my_job(*, steps, seed, out, **options) -> dict
+    ```
+    """
+
+
+@hookspec
+def ev3_register_observers() -> dict[str, Callable[..., Any]] | None:
+    """Register named lifecycle observers: loggers, progress displays, writers that users
+    enable by name for one run, instead of hooks that run for every run.
+
+    **When:** once per plugin manager, the first time an observer is looked up by name
+    (`ev3core.run(observers=["name"])`, `ev3 run --observer name`,
+    `ev3core.make("observer", "name", ...)`, `ev3 plugins`).
+
+    **Returns:** a mapping from name to a factory (or `None`): a callable (often the
+    observer's class) that takes keyword options only and returns an observer, an object
+    with one or more methods named like the lifecycle hooks (`ev3_run_start`,
+    `ev3_after_step`, `ev3_run_end`). `ev3core.run(observers=["name"])` calls it with no
+    arguments; `ev3 run --observer name:key=value,...` passes the options given;
+    `ev3core.make("observer", "name", **options)` any. A factory should raise
+    `ev3core.errors.ConfigurationError` for bad options. The built-in plugin registers
+    `"progress"` (`ProgressBar`) and `"jsonl"` (`JsonlLogger`, which needs `path=`).
+
+    A registered observer does nothing until a run names it. (A plugin that implements the
+    lifecycle hooks themselves is called by every run.)
+
+    **Calling rule:** collect-all, like the other registration hooks; two plugins
+    registering the same name is a `DuplicateComponentError` naming both.
+
+    ```python
+    @ev3core.hookimpl
+    def ev3_register_observers():
+        return {"my_logger": MyLogger}  # MyLogger(**options) has ev3_after_step(info, step)
     ```
     """
 
@@ -303,9 +339,11 @@ def ev3_after_step(engine: Engine, state: State, info: StepInfo, step: int) -> N
     step after the chunk, and `state` is the state at the end of the chunk.
 
     **Calling rule:** collect-all; return values are ignored. With `chunk > 1`, `info` holds
-    NumPy arrays (the run loop brings each chunk's infos to the host in one transfer); with
-    `chunk=1` it holds device arrays, and reading them waits for the step, so loggers that
-    need speed read every N steps.
+    read-only NumPy arrays, views of the run's info log (the run loop brings each chunk's
+    infos to the host in one transfer, and builds the per-step `StepInfo`s only when a
+    plugin or observer implements this hook); copy an array to change it. With `chunk=1` it
+    holds device arrays, and reading them waits for the step, so loggers that need speed
+    read every N steps.
     """
 
 
@@ -337,6 +375,7 @@ __all__ = [
     "ev3_register_bounds",
     "ev3_register_priorities",
     "ev3_register_experiments",
+    "ev3_register_observers",
     "ev3_default_experiment",
     "ev3_conformance_examples",
     "ev3_explore",

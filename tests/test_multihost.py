@@ -1,5 +1,6 @@
 """Two real processes on localhost (`jax.distributed`, CPU gloo collectives) share the
-candidates of one engine and agree with a single-process run."""
+candidates of one engine and agree with a single-process run, stepping by hand and through
+`ev3core.run` (whose host reads gather the candidate-sharded infos)."""
 
 import json
 import os
@@ -48,9 +49,21 @@ WORKER = textwrap.dedent(
         choice = jax.tree.leaves(info.choice)[0]  # a Choice holds one int32 array
         decisions.append([local(info.winner), local(choice), local(info.accepted)])
     current = [np.asarray(x.addressable_data(0)).tolist() for x in jax.tree.leaves(state.current)]
+    # ev3core.run on the same engine: a scanned chunk of 2 steps, then a single step (its
+    # compiled program is the one above), with a progress bar and a JSON-lines logger that
+    # read the infos. The candidate-sharded infos (`valid`) come back whole on both.
+    bar = ev3core.ProgressBar(every=2, disable=True)
+    log = ev3core.JsonlLogger(out + ".jsonl")
+    state, infos = ev3core.run(engine, state, data, 3, chunk=2, observers=[bar, log],
+                               plugins=ev3core.load_plugins(autoload=False))
+    run_out = {"choice": np.asarray(ev3core.choice_index(infos.choice)).tolist(),
+               "valid": infos.valid.tolist(),
+               "step": np.asarray(state.step.addressable_data(0)).tolist(),
+               "logged": [json.loads(line)["step"] for line in open(out + ".jsonl")],
+               "counted": sum(bar.counts[k] for k in ("accepted", "kept", "rolled_back"))}
     with open(out, "w") as f:
         json.dump({"decisions": decisions, "current": current, "rows": local_rows,
-                   "processes": jax.process_count()}, f)
+                   "processes": jax.process_count(), "run": run_out}, f)
     jax.distributed.shutdown()
     """
 )
@@ -77,9 +90,9 @@ RESUME_WORKER = textwrap.dedent(
     local = lambda x: np.asarray(x.addressable_data(0)).tolist()
 
     def steps(state, n, hooks=None):
-        # A loop of our own: ev3core.run gathers every StepInfo field on the host, which a
-        # multi-process run cannot do for the candidate-sharded ones. The Checkpointer is
-        # driven through its lifecycle hooks, as run would.
+        # A loop of our own, so the test knows each step as it is taken (ev3core.run in a
+        # multi-process run is tested above). The Checkpointer is driven through its
+        # lifecycle hooks, as run would.
         choices = []
         if hooks is not None:
             hooks.ev3_run_start(engine=engine, state=state)
@@ -184,6 +197,12 @@ def test_two_processes_agree_with_one(tmp_path):
         decisions.append(
             [int(info.winner), int(ev3core.choice_index(info.choice)), bool(info.accepted)]
         )
+    after = state
+    run_choice, run_valid = [], []
+    for _ in range(3):  # the steps the workers take with ev3core.run
+        after, info = engine.step(after, data)
+        run_choice.append(int(ev3core.choice_index(info.choice)))
+        run_valid.append(np.asarray(info.valid).tolist())
     for p in procs:
         out, _ = p.communicate(timeout=240)
         assert p.returncode == 0, out
@@ -197,6 +216,11 @@ def test_two_processes_agree_with_one(tmp_path):
         assert r["decisions"] == decisions
         for got, want in zip(r["current"], jax.tree.leaves(state.current), strict=True):
             np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=2e-5, atol=2e-6)
+        # ev3core.run completes on every process, with every candidate's infos
+        run = r["run"]
+        assert run["step"] == STEPS + 3 and run["logged"] == [STEPS, STEPS + 1, STEPS + 2]
+        assert run["choice"] == run_choice and run["valid"] == run_valid
+        assert np.shape(run["valid"]) == (3, NUM_LOSSES) and run["counted"] == 3
 
 
 def _launch(script, port, tmp_path, tag, *args):

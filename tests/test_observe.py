@@ -136,6 +136,148 @@ def test_jsonl_logger_appends_on_resume_without_duplicate_steps(setup, tmp_path)
     assert [r["accepted"] for r in rows[2:]] == [bool(a) for a in infos.accepted]
 
 
+# ----------------------------------------------------------------------- named observers
+class _Recorder:
+    """An observer that records the lifecycle calls it gets."""
+
+    def __init__(self, tag="rec", calls=None):
+        self.tag = tag
+        self.calls = [] if calls is None else calls
+
+    def ev3_run_start(self, num_steps):
+        self.calls.append((self.tag, "start", num_steps))
+
+    def ev3_after_step(self, step, info):
+        self.calls.append((self.tag, "step", step, int(info.step)))
+
+    def ev3_run_end(self, infos):
+        self.calls.append((self.tag, "end", len(infos)))
+
+
+class _ObserverPlugin:
+    """A plugin shipping one observer factory, `recorder`, with a keyword option."""
+
+    def __init__(self):
+        self.built = []
+
+    @ev3core.hookimpl
+    def ev3_register_observers(self):
+        def recorder(*, tag="rec"):
+            obs = _Recorder(tag)
+            self.built.append(obs)
+            return obs
+
+        return {"recorder": recorder}
+
+
+def test_named_observer_is_resolved_through_the_plugins_and_runs_once(setup):
+    engine, data, init = setup
+    plugin = _ObserverPlugin()
+    plugins = ev3core.load_plugins(extra=[plugin], autoload=False)
+    assert plugins.components("observer")["recorder"].plugin.endswith("_ObserverPlugin")
+    assert {"jsonl", "progress"} <= set(plugins.components("observer"))
+    plain = _Recorder("obj", calls=[])
+    ev3core.run(engine, init, data, 4, plugins=plugins, observers=["recorder", plain], chunk=2)
+    [named] = plugin.built  # built once, for this run only
+    assert named.calls == [
+        ("rec", "start", 4),
+        *[("rec", "step", i, i) for i in range(4)],
+        ("rec", "end", 4),
+    ]
+    assert [c[1:] for c in plain.calls] == [c[1:] for c in named.calls]
+    # with options: ev3core's make, or the plugin set's, builds it for `observers=[obj]`
+    tagged = plugins.make("observer", "recorder", tag="t")
+    assert tagged.tag == "t" and len(plugin.built) == 2
+    # the plugin's observer is not a lifecycle hook: a run that does not name it skips it
+    ev3core.run(engine, init, data, 1, plugins=plugins)
+    assert len(named.calls) == 6 and tagged.calls == []
+
+
+def test_unknown_observer_name_lists_registered_ones_before_any_step(setup):
+    engine, data, init = setup
+    plugins = ev3core.load_plugins(extra=[_ObserverPlugin()], autoload=False)
+    seen = _Recorder(calls=[])
+    with pytest.raises(ConfigurationError) as err:
+        ev3core.run(engine, init, data, 2, plugins=plugins, observers=[seen, "recorderr"])
+    msg = str(err.value)
+    assert "no observer named 'recorderr'" in msg and "Did you mean 'recorder'?" in msg
+    assert "Registered observers: jsonl, progress, recorder." in msg
+    assert seen.calls == []  # nothing started
+    with pytest.raises(ConfigurationError, match=r"'jsonl' .*cannot be built with no options"):
+        ev3core.run(engine, init, data, 2, plugins=plugins, observers=["jsonl"])
+    with pytest.raises(ConfigurationError, match="is a string"):
+        ev3core.run(engine, init, data, 2, plugins=plugins, observers="progress")
+
+
+class _ClashingObservers:
+    @ev3core.hookimpl
+    def ev3_register_observers(self):
+        return {"jsonl": _Recorder, "mine": _Recorder}
+
+
+def test_observer_name_clash_is_reported_like_any_component():
+    plugins = ev3core.load_plugins(extra=[_ClashingObservers()], autoload=False)
+    comps = plugins.components("observer")
+    assert comps["jsonl"].cls is ev3core.JsonlLogger  # the name stays with the first plugin
+    assert comps["mine"].cls is _Recorder  # the clashing plugin's other names still load
+    [failure] = plugins.failures
+    assert failure.stage == "register:observer" and "registered twice" in failure.error
+
+
+# ----------------------------------------------------------------------- chunked host loop
+def _equal_infos(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+class _Keep:
+    """Keeps every per-step info it is given; raises at step `fail_at`."""
+
+    def __init__(self, fail_at=None):
+        self.infos, self.fail_at, self.end = [], fail_at, None
+
+    def ev3_after_step(self, info, step):
+        if step == self.fail_at:
+            raise RuntimeError("disk full")
+        self.infos.append(info)
+
+    def ev3_run_end(self, infos):
+        self.end = len(infos)
+
+
+def test_chunked_run_gives_the_same_infos_with_and_without_per_step_hooks(setup):
+    engine, data, init = setup
+    plugins = ev3core.load_plugins(autoload=False)  # no plugin takes ev3_after_step
+    _, one = ev3core.run(engine, init, data, 5, plugins=plugins)
+    _, bare = ev3core.run(engine, init, data, 5, plugins=plugins, chunk=2)  # 2 + 2 + 1 steps
+    keep = _Keep()
+    _, seen = ev3core.run(engine, init, data, 5, plugins=plugins, chunk=2, observers=[keep])
+    assert _equal_infos(one, bare) and _equal_infos(one, seen)
+    from ev3core._host.run import _INFO_TREEDEF
+
+    assert jax.tree.structure(one) == _INFO_TREEDEF  # the fast per-step views apply
+    assert [int(i.step) for i in keep.infos] == [0, 1, 2, 3, 4] and keep.end == 5
+    for i, info in enumerate(keep.infos):  # one StepInfo per step, that step's rows
+        assert type(info) is ev3core.StepInfo
+        assert _equal_infos(info, jax.tree.map(lambda x, i=i: x[i], one))
+    chunked = keep.infos[0]  # a chunk's views: NumPy, read-only (they are the run's log)
+    assert isinstance(chunked.valid, np.ndarray) and not chunked.valid.flags.writeable
+    with pytest.raises(ValueError, match="read-only"):
+        chunked.assess_mean[0, 0] = 1.0
+
+
+def test_chunked_run_counts_only_steps_every_hook_saw(setup):
+    engine, data, init = setup
+    keep = _Keep(fail_at=3)
+    with pytest.raises(ev3core.errors.PluginError, match="disk full"):
+        ev3core.run(
+            engine, init, data, 6, plugins=ev3core.load_plugins(autoload=False), chunk=4,
+            observers=[keep],
+        )  # fmt: skip
+    # steps 0-2 of the first chunk were seen: the run's infos end there (a Checkpointer
+    # compares this count with the state's step before saving)
+    assert len(keep.infos) == 3 and keep.end == 3
+
+
 # ----------------------------------------------------------------------- TensorBoard
 def _events(logdir):
     """(tag -> {step: value}, session-log steps) from every event file under `logdir`."""
@@ -241,8 +383,18 @@ def test_ev3_plugins_json_lists_plugins_hooks_components_and_failures(broken_sit
     assert {"kind": "bound", "name": "paired"} in builtins["components"]
     tb = by_name["tensorboard"]
     assert (tb["distribution"], tb["version"]) == ("ev3-tensorboard", "0.1.0")
-    assert tb["hooks"] == ["ev3_after_step", "ev3_run_end", "ev3_run_start"]
-    assert tb["components"] == []
+    assert tb["hooks"] == [
+        "ev3_after_step",
+        "ev3_register_observers",
+        "ev3_run_end",
+        "ev3_run_start",
+    ]
+    assert tb["components"] == [{"kind": "observer", "name": "tensorboard"}]
+    observe = by_name["ev3core.observe"]  # the built-in observers, listed like components
+    assert observe["components"] == [
+        {"kind": "observer", "name": "progress"},
+        {"kind": "observer", "name": "jsonl"},
+    ]
     [failure] = report["failures"]
     assert (failure["name"], failure["distribution"], failure["stage"]) == (
         "halfbaked",
@@ -272,6 +424,8 @@ def test_ev3_plugins_trace_shows_a_pipeline_being_built(broken_site):
     assert "ev3_adapt returned EV3Scheduler" in err
     assert "ev3core.builtins  [ev3core " in res.stdout
     assert "  proposer: gradient" in res.stdout
+    assert "  observer: progress, jsonl" in res.stdout
+    assert "  observer: tensorboard" in res.stdout
     assert "FAILED halfbaked (from ev3-halfbaked) during import: ImportError" in res.stdout
 
 
@@ -307,3 +461,49 @@ def test_ev3_run_no_progress_jsonl_and_tensorboard_env(tmp_path):
     assert [scalars["decision/accepted"][s] for s in range(3)] == [
         float(r["accepted"]) for r in rows
     ]
+
+
+def test_ev3_run_observer_flag_enables_registered_observers(tmp_path):
+    log, tb = tmp_path / "named.jsonl", tmp_path / "tb"
+    res = subprocess.run(
+        [
+            *(EV3, "run", "--smoke", "--steps", "3", "--examples", "2048", "--no-progress"),
+            *("--observer", f"jsonl:path={log},every=2"),  # built-in, with options
+            *("--observer", f"tensorboard:logdir={tb}"),  # the installed plugin's
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),  # no EV3_TENSORBOARD_LOGDIR: the plugin logs only because it was named
+    )
+    assert res.returncode == 0, res.stderr
+    summary = json.loads(res.stdout)
+    rows = _read_jsonl(log)
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    assert sum(r["accepted"] for r in rows) == summary["accepted"]
+    scalars, _ = _events(tb)
+    assert [scalars["decision/accepted"][s] for s in range(3)] == [
+        float(r["accepted"]) for r in rows
+    ]
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("progres", "no observer named 'progres'. Did you mean 'progress'? Registered "
+         "observers: jsonl, progress, tensorboard."),
+        ("jsonl", "cannot be built with no options"),
+        ("jsonl:path", "'path' is not KEY=VALUE"),
+    ],
+)  # fmt: skip
+def test_ev3_run_bad_observer_fails_before_the_run(spec, expected, tmp_path):
+    res = subprocess.run(
+        [EV3, "run", "--smoke", "--out", str(tmp_path / "out"), "--observer", spec],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
+    assert res.returncode == 2 and res.stdout == ""
+    assert res.stderr.startswith("ev3: error: ") and expected in res.stderr
+    assert not (tmp_path / "out" / "ev3-run.json").exists()  # nothing recorded or run

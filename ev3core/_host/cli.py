@@ -16,6 +16,7 @@ from .._plugins.manager import Plugins, _env_flag, load_plugins, plugin_manager
 from ..errors import CheckpointError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 from .cache import cache_dir_from_env, disable_compilation_cache, enable_compilation_cache
 from .observe import JsonlLogger
+from .run import make_observer
 from .smoke import smoke_pipeline
 
 RUN_RECORD = "ev3-run.json"
@@ -177,7 +178,41 @@ def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
     return name
 
 
-def _options(args: argparse.Namespace) -> dict[str, Any]:
+def _parse_observer(spec: str) -> tuple[str, dict[str, Any]]:
+    """`NAME` or `NAME:KEY=VALUE,...` (values read as JSON when they parse, else as text)."""
+    name, _, rest = spec.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, eq, value = item.partition("=")
+        if not eq or not key.strip().isidentifier():
+            raise ConfigurationError(
+                f"--observer {spec}: {item!r} is not KEY=VALUE. Write --observer NAME or "
+                "--observer NAME:KEY=VALUE,KEY=VALUE (e.g. jsonl:path=steps.jsonl,every=5)."
+            )
+        try:
+            options[key.strip()] = json.loads(value)
+        except ValueError:
+            options[key.strip()] = value
+    if not name.strip():
+        raise ConfigurationError(
+            f"--observer {spec!r}: no observer name. `ev3 plugins` lists the registered ones."
+        )
+    return name.strip(), options
+
+
+def _observers(args: argparse.Namespace, plugins: Plugins) -> list[Any]:
+    """The run's observers: `--log-jsonl`, then every `--observer`, built now (an unknown
+    name or bad option fails before the experiment starts)."""
+    observers: list[Any] = []
+    if args.log_jsonl:
+        observers.append(JsonlLogger(args.log_jsonl, every=args.print_every or 5))
+    for spec in args.observer or ():
+        name, opts = _parse_observer(spec)
+        observers.append(make_observer(plugins, name, opts))
+    return observers
+
+
+def _options(args: argparse.Namespace, plugins: Plugins) -> dict[str, Any]:
     """The experiment's keyword arguments: the common ones, and the others when given."""
     options: dict[str, Any] = {
         "steps": args.steps,
@@ -199,8 +234,9 @@ def _options(args: argparse.Namespace) -> dict[str, Any]:
                 "--out and --dataset (a pipeline file may be named: it must be the run's)."
             )
         options["resume"] = args.resume
-    if args.log_jsonl:
-        options["observers"] = [JsonlLogger(args.log_jsonl, every=args.print_every or 5)]
+    observers = _observers(args, plugins)
+    if observers:
+        options["observers"] = observers
     return options
 
 
@@ -210,7 +246,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _setup_compile_cache(args)
     plugins = plugin_manager()
     name = _pick_experiment(args, plugins)
-    options = _options(args)
+    options = _options(args, plugins)
     if args.out:
         _record_experiment(args.out, name)
     try:
@@ -314,6 +350,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--log-jsonl",
         metavar="PATH",
         help="append one JSON line per step to PATH",
+    )
+    p_run.add_argument(
+        "--observer",
+        action="append",
+        metavar="NAME[:KEY=VALUE,...]",
+        help="enable an observer a plugin registered (repeatable; `ev3 plugins` lists them), "
+        "with options, e.g. --observer jsonl:path=steps.jsonl,every=5",
     )
     p_run.add_argument("--json", help="also write the summary to this file")
     p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")

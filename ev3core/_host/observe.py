@@ -1,9 +1,11 @@
 """Observability plugins: a progress bar and a JSON-lines step logger.
 
-Both are lifecycle-hook plugins (`ev3_run_start`, `ev3_after_step`, `ev3_run_end`), registered
-like `ev3core.Checkpointer`: add them to the plugins passed to `ev3core.run`. Nothing is
-shown or written unless you register them (`ev3 run` registers a progress bar unless
-`--no-progress`, and a JSON-lines logger with `--log-jsonl PATH`).
+Both are lifecycle observers (methods `ev3_run_start`, `ev3_after_step`, `ev3_run_end`), like
+`ev3core.Checkpointer`: pass them to `ev3core.run(observers=[...])`, or by their registered
+names `"progress"` and `"jsonl"` (this module is a built-in plugin implementing
+`ev3_register_observers`; `ev3 run --observer jsonl:path=steps.jsonl`). Nothing is shown or
+written unless a run asks for them (`ev3 run` adds a progress bar unless `--no-progress`, and
+a JSON-lines logger with `--log-jsonl PATH`).
 
 Reading a `StepInfo` on the host waits for the step to finish. Both plugins keep the infos of
 the last steps on the device and read them together every `every` steps, so with `every > 1`
@@ -21,9 +23,9 @@ import time
 from pathlib import Path
 from typing import IO, Any
 
-import jax
 import numpy as np
 
+from .._sharding import to_host
 from .._types import CURRENT, STABLE, WINNER, Choice, choice_name
 from ..errors import ConfigurationError
 from ..hookspecs import hookimpl
@@ -125,7 +127,7 @@ class _Buffered:
         """The pending infos, on the host, in step order."""
         if not self._pending:
             return []
-        host = jax.device_get(self._pending)
+        host = to_host(self._pending)  # also in a multi-process run
         self._pending = []
         return host
 
@@ -213,7 +215,7 @@ class ProgressBar(_Buffered):
 
     @hookimpl
     def ev3_run_start(self, state: Any, num_steps: int) -> None:
-        self._start = int(state.step)
+        self._start = int(to_host(state.step))  # replicated: read locally
         self._num_steps = int(num_steps)
         self._seen = self._start
         if self.disable:
@@ -318,7 +320,7 @@ class JsonlLogger(_Buffered):
         self._names = tuple(engine.objective_names)
         self._labels = tuple(engine.labels())
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._forget_from(int(state.step))
+        self._forget_from(int(to_host(state.step)))
         self._file = open(self.path, "a")  # noqa: SIM115 - closed in ev3_run_end
 
     def _write(self) -> None:
@@ -348,3 +350,8 @@ class JsonlLogger(_Buffered):
             with contextlib.suppress(OSError):
                 self._file.close()
             self._file = None
+
+
+@hookimpl
+def ev3_register_observers() -> dict[str, Any]:
+    return {"progress": ProgressBar, "jsonl": JsonlLogger}

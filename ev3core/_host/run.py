@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 import logging
 import signal
 import threading
@@ -15,6 +17,7 @@ import numpy as np
 from .._engine.engine import Engine
 from .._faults import component_owner, describe_component
 from .._plugins.manager import Plugins, plugin_manager
+from .._sharding import to_host
 from .._types import Data, State, StepInfo
 from ..errors import ComponentError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 from .stream import DataStream
@@ -64,13 +67,49 @@ class _StopOnInterrupt:
         self._previous = {}
 
 
+#: `StepInfo`'s fields, in the order `jax.tree.flatten` gives its leaves, and its treedef.
+_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(StepInfo))
+
+
+def _info_treedef() -> Any:
+    info = object.__new__(StepInfo)  # not StepInfo(...): runtime type checkers want arrays
+    info.__dict__.update(dict.fromkeys(_INFO_FIELDS, 0))
+    return jax.tree.structure(info)
+
+
+_INFO_TREEDEF = _info_treedef()
+
+
+def _step_views(treedef: Any, leaves: Sequence[np.ndarray], n: int) -> list[StepInfo]:
+    """`n` per-step `StepInfo`s of row views into `leaves` (NumPy arrays stacked on a leading
+    axis of size `n`).
+
+    This is what `jax.tree.unflatten(treedef, [x[i] for x in leaves])` builds, made directly
+    (an Equinox module keeps its fields in its `__dict__`, and `StepInfo` runs no
+    conversion on construction): about twice as fast, which matters for a chunk's 50 infos
+    on the host.
+    """
+    if treedef != _INFO_TREEDEF:  # not a plain StepInfo: the general way
+        return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
+    out = []
+    new = object.__new__
+    for row in zip(*(list(x[:n]) for x in leaves), strict=True):
+        info = new(StepInfo)
+        info.__dict__.update(zip(_INFO_FIELDS, row, strict=True))
+        out.append(info)
+    return out
+
+
 class _InfoLog(Sequence[StepInfo]):
     """The `StepInfo`s of a run, moved to host memory one chunk behind the device.
 
     Keeping every step's `StepInfo` on the device until the end of a run holds thousands of
-    small device buffers (about 37 kB per step on CPU). Here each chunk's infos are copied
-    into NumPy arrays allocated once for the whole run when the next chunk has been
-    dispatched, so the copy never stalls the device and at most two chunks stay on it.
+    small device buffers (about 37 kB per step on CPU). Here each step's infos are copied
+    into NumPy arrays allocated once for the whole run: a single step's when the next step
+    has been dispatched (so the copy never stalls the device), a scanned chunk's in one
+    `device_get` as soon as it is returned (`add_chunk`). In a multi-process run the
+    candidate-sharded fields (`valid`, `assess_mean`) are gathered from every process
+    (`to_host`); every process runs the same loop, so the gathers line up.
     """
 
     def __init__(self, capacity: int) -> None:
@@ -78,32 +117,57 @@ class _InfoLog(Sequence[StepInfo]):
         self._arrays: list[np.ndarray] | None = None
         self._treedef: Any = None
         self._n = 0
-        self._pending: list[tuple[StepInfo, int | None]] = []
+        self._pending: list[StepInfo] = []
 
-    def add(self, info: StepInfo, steps: int | None = None) -> None:
-        """Queue one step's info, or (`steps=n`) a chunk's infos stacked on a leading axis."""
-        self._pending.append((info, steps))
+    def add(self, info: StepInfo) -> None:
+        """Queue one step's info (copied to the host by the next `flush`)."""
+        self._pending.append(info)
+
+    def _store(self, leaves: Sequence[Any], treedef: Any, n: int | None) -> None:
+        """Copy host leaves of one step (`n=None`) or of `n` stacked steps into the log,
+        after its last step (`commit` makes stored steps part of it)."""
+        if self._arrays is None:
+            self._treedef = treedef
+            self._arrays = [
+                np.empty((self._capacity, *np.shape(x)[n is not None :]), np.asarray(x).dtype)
+                for x in leaves
+            ]
+        k = 1 if n is None else n
+        for arr, x in zip(self._arrays, leaves, strict=True):
+            arr[self._n : self._n + k] = x
+
+    def commit(self, k: int) -> None:
+        """Count `k` more stored steps in the log (their hooks have all run)."""
+        self._n += k
 
     def flush(self) -> None:
-        """Copy the queued infos to the host."""
+        """Copy the queued single-step infos to the host."""
+        if not self._pending:
+            return
         pending, self._pending = self._pending, []
-        for info, steps in jax.device_get(pending):
+        for info in to_host(pending):
             leaves, treedef = jax.tree.flatten(info)
-            if self._arrays is None:
-                self._treedef = treedef
-                self._arrays = [
-                    np.empty(
-                        (self._capacity, *np.shape(x)[steps is not None :]), np.asarray(x).dtype
-                    )
-                    for x in leaves
-                ]
-            n = 1 if steps is None else steps
-            for arr, x in zip(self._arrays, leaves):
-                arr[self._n : self._n + n] = x
-            self._n += n
+            self._store(leaves, treedef, None)
+            self.commit(1)
+
+    def add_chunk(self, stacked: StepInfo, n: int) -> list[np.ndarray]:
+        """Copy a scanned chunk's infos (a `StepInfo` stacked on a leading axis of size `n`)
+        to the host in one `device_get`; its steps join the log as they are committed.
+
+        **Returns:** the chunk's rows of the log, one read-only NumPy array per leaf (for
+        per-step views, see `_step_views`).
+        """
+        self.flush()
+        leaves, treedef = jax.tree.flatten(stacked)
+        self._store(to_host(leaves), treedef, n)
+        assert self._arrays is not None
+        rows = [a[self._n : self._n + n] for a in self._arrays]
+        for r in rows:
+            r.flags.writeable = False  # hooks get views of the log: they must not edit it
+        return rows
 
     def __len__(self) -> int:
-        return self._n + sum(1 if n is None else n for _, n in self._pending)
+        return self._n + len(self._pending)
 
     def __getitem__(self, index: Any) -> Any:
         self.flush()
@@ -120,6 +184,26 @@ class _InfoLog(Sequence[StepInfo]):
         if self._arrays is None or self._n == 0:
             return None
         return jax.tree.unflatten(self._treedef, [a[: self._n] for a in self._arrays])
+
+
+def _host_chunk(
+    infos: _InfoLog, stacked: StepInfo, n: int, per_step: bool
+) -> list[StepInfo] | None:
+    """The run loop's host work for one scanned chunk: its infos into the log in one
+    transfer, and, only when a hook or observer takes per-step infos (`per_step`), one
+    `StepInfo` of NumPy row views per step."""
+    rows = infos.add_chunk(stacked, n)
+    return _step_views(infos._treedef, rows, n) if per_step else None
+
+
+def _wants_steps(plugins: Plugins, observers: Sequence[Any]) -> bool:
+    """Whether anything takes `ev3_after_step` calls: a plugin's implementation, an
+    observer's method, or hook tracing (which shows every call)."""
+    return (
+        bool(plugins.pm.hook.ev3_after_step.get_hookimpls())
+        or any(hasattr(o, "ev3_after_step") for o in observers)
+        or plugins.tracing
+    )
 
 
 def _culprit(hook_caller: Any, exc: BaseException, observers: Sequence[Any] = ()) -> str:
@@ -196,14 +280,63 @@ def _check_observers(observers: Sequence[Any]) -> None:
             raise ConfigurationError(
                 f"run: observer {obs!r} has none of the lifecycle methods {list(_LIFECYCLE)}. "
                 "An observer is an object with methods named like the lifecycle hooks, e.g. "
-                "ev3core.ProgressBar() or ev3core.Checkpointer(dir)."
+                "ev3core.ProgressBar() or ev3core.Checkpointer(dir), or the name of one a "
+                "plugin registered (ev3_register_observers; `ev3 plugins` lists them)."
             )
 
 
-def _host_steps(stacked: StepInfo, n: int) -> list[StepInfo]:
-    """`n` per-step infos from a scanned chunk: one transfer, then NumPy views."""
-    leaves, treedef = jax.tree.flatten(jax.device_get(stacked))
-    return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
+def make_observer(plugins: Plugins, name: str, options: dict[str, Any] | None = None) -> Any:
+    """Build the observer a plugin registered as `name` (`ev3_register_observers`) with
+    keyword `options`.
+
+    **Raises:** `ConfigurationError` for a name no plugin registered (listing the registered
+    ones) or options its factory does not take; `PluginError` naming the plugin when the
+    factory itself fails.
+    """
+    options = dict(options or {})
+    registered = plugins.components("observer")
+    if name not in registered:
+        close = difflib.get_close_matches(name, list(registered), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        available = ", ".join(sorted(registered)) or "(none)"
+        raise ConfigurationError(
+            f"run: no observer named {name!r}.{hint} Registered observers: {available}. Pass "
+            "one of these names, an observer object, or install the plugin that provides it "
+            "(`ev3 plugins` lists plugins and their observers)."
+        )
+    info = registered[name]
+    try:
+        obs = info.cls(**options)
+    except EV3Error:
+        raise
+    except TypeError as exc:
+        given = ", ".join(f"{k}={v!r}" for k, v in options.items()) or "no options"
+        raise ConfigurationError(
+            f"run: the observer {name!r} (plugin {info.plugin!r}) cannot be built with "
+            f"{given}: {exc}. Build it with ev3core.make('observer', {name!r}, ...) and pass "
+            f"the object, or on the command line give its options: --observer "
+            f"{name}:key=value,..."
+        ) from exc
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {info.plugin!r} raised building the observer {name!r}: "
+            f"{type(exc).__name__}: {exc}. Fix or uninstall that plugin."
+        ) from exc
+    _check_observers([obs])
+    return obs
+
+
+def resolve_observers(plugins: Plugins, observers: Sequence[Any]) -> tuple[Any, ...]:
+    """The observer objects of `observers`: a string is the name of an observer a plugin
+    registered (built with no options, see `make_observer`), anything else is used as is."""
+    if isinstance(observers, str):
+        raise ConfigurationError(
+            f"run: observers={observers!r} is a string; pass a list of names or objects, "
+            f"e.g. observers=[{observers!r}]."
+        )
+    out = tuple(make_observer(plugins, o) if isinstance(o, str) else o for o in observers)
+    _check_observers(out)
+    return out
 
 
 def run(
@@ -226,13 +359,18 @@ def run(
       loader; see `DataStream`), for data that does not fit on the device.
     - `num_steps`: steps to take.
     - `plugins`: whose lifecycle hooks to call (default `ev3core.plugin_manager()`).
-    - `observers`: objects for this run only (a `ProgressBar`, a `Checkpointer`, a
-      `JsonlLogger`, your own) whose methods named like the lifecycle hooks are called
-      after the plugins' implementations; nothing is registered on `plugins`.
+    - `observers`: observers for this run only, called after the plugins' lifecycle
+      hooks (nothing is registered on `plugins`): objects whose methods are named like the
+      lifecycle hooks (a `ProgressBar`, a `Checkpointer`, a `JsonlLogger`, your own), or
+      names of observers that plugins registered (`ev3_register_observers`; e.g.
+      `"progress"`), each built with no options. For options, build it with
+      `ev3core.make("observer", name, **options)`. An unknown name raises
+      `ConfigurationError` listing the registered ones, before anything runs.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
       after the chunk. Each chunk's infos come to the host in one transfer (hooks see
-      `StepInfo`s of NumPy arrays); with `chunk=1` hooks see device arrays, and reading one
+      `StepInfo`s of read-only NumPy arrays, built only when a plugin or an observer
+      implements `ev3_after_step`); with `chunk=1` hooks see device arrays, and reading one
       waits for that step.
 
     **Returns:** `(final_state, infos)`, where `infos` is a `StepInfo` of NumPy arrays with a
@@ -248,8 +386,7 @@ def run(
             f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
         )
     plugins = plugins if plugins is not None else plugin_manager()
-    observers = tuple(observers)
-    _check_observers(observers)
+    observers = resolve_observers(plugins, observers)
     stream = data if isinstance(data, DataStream) else None
     if stream is not None and int(chunk) != 1:
         raise ConfigurationError(
@@ -272,30 +409,38 @@ def run(
         try:
             while done < num_steps and not stop.requested:
                 n = min(chunk, num_steps - done)
-                if stream is not None:
-                    state, info = _guarded(engine, plugins, engine.step, state, next(stream))
-                    batch = [info]
-                elif n == 1:
+                per_step = _wants_steps(plugins, observers)
+                batch: list[StepInfo] | None
+                single = stream is not None or n == 1
+                if single:
                     # device arrays: the host queues the next step unless a hook reads them
-                    state, info = _guarded(engine, plugins, engine.step, state, data)
+                    step_data = next(stream) if stream is not None else data
+                    state, info = _guarded(engine, plugins, engine.step, state, step_data)
+                    # The previous step's info goes to the host now that this one is
+                    # dispatched: at most one step's info stays on the device.
+                    infos.flush()
                     batch = [info]
                 else:
                     state, stacked = _guarded(engine, plugins, engine.scan, state, data, n)
-                    stacked = jax.device_get(stacked)  # one transfer per chunk
-                    batch = _host_steps(stacked, n)
-                # The previous step's infos go to the host now that this one is dispatched:
-                # at most one step's infos stay on the device (none after a chunk).
-                infos.flush()
+                    # one transfer per chunk; per-step infos only for hooks that take them
+                    batch = _host_chunk(infos, stacked, n, per_step)
+                    del stacked
+                if batch is None:  # nothing takes per-step infos
+                    infos.commit(n)
+                    done += n
+                    continue
+                # A step joins `infos` once every hook has seen it, so after an error
+                # `len(infos)` counts the steps every `ev3_after_step` saw.
                 for info in batch:
                     call_lifecycle(
                         plugins, "ev3_after_step", observers,
                         engine=engine, state=state, info=info, step=done,
                     )  # fmt: skip
-                    if n == 1:
+                    if single:
                         infos.add(info)
+                    else:
+                        infos.commit(1)
                     done += 1
-                if n > 1:
-                    infos.add(stacked, steps=n)
                 del batch
         finally:
             infos.flush()
@@ -324,7 +469,7 @@ def run(
     if stop.requested and done < num_steps:
         raise RunInterrupted(
             f"ev3core.run was interrupted after {done} of {num_steps} step(s) (engine step "
-            f"{int(state.step)}); the lifecycle hooks, checkpointers included, have run.",
+            f"{int(to_host(state.step))}); the lifecycle hooks, checkpointers included, have run.",
             state=state,
             infos=stacked_infos,
             steps_done=done,

@@ -43,11 +43,16 @@ logger = logging.getLogger("ev3core")
 ENTRY_POINT_GROUP = "ev3"
 
 #: ev3core's own plugins, imported by name when plugins are loaded (as pytest loads its
-#: built-in plugins): the components, and the host's experiments (which sit above this
-#: module, so it cannot import them).
-BUILTIN_PLUGINS = ("ev3core._plugins.builtins", "ev3core._host.experiments")
+#: built-in plugins): the components, and the host's experiments and observers (which sit
+#: above this module, so it cannot import them).
+BUILTIN_PLUGINS = (
+    "ev3core._plugins.builtins",
+    "ev3core._host.experiments",
+    "ev3core._host.observe",
+)
 
-#: kind -> (registration hook name, base class; `None`: any callable, e.g. an experiment)
+#: kind -> (registration hook name, base class; `None`: any callable, e.g. an experiment or
+#: an observer factory)
 KINDS: dict[str, tuple[str, type | None]] = {
     "proposer": ("ev3_register_proposers", AbstractProposer),
     "assessor": ("ev3_register_assessors", AbstractAssessor),
@@ -56,6 +61,7 @@ KINDS: dict[str, tuple[str, type | None]] = {
     "bound": ("ev3_register_bounds", AbstractBound),
     "priority": ("ev3_register_priorities", AbstractPriority),
     "experiment": ("ev3_register_experiments", None),
+    "observer": ("ev3_register_observers", None),
 }
 
 
@@ -440,7 +446,8 @@ def load_plugins(
     if trace if trace is not None else _env_flag("EV3_TRACE_PLUGINS"):
         plugins.trace()
     for module in BUILTIN_PLUGINS:
-        name = "ev3core." + module.rpartition(".")[2]  # ev3core.builtins, ev3core.experiments
+        # ev3core.builtins, ev3core.experiments, ev3core.observe
+        name = "ev3core." + module.rpartition(".")[2]
         plugins.register(
             importlib.import_module(module), name=name, distribution=_own_distribution()
         )

@@ -1,10 +1,14 @@
 """The `tensorboard` entry point of the `ev3` group.
 
-Installed, this plugin does nothing until `EV3_TENSORBOARD_LOGDIR` is set: then every
-`ev3core.run` that uses the default plugins (`ev3 run --smoke` included) writes TensorBoard
-scalars there (a sub-directory per run). To log one run from Python, register a
-`TensorBoardLogger` yourself instead; to switch the plugin off entirely, unset the variable,
-or load only other plugins (`EV3_LOAD_PLUGINS=...`, `EV3_DISABLE_PLUGIN_AUTOLOAD=1`).
+It registers the observer `"tensorboard"` (`ev3_register_observers`), which a run enables by
+name: `ev3core.run(..., observers=["tensorboard"])` or `ev3 run --observer tensorboard`
+(options: `--observer tensorboard:logdir=runs/exp1,every=10`). Without `logdir` it writes to
+a new `run-<time>` directory under `EV3_TENSORBOARD_LOGDIR`, or under `runs`.
+
+Installed, it also logs every run on the default plugins while `EV3_TENSORBOARD_LOGDIR` is
+set (its lifecycle hooks, `ev3 run --smoke` included), and does nothing otherwise. To switch
+that off, unset the variable, or load only other plugins (`EV3_LOAD_PLUGINS=...`,
+`EV3_DISABLE_PLUGIN_AUTOLOAD=1`).
 """
 
 from __future__ import annotations
@@ -21,6 +25,26 @@ ENV = "EV3_TENSORBOARD_LOGDIR"
 _active: TensorBoardLogger | None = None
 
 
+def _run_dir(root: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    return os.path.join(root, f"run-{stamp}")
+
+
+def tensorboard_observer(
+    *, logdir: str | os.PathLike[str] | None = None, every: int = 1, flush_secs: int = 10
+) -> TensorBoardLogger:
+    """The `"tensorboard"` observer: a `TensorBoardLogger` writing to `logdir` (default: a new
+    `run-<time>` directory under `EV3_TENSORBOARD_LOGDIR`, or under `runs`)."""
+    if logdir is None:
+        logdir = _run_dir(os.environ.get(ENV, "").strip() or "runs")
+    return TensorBoardLogger(logdir, every=every, flush_secs=flush_secs)
+
+
+@hookimpl
+def ev3_register_observers() -> dict[str, Any]:
+    return {"tensorboard": tensorboard_observer}
+
+
 @hookimpl
 def ev3_run_start(engine: Any, state: Any, num_steps: int) -> None:
     global _active
@@ -28,8 +52,7 @@ def ev3_run_start(engine: Any, state: Any, num_steps: int) -> None:
     if not root:
         _active = None
         return
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    _active = TensorBoardLogger(os.path.join(root, f"run-{stamp}"))
+    _active = TensorBoardLogger(_run_dir(root))
     _active.ev3_run_start(engine=engine, state=state, num_steps=num_steps)
 
 
