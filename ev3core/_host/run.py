@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
 import logging
 import signal
@@ -68,36 +67,10 @@ class _StopOnInterrupt:
 
 
 #: `StepInfo`'s fields, in the order `jax.tree.flatten` gives its leaves, and its treedef.
-_INFO_FIELDS = tuple(f.name for f in dataclasses.fields(StepInfo))
-
-
-def _info_treedef() -> Any:
-    info = object.__new__(StepInfo)  # not StepInfo(...): runtime type checkers want arrays
-    info.__dict__.update(dict.fromkeys(_INFO_FIELDS, 0))
-    return jax.tree.structure(info)
-
-
-_INFO_TREEDEF = _info_treedef()
-
-
 def _step_views(treedef: Any, leaves: Sequence[np.ndarray], n: int) -> list[StepInfo]:
     """`n` per-step `StepInfo`s of row views into `leaves` (NumPy arrays stacked on a leading
-    axis of size `n`).
-
-    This is what `jax.tree.unflatten(treedef, [x[i] for x in leaves])` builds, made directly
-    (an Equinox module keeps its fields in its `__dict__`, and `StepInfo` runs no
-    conversion on construction): about twice as fast, which matters for a chunk's 50 infos
-    on the host.
-    """
-    if treedef != _INFO_TREEDEF:  # not a plain StepInfo: the general way
-        return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
-    out = []
-    new = object.__new__
-    for row in zip(*(list(x[:n]) for x in leaves), strict=True):
-        info = new(StepInfo)
-        info.__dict__.update(zip(_INFO_FIELDS, row, strict=True))
-        out.append(info)
-    return out
+    axis of size `n`): no copy, built only when a hook or observer takes per-step infos."""
+    return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
 
 
 class _InfoLog(Sequence[StepInfo]):
