@@ -313,7 +313,7 @@ def test_a_pipeline_file_without_a_pipeline_fails_before_training(tmp_path):
     pipe = tmp_path / "pipe.py"
     pipe.write_text("pipeline = 42\n")
     out = tmp_path / "out"
-    res = _cli("run", str(pipe), "--out", str(out), "--no-progress")
+    res = _cli("run", "--experiment", "distill", str(pipe), "--out", str(out), "--no-progress")
     assert res.returncode == 2, res.stderr[-2000:]
     assert "`pipeline` is int 42" in res.stderr
     assert not (out / "teacher.eqx").exists()  # failed before the teacher was trained

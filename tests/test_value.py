@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from ev3_distill import _scenarios
 
 import ev3core as ev3
 
@@ -132,7 +133,7 @@ def test_selection_ignores_test_labels(value, monkeypatch):
                 prob["data"]["test"] = (x, y)
             return prob
 
-        monkeypatch.setattr(value, "build_label_problem", patched)
+        monkeypatch.setattr(_scenarios, "build_label_problem", patched)
         runs.append(value.run_label_scenario("noise_sym_pretrained", [0, 1], budget, print))
     a, b = runs
     assert a["methods"]["ev3"]["test"] != b["methods"]["ev3"]["test"]  # test labels did change

@@ -224,7 +224,7 @@ def _options(args: argparse.Namespace, plugins: Plugins) -> dict[str, Any]:
         "checkpoint_every": args.checkpoint_every,
         "keep": args.keep,
     }
-    for name in ("chunk", "examples", "print_every"):
+    for name in ("chunk", "examples", "print_every", "scenario"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.resume:
@@ -323,6 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument("--smoke", action="store_true", help="run the built-in smoke experiment")
     p_run.add_argument(
         "--experiment", default=None, help="name of a registered experiment (see `ev3 plugins`)"
+    )
+    p_run.add_argument(
+        "--scenario", default=None, help="scenario of the experiment (if it has several)"
     )
     p_run.add_argument(
         "--dataset", default=None, help="data set of the experiment (if it takes one)"

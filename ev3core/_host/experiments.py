@@ -80,6 +80,7 @@ def smoke_experiment(
     plugins: Any = None,
     dataset: str | None = None,
     pipeline: str | None = None,
+    scenario: str | None = None,
 ) -> dict[str, Any]:
     """The built-in smoke experiment: the smoke pipeline on the toy problem, with `out`
     checkpoints and `resume` (the same final state as a run that never stopped).
@@ -89,10 +90,10 @@ def smoke_experiment(
 
     **Returns:** the summary (test accuracies, decision counts, the final state's digest).
     """
-    if dataset is not None or pipeline is not None:
+    if dataset is not None or pipeline is not None or scenario is not None:
         raise ConfigurationError(
             "the smoke experiment runs the toy problem with its own pipeline: it takes no "
-            "--dataset or pipeline file (pass --experiment NAME for one that does)."
+            "--dataset, --scenario or pipeline file (pass --experiment NAME for one that does)."
         )
     t0 = time.perf_counter()
     options: dict[str, Any] = {

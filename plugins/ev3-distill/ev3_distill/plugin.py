@@ -1,4 +1,5 @@
-"""The `distill` entry-point plugin: distillation losses and the `distill` experiment.
+"""The `distill` entry-point plugin: distillation losses, the `distill` experiment and the
+`value` experiment (the default of `ev3 run`).
 
 Found through the `ev3` entry-point group (`[project.entry-points.ev3] distill =
 "ev3_distill.plugin"`); ev3core never imports it directly.
@@ -30,12 +31,26 @@ _distill.__doc__ = (
 )
 
 
+def _value(**options: Any) -> dict[str, Any]:
+    from ._value_experiment import value_experiment  # heavy imports only when run
+
+    return value_experiment(**options)
+
+
+_value.__doc__ = (
+    "EV3 against grid and random search with early stopping, population-based training and "
+    "plain training at equal total compute, on one scenario (--scenario: label noise from "
+    "scratch or from a pretrained start, a worst-class target); writes summary.json and "
+    "report.png."
+)
+
+
 @hookimpl
 def ev3_register_experiments() -> dict[str, Any]:
-    return {"distill": _distill}
+    return {"distill": _distill, "value": _value}
 
 
 @hookimpl
 def ev3_default_experiment() -> str:
-    """Distillation is the main job `ev3 run` runs when this plugin is installed."""
-    return "distill"
+    """`ev3 run` with no arguments runs the equal-compute comparison (`value`)."""
+    return "value"

@@ -329,6 +329,8 @@ def test_ev3_run_end_to_end(tmp_path):
         [
             str(Path(sys.executable).parent / "ev3"),
             "run",
+            "--experiment",
+            "distill",
             "--steps",
             "4",
             "--seed",
@@ -591,7 +593,8 @@ def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
     pipe = tmp_path / "pipe.py"
     pipe.write_text(RESUMABLE_PIPELINE)
     ev3 = str(Path(sys.executable).parent / "ev3")
-    common = ["run", str(pipe), "--steps", "10", "--seed", "1", "--checkpoint-every", "1"]
+    common = ["run", "--experiment", "distill", str(pipe), "--steps", "10", "--seed", "1"]
+    common += ["--checkpoint-every", "1"]
 
     def start(out, trace, *extra):
         return subprocess.Popen(
