@@ -66,7 +66,6 @@ from ev3_distill._scenarios import (  # noqa: F401 - the scenarios' building blo
     NOISE,
     PRETRAIN_STEPS,
     _digits_mlp,
-    _grid_configs,
     _seed_keys,
     build_label_problem,
     label_configs,
@@ -81,12 +80,14 @@ from ev3_distill._value import (  # noqa: F401
     WeightedCE,
     WorstClassAccuracy,
     _adam,
+    _grid_configs,
     accuracy_of,
     early_stopped,
     engine_arm,
     ev3_seeds,
     fit_seeds,
     paired_ci,
+    search_arm,
     search_configs,
     search_curves,
     summarise,
@@ -307,40 +308,19 @@ def run_distill_scenario(
         ("grid", (grid_losses, cfg0.learning_rates), k_grid),
         ("random", (r_losses, r_lrs), k_rand),
     ):
-        t = time.perf_counter()
-        if mname == "grid":
-            cfg_losses, cfg_lrs, labs = _grid_configs(ls, lr_list)
-        else:
-            cfg_losses, cfg_lrs = list(ls), list(lr_list)
-            labs = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
-        dec, tst = search_configs(
+        out["methods"][mname] = search_arm(
+            mname,
+            ls,
+            lr_list,
             static,
             params0,
-            cfg_losses,
-            cfg_lrs,
-            train,
-            decide,
-            test,
+            (train, decide, test),
             kk,
             accuracy_of,
             rounds,
             budget.trajectory,
+            student_widths=list(cfg0.cap_widths),
         )
-        es = early_stopped(np.asarray(dec), np.asarray(tst))
-        out["methods"][mname] = {
-            "test": es["test"].tolist(),
-            "gradient_evaluations": len(labs) * rounds * budget.trajectory,
-            "curve_x": [r * len(labs) * budget.trajectory for r in range(rounds + 1)],
-            "curve": es["curve"].mean(0).tolist(),
-            "chosen_config": [labs[i] for i in es["config"]],
-            "chosen_step": (es["checkpoint"] * budget.trajectory).tolist(),
-            "config": {
-                "configs": labs,
-                "student_widths": list(cfg0.cap_widths),
-                "early_stopping_every": budget.trajectory,
-            },
-            "wall_seconds": time.perf_counter() - t,
-        }
     # --- plain distillation (the job's baseline: T=4, w=0.9, Adam 1e-3), all the compute
     t = time.perf_counter()
     prounds = total // budget.trajectory

@@ -31,10 +31,9 @@ from ._value import (
     WorstClassAccuracy,
     _adam,
     accuracy_of,
-    early_stopped,
     engine_arm,
     fit_seeds,
-    search_configs,
+    search_arm,
     search_curves,
     worst_class_of,
 )
@@ -152,14 +151,6 @@ def label_configs(variant: str, key, k_random: int):
             WeightedCE(0.0, (counts ** -float(v)) / np.mean(counts ** -float(v))) for v in u
         ]
     return (losses, lrs), (r_losses, tuple(float(v) for v in r_lr))
-
-
-def _grid_configs(losses, lrs):
-    """The grid losses x learning rates in GradientProposer's candidate order (optimizer
-    major, losses in order): `(losses, learning rates, labels)`, one entry per configuration."""
-    ls = [loss for _ in lrs for loss in losses]
-    lr = [float(lr) for lr in lrs for _ in losses]
-    return ls, lr, [f"{c.label}|adam{r:g}" for c, r in zip(ls, lr)]
 
 
 def _seed_keys(scenario: str, seeds: list[int]) -> Array:
@@ -287,36 +278,18 @@ def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> d
         ("grid", (losses, lrs), k_grid),
         ("random", (r_losses, r_lrs), k_rand),
     ):
-        t = time.perf_counter()
-        if name == "grid":
-            cfg_losses, cfg_lrs, labels = _grid_configs(ls, lr_list)
-        else:
-            cfg_losses, cfg_lrs = list(ls), list(lr_list)
-            labels = [f"{c.label}|adam{r:.2g}" for c, r in zip(ls, lr_list)]
-        dec, tst = search_configs(
+        out["methods"][name] = search_arm(
+            name,
+            ls,
+            lr_list,
             static,
             params0,
-            cfg_losses,
-            cfg_lrs,
-            d["train"],
-            d["decide"],
-            d["test"],
+            (d["train"], d["decide"], d["test"]),
             kk,
             score,
             budget.iterations,
             budget.trajectory,
         )
-        es = early_stopped(np.asarray(dec), np.asarray(tst))
-        out["methods"][name] = {
-            "test": es["test"].tolist(),
-            "gradient_evaluations": len(labels) * budget.lineage,
-            "curve_x": [r * len(labels) * budget.trajectory for r in range(budget.iterations + 1)],
-            "curve": es["curve"].mean(0).tolist(),
-            "chosen_config": [labels[i] for i in es["config"]],
-            "chosen_step": (es["checkpoint"] * budget.trajectory).tolist(),
-            "config": {"configs": labels, "early_stopping_every": budget.trajectory},
-            "wall_seconds": time.perf_counter() - t,
-        }
 
     # --- plain training: the default configuration, all the compute, the final model
     t = time.perf_counter()

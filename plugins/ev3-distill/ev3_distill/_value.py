@@ -236,6 +236,53 @@ def search_configs(static, params0, losses, lrs, train, decide, test, keys, scor
     return jnp.stack(dec, 1), jnp.stack(tst, 1)
 
 
+def search_arm(
+    name: str,
+    losses,
+    lrs,
+    static,
+    params0,
+    splits: tuple[Any, Any, Any],
+    keys,
+    score,
+    rounds: int,
+    every: int,
+    **config: Any,
+) -> dict[str, Any]:
+    """Grid (`name == "grid"`: every loss with every learning rate) or random search
+    (`losses[i]` with `lrs[i]`) with early stopping on the decide split: each configuration
+    trained for `rounds * every` steps from `params0`, a checkpoint every `every` steps; the
+    result of a method as the comparison records it. `splits` is `(train, decide, test)`."""
+    t = time.perf_counter()
+    if name == "grid":
+        losses, lrs, labels = _grid_configs(losses, lrs)
+    else:
+        labels = [f"{c.label}|adam{r:.2g}" for c, r in zip(losses, lrs)]
+    train, decide, test = splits
+    dec, tst = search_configs(
+        static, params0, list(losses), list(lrs), train, decide, test, keys, score, rounds, every
+    )
+    es = early_stopped(np.asarray(dec), np.asarray(tst))
+    return {
+        "test": es["test"].tolist(),
+        "gradient_evaluations": len(labels) * rounds * every,
+        "curve_x": [r * len(labels) * every for r in range(rounds + 1)],
+        "curve": es["curve"].mean(0).tolist(),
+        "chosen_config": [labels[i] for i in es["config"]],
+        "chosen_step": (es["checkpoint"] * every).tolist(),
+        "config": {"configs": labels, **config, "early_stopping_every": every},
+        "wall_seconds": time.perf_counter() - t,
+    }
+
+
+def _grid_configs(losses, lrs):
+    """The grid losses x learning rates in GradientProposer's candidate order (optimizer
+    major, losses in order): `(losses, learning rates, labels)`, one entry per configuration."""
+    ls = [loss for _ in lrs for loss in losses]
+    lr = [float(lr) for lr in lrs for _ in losses]
+    return ls, lr, [f"{c.label}|adam{r:g}" for c, r in zip(ls, lr)]
+
+
 def early_stopped(dec: np.ndarray, tst: np.ndarray) -> dict[str, Any]:
     """Search with early stopping, per seed, from curves `[seed, config, checkpoints]`:
     the checkpoint with the best decide metric of the configuration with the best decide
