@@ -240,8 +240,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
             )
             return 130
         out = getattr(exc, "out", None) or args.resume or args.out
+        named = f"{args.pipeline} " if args.pipeline else ""  # a file is named again
         where = (
-            f"; checkpoint in {out}. Continue with: ev3 run --resume {out}"
+            f"; checkpoint in {out}. Continue with: ev3 run {named}--resume {out}"
             if out
             else " (pass --out DIR to be able to resume with ev3 run --resume DIR)"
         )
