@@ -65,7 +65,8 @@ class RunInterrupted(KeyboardInterrupt):
 
     **Attributes:** `state` (the last consistent state), `infos` (the `StepInfo`s of the
     steps taken, stacked as by `run`, or `None`), `steps_done` and `signum` (the signal that
-    stopped the run: 2 for SIGINT, 15 for SIGTERM).
+    stopped the run: 2 for SIGINT, 15 for SIGTERM), and `out`: the run directory to
+    resume, when an experiment set it (else `None`).
     """
 
     def __init__(
@@ -81,3 +82,4 @@ class RunInterrupted(KeyboardInterrupt):
         self.infos = infos
         self.steps_done = steps_done
         self.signum = 2 if signum is None else int(signum)
+        self.out: str | None = None

@@ -171,7 +171,8 @@ def ev3_register_experiments() -> dict[str, Callable[..., dict]] | None:
     `--observer`, already built; pass them to `ev3core.run(observers=...)`), and `chunk`,
     `examples`, `print_every` when given on the command line. `ev3 run` with no
     `--experiment` runs `ev3_default_experiment`'s answer; `ev3 run --smoke` runs the
-    built-in `"smoke"` experiment.
+    built-in `"smoke"` experiment, and `ev3 run FILE.py` the built-in `"file"` experiment
+    (the file's own `model`, `data` and `pipeline`).
 
     **Calling rule:** collect-all, like the other registration hooks; two plugins
     registering the same name is a `DuplicateComponentError` naming both.
@@ -220,7 +221,8 @@ def ev3_register_observers() -> dict[str, Callable[..., Any]] | None:
 def ev3_default_experiment() -> str | None:
     """Name the experiment `ev3 run` runs when no `--experiment` is given.
 
-    **When:** once per `ev3 run` without `--experiment`, `--smoke` or `--resume`.
+    **When:** once per `ev3 run` without `--experiment`, `--smoke`, `--resume` or a run file
+    (`ev3 run FILE.py` runs the built-in `"file"` experiment).
 
     **Returns:** the registered name of an experiment (this plugin's main job), or `None`.
 

@@ -15,11 +15,14 @@ from typing import Any
 from .._plugins.manager import Plugins, _env_flag, load_plugins, plugin_manager
 from ..errors import CheckpointError, ConfigurationError, EV3Error, PluginError, RunInterrupted
 from .cache import cache_dir_from_env, disable_compilation_cache, enable_compilation_cache
+from .experiments import (
+    RUN_RECORD,
+    record_experiment as _record_experiment,
+    recorded_experiment as _recorded_experiment,
+)
 from .observe import JsonlLogger
 from .run import make_observer
 from .smoke import smoke_pipeline
-
-RUN_RECORD = "ev3-run.json"
 
 
 def _setup_compile_cache(args: argparse.Namespace) -> None:
@@ -47,32 +50,6 @@ def _setup_compile_cache(args: argparse.Namespace) -> None:
     except OSError as exc:  # e.g. a read-only home: run without the cache
         print(f"ev3: compilation cache off ({directory}: {exc})", file=sys.stderr)
         disable_compilation_cache()
-
-
-def _recorded_experiment(directory: str) -> str | None:
-    """The experiment that owns a run directory (recorded by `ev3 run --out`), or `None`."""
-    try:
-        with open(os.path.join(directory, RUN_RECORD)) as f:
-            return str(json.load(f)["experiment"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise CheckpointError(
-            f"{os.path.join(directory, RUN_RECORD)} is unreadable ({exc}); pass --experiment "
-            "NAME to say which experiment made the run."
-        ) from exc
-
-
-def _record_experiment(directory: str, name: str) -> None:
-    owner = _recorded_experiment(directory)
-    if owner is not None and owner != name:
-        raise ConfigurationError(
-            f"--out {directory} holds a run of the {owner!r} experiment. Continue it with "
-            f"`ev3 run --resume {directory}`, or pass another directory."
-        )
-    os.makedirs(directory, exist_ok=True)
-    with open(os.path.join(directory, RUN_RECORD), "w") as f:
-        json.dump({"experiment": name}, f)
 
 
 def _probe_writable_file(path: str, option: str) -> None:
@@ -143,8 +120,10 @@ def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
     """The registered experiment `ev3 run` runs.
 
     `--smoke` is `--experiment smoke`; `--resume DIR` continues the experiment recorded in
-    DIR; otherwise `--experiment NAME`, or the default experiment (`ev3_default_experiment`:
-    a plugin's main job when one is installed, else the built-in smoke experiment).
+    DIR; otherwise `--experiment NAME`; a run file alone (`ev3 run FILE.py`) runs the
+    built-in file experiment (the file's model, data and pipeline); otherwise the default
+    experiment (`ev3_default_experiment`: a plugin's main job when one is installed, else the
+    built-in smoke experiment).
     """
     if args.smoke:
         if args.experiment not in (None, "smoke") or args.pipeline:
@@ -163,6 +142,8 @@ def _pick_experiment(args: argparse.Namespace, plugins: Plugins) -> str:
                 "pass the --out directory of an earlier `ev3 run`, or say which experiment "
                 "made it with --experiment NAME."
             )
+    elif args.pipeline is not None:
+        name = "file"
     else:
         name = plugins.pm.hook.ev3_default_experiment()
         if name == "smoke" and _env_flag("EV3_DISABLE_PLUGIN_AUTOLOAD"):
@@ -258,9 +239,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 130
-        out = args.resume or args.out
+        out = getattr(exc, "out", None) or args.resume or args.out
+        named = f"{args.pipeline} " if args.pipeline else ""  # a file is named again
         where = (
-            f"; checkpoint in {out}. Continue with: ev3 run --resume {out}"
+            f"; checkpoint in {out}. Continue with: ev3 run {named}--resume {out}"
             if out
             else " (pass --out DIR to be able to resume with ev3 run --resume DIR)"
         )
@@ -314,11 +296,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p_run = sub.add_parser(
         "run",
-        help="run a registered EV3 experiment (default: the main experiment of an installed "
-        "plugin, else the built-in smoke experiment)",
+        help="run a Python file that defines model, data and pipeline (`ev3 run FILE.py`), or "
+        "a registered EV3 experiment (default: the main experiment of an installed plugin, else "
+        "the built-in smoke experiment)",
     )
     p_run.add_argument(
-        "pipeline", nargs="?", default=None, help="a pipeline file (.py) for the experiment to run"
+        "pipeline",
+        nargs="?",
+        default=None,
+        metavar="FILE.py",
+        help="a Python file defining `model`, `data` and `pipeline` (and optionally `steps`), "
+        "run with checkpoints, metrics.jsonl, summary.json and report.png; with --experiment "
+        "NAME, a pipeline file for that experiment",
     )
     p_run.add_argument("--smoke", action="store_true", help="run the built-in smoke experiment")
     p_run.add_argument(
@@ -334,7 +323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--steps",
         type=int,
         default=None,
-        help="EV3 iterations (default: the experiment's; smoke 30)",
+        help="EV3 iterations (default: the experiment's; smoke 30; FILE.py: its `steps`, else 30)",
     )
     p_run.add_argument("--seed", type=int, default=0)
     p_run.add_argument(
@@ -362,7 +351,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         "with options, e.g. --observer jsonl:path=steps.jsonl,every=5",
     )
     p_run.add_argument("--json", help="also write the summary to this file")
-    p_run.add_argument("--out", help="write checkpoints (and summary.json) to this directory")
+    p_run.add_argument(
+        "--out",
+        help="write checkpoints (and summary.json) to this directory (FILE.py runs: default "
+        "runs/<file name>-<time>)",
+    )
     p_run.add_argument(
         "--resume",
         metavar="DIR",

@@ -4,7 +4,6 @@ student, the default EV3 pipeline, a user's pipeline file and the data streams."
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import os
 import runpy
 from pathlib import Path
@@ -25,6 +24,7 @@ from ev3core import (
     Objective,
     Pipeline,
 )
+from ev3core._host.runfile import file_sha256
 from ev3core.errors import ConfigurationError
 
 from ._data import DATASETS, Splits
@@ -234,8 +234,7 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     return namespace
 
 
-def _file_sha256(path: str | os.PathLike[str]) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+_file_sha256 = file_sha256  # the SHA-256 that `ev3 run FILE --resume DIR` checks
 
 
 def _inside(directory: Path, name: Any) -> Path:

@@ -458,8 +458,13 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, 
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["file"].startswith(str(target))  # the installed copy, not the source tree
-    # the installed plugin's experiment, beside the built-in smoke experiment
-    assert out["experiments"] == {"distill": "distill", "smoke": "ev3core.experiments"}
+    # the installed plugin's experiments, beside the built-in smoke and file experiments
+    assert out["experiments"] == {
+        "distill": "distill",
+        "value": "distill",
+        "smoke": "ev3core.experiments",
+        "file": "ev3core.experiments",
+    }
     assert out["losses"]["distill"] == "ev3_distill._losses"
     assert out["plugins"]["distill"] == ["ev3-distill", "0.1.0"]
     assert out["failures"] == []
@@ -472,7 +477,8 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, 
         timeout=120,
     )
     assert json.loads(res.stdout)["experiments"] == {
-        "smoke": "ev3core.experiments"
+        "smoke": "ev3core.experiments",
+        "file": "ev3core.experiments",
     }  # built-in only
 
 
