@@ -27,11 +27,13 @@ lint: setup
 	$(BIN)/ruff format --check ev3core tests plugins benchmarks
 	$(BIN)/mypy ev3core
 
-# The suite runs in two processes: in one process, the XLA CPU programs of some 300 tests
-# exhaust a per-process resource and a compile segfaults (seen at the same test every time).
+# Two worker processes (pytest-xdist) share the tests: CI has two cores, and no one process
+# compiles the XLA CPU programs of the whole suite (in one process, a compile late in the
+# suite once exhausted a per-process resource and segfaulted). `--dist loadgroup` keeps the
+# tests of a module marked `xdist_group` in one worker, so that worker alone computes the
+# module's expensive fixtures (a documentation build, a pip install, a ResNet).
 test: setup
-	$(BIN)/python -m pytest tests/test_[a-o]*.py
-	$(BIN)/python -m pytest tests/test_[p-z]*.py plugins
+	$(BIN)/python -m pytest -n 2 --dist loadgroup tests plugins
 
 bench: setup
 	$(BIN)/python benchmarks/smoke.py --json benchmarks/smoke.json

@@ -17,6 +17,7 @@ jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_numpy_dtype_promotion", "strict")
 jax.config.update("jax_numpy_rank_promotion", "raise")  # no silent broadcasting of ranks
 
+import shutil  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -30,7 +31,18 @@ import ev3core  # noqa: E402
 
 def _pip_install_target(target: Path, *packages: Path) -> Path:
     """A real `pip install` of plugin source trees into the directory `target` (no deps:
-    they are in the test environment already), as a user's `pip install` would lay them out."""
+    they are in the test environment already), as a user's `pip install` would lay them out.
+
+    pip builds a local directory in place (setuptools writes `build/` and `*.egg-info` into
+    it), so each tree is copied next to `target` first: tests in parallel worker processes
+    that install the same tree never build in one directory at once, nor in the checkout."""
+    sources = target.parent / f"{target.name}-src"
+    copies = []
+    for package in packages:
+        copies.append(sources / package.name)
+        shutil.copytree(
+            package, copies[-1], ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__")
+        )
     subprocess.run(
         [
             sys.executable,
@@ -42,7 +54,7 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
             "--no-build-isolation",
             "--target",
             str(target),
-            *map(str, packages),
+            *map(str, copies),
         ],
         check=True,
         capture_output=True,

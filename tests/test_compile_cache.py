@@ -16,6 +16,11 @@ import pytest
 
 from ev3core._host.cache import cache_dir_from_env, default_cache_dir
 
+# `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run
+# in one worker, which runs the first `ev3 run` (`filled`) once for all of them.
+pytestmark = pytest.mark.xdist_group("compile_cache")
+
+
 FINISHED = "Finished XLA compilation of"  # every program: compiled or read from the cache
 HIT = "Persistent compilation cache hit for"
 MISS = "PERSISTENT COMPILATION CACHE MISS for"

@@ -333,9 +333,12 @@ def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
         "--checkpoint-every",
         "1",
     ]
-    straight = _ev3(*common, "--out", str(tmp_path / "straight"))
+    # A compilation cache the resumed run loads its programs from (the two runs that start
+    # together each compile them).
+    cache = ["--compile-cache", str(tmp_path / "jax-cache")]
+    straight = _ev3(*common, *cache, "--out", str(tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
-    proc = _ev3(*common, "--out", str(interrupted))
+    proc = _ev3(*common, *cache, "--out", str(interrupted))
     procs += [straight, proc]
     deadline = time.monotonic() + 240
     while latest_checkpoint(interrupted) is None:
@@ -354,7 +357,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
     # The directory records its experiment: plain `--resume` continues the smoke run even
     # though the distillation plugin (the default experiment) is installed.
     assert json.loads((interrupted / "ev3-run.json").read_text()) == {"experiment": "smoke"}
-    resumed = _ev3("run", "--resume", str(interrupted), "--print-every", "100")
+    resumed = _ev3("run", "--resume", str(interrupted), "--print-every", "100", *cache)
     procs.append(resumed)
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0, err

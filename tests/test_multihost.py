@@ -223,8 +223,14 @@ def test_two_processes_agree_with_one(tmp_path):
         assert np.shape(run["valid"]) == (3, NUM_LOSSES) and run["counted"] == 3
 
 
-def _launch(script, port, tmp_path, tag, *args):
+def _launch(script, port, tmp_path, tag, *args, cache=None):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
+    if cache is not None:  # JAX's persistent compilation cache, for every program
+        env.update(
+            JAX_COMPILATION_CACHE_DIR=str(cache),
+            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+            JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+        )
     return [
         subprocess.Popen(
             [
@@ -252,7 +258,10 @@ def test_two_processes_killed_after_an_orbax_checkpoint_resume_exactly(tmp_path)
     script = tmp_path / "worker.py"
     script.write_text(RESUME_WORKER)
     ckpt = tmp_path / "ckpt"
-    first = _launch(script, _free_port(), tmp_path, "first", "first", str(ckpt))
+    # The restarted processes load the programs the first ones compiled (process 0 writes
+    # them), as a restarted job with a compilation cache would.
+    cache = tmp_path / "jax-cache"
+    first = _launch(script, _free_port(), tmp_path, "first", "first", str(ckpt), cache=cache)
     outs = [tmp_path / f"first{i}.json" for i in range(2)]
     deadline = time.monotonic() + 420  # two compiles on a loaded machine
     while not all(o.exists() for o in outs):
@@ -279,7 +288,7 @@ def test_two_processes_killed_after_an_orbax_checkpoint_resume_exactly(tmp_path)
         "ocdbt.process_1",
     }
 
-    second = _launch(script, _free_port(), tmp_path, "second", "second", str(ckpt))
+    second = _launch(script, _free_port(), tmp_path, "second", "second", str(ckpt), cache=cache)
     for p in second:
         out, _ = p.communicate(timeout=420)
         assert p.returncode == 0, out

@@ -18,6 +18,10 @@ from ev3core.errors import (
     UnknownComponentError,
 )
 
+# `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run
+# in one worker, which pip-installs the test plugins (`installed`) once for all of them.
+pytestmark = pytest.mark.xdist_group("plugins")
+
 HERE = Path(__file__).parent
 PLUGIN_DIRS = [HERE / "plugins" / "ev3-testplugin", HERE / "plugins" / "ev3-brokenplugin"]
 

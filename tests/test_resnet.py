@@ -20,6 +20,11 @@ from ev3_distill import (
 import ev3core as ev3
 from ev3core.errors import ConfigurationError
 
+# `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run
+# in one worker, which builds the `trained` ResNet (and compiles its programs) once for all of them.
+pytestmark = pytest.mark.xdist_group("resnet")
+
+
 SHAPE = (8, 8, 3)
 
 

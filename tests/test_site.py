@@ -17,6 +17,11 @@ import yaml
 import ev3core
 from ev3core import hookspecs
 
+# `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run
+# in one worker, which builds the documentation site (`site`) once for all of them.
+pytestmark = pytest.mark.xdist_group("site")
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

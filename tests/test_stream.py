@@ -15,6 +15,11 @@ import ev3core as ev3
 from ev3core._host.checkpoint import state_digest
 from ev3core.errors import CheckpointError, ConfigurationError, RunInterrupted
 
+# `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run
+# in one worker, which compiles the engine and runs `uninterrupted` once for all of them.
+pytestmark = pytest.mark.xdist_group("stream")
+
+
 N, B = 2048, 64
 STEPS = 6
 
