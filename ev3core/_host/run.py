@@ -70,7 +70,8 @@ class _StopOnInterrupt:
 def _step_views(treedef: Any, leaves: Sequence[np.ndarray], n: int) -> list[StepInfo]:
     """`n` per-step `StepInfo`s of row views into `leaves` (NumPy arrays stacked on a leading
     axis of size `n`): no copy, built only when a hook or observer takes per-step infos."""
-    return [jax.tree.unflatten(treedef, [x[i] for x in leaves]) for i in range(n)]
+    # `x[i, ...]`: a 0-d array view, not a NumPy scalar (`Choice[item]` reads only arrays).
+    return [jax.tree.unflatten(treedef, [x[i, ...] for x in leaves]) for i in range(n)]
 
 
 class _InfoLog(Sequence[StepInfo]):
