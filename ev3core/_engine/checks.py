@@ -14,10 +14,11 @@ from .._faults import component_owner, describe_component
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler, ComponentName
 from .._types import Data, State, same_structure
 from ..errors import ComponentError, ConfigurationError, EV3Error
+from .memo import memo
 
 _STREAMS = ("propose", "assess", "decide")
-#: Engine / state / data signatures that passed `check_data`'s abstract evaluation.
-_CHECKED: set[Any] = set()
+#: At most this many state / data signatures are remembered per engine as checked.
+_MAX_CHECKED = 64
 
 
 def _describe_stream(stream: PyTree[Any]) -> str:
@@ -230,26 +231,24 @@ def check_data(engine: Any, data: Data, state: State | None = None) -> None:
                 f"{size} {name} examples or use {label}<={sizes[name]}."
             )
     if state is not None:
-        try:  # the abstract check depends only on structures, shapes and dtypes
+        # The abstract check depends only on structures, shapes and dtypes. Signatures that
+        # passed are remembered beside the engine (an engine is immutable) and dropped with it.
+        try:
             key = (
-                id(engine),
-                jax.tree.structure(engine),
                 jax.tree.structure(state),
                 jax.tree.structure(data),
-                tuple(
-                    (jnp.shape(x), jnp.result_type(x))
-                    for x in jax.tree.leaves((engine, state, data))
-                ),
+                tuple((jnp.shape(x), jnp.result_type(x)) for x in jax.tree.leaves((state, data))),
             )
             hash(key)
         except TypeError:
             key = None
-        if key is None or key not in _CHECKED:
+        checked: set[Any] = memo(engine).setdefault("checked", set())
+        if key is None or key not in checked:
             _check_against_state(engine, data, state)
             if key is not None:
-                if len(_CHECKED) > 256:
-                    _CHECKED.clear()
-                _CHECKED.add(key)
+                if len(checked) >= _MAX_CHECKED:
+                    checked.clear()
+                checked.add(key)
 
 
 def _check_against_state(engine: Any, data: Data, state: State) -> None:

@@ -7,7 +7,6 @@ candidate mesh) is a placement chosen here, once, when the engine is built.
 from __future__ import annotations
 
 import logging
-import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,6 +20,7 @@ from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
 from .._types import Data, History, State, StepInfo, split_model
 from ..errors import ConfigurationError
 from .checks import check_components, check_data
+from .memo import memo
 from .placement import AbstractPlacement, placement_for
 from .stages import adapt, assess, explore
 
@@ -151,9 +151,11 @@ class Engine(eqx.Module):
                     f"(in {', '.join(bad[:6])}{' ...' if len(bad) > 6 else ''}): no candidate "
                     "derived from it could be valid. Initialise it with finite values."
                 )
-        # One compiled program instead of a dozen eagerly dispatched ones (each compiled on
-        # its own): a shorter start-up.
-        return self.placement.place_state(_init_state(self, model, key))
+        static, dynamic = self._split()
+        model_dynamic, model_static = eqx.partition(model, eqx.is_array)
+        return self.placement.place_state(
+            _jit_init(static, dynamic, _Static(model_static), model_dynamic, key)
+        )
 
     def _init_pure(self, model: Any, key: PRNGKeyArray) -> State:
         params, static = split_model(model)
@@ -220,14 +222,13 @@ class Engine(eqx.Module):
     def _split(self) -> tuple[_Static, Engine]:
         """`(static, arrays)` of this engine, computed on first use and kept: an engine is
         immutable, and a changed hyperparameter makes a new engine with the same static part."""
-        # Kept beside the engine, not on it: an attribute would change its tree structure.
-        entry = _SPLITS.get(id(self))
-        if entry is not None and entry[0]() is self:
-            return entry[1]
-        dynamic, static = eqx.partition(self, eqx.is_array)
-        split = (_Static(static), dynamic)
-        _SPLITS[id(self)] = (weakref.ref(self), split)
-        weakref.finalize(self, _SPLITS.pop, id(self), None)
+        # Kept beside the engine and dropped with it, not on it: an attribute would change its
+        # tree structure.
+        values = memo(self)
+        split = values.get("split")
+        if split is None:
+            dynamic, static = eqx.partition(self, eqx.is_array)
+            split = values["split"] = (_Static(static), dynamic)
         return split
 
     def scan_pure(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
@@ -238,14 +239,14 @@ class Engine(eqx.Module):
 
         return jax.lax.scan(body, state, None, length=num_steps)
 
-    @eqx.filter_jit
     def scan(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
         """`num_steps` iterations in one compiled `lax.scan` (data must live on the device).
 
         **Returns:** `(new_state, infos)` where every leaf of `infos` has a leading axis of
         size `num_steps`.
         """
-        return self.scan_pure(state, data, num_steps)
+        static, dynamic = self._split()
+        return _jit_scan(static, dynamic, state, data, int(num_steps))
 
     def step_donated(self, state: State, data: Data) -> tuple[State, StepInfo]:
         """`step` that reuses the buffers of `state` for the new state (`donate`).
@@ -259,25 +260,27 @@ class Engine(eqx.Module):
 
     def scan_donated(self, state: State, data: Data, num_steps: int) -> tuple[State, StepInfo]:
         """`scan` that reuses the buffers of `state` (see `step_donated`)."""
-        return _scan_donated((self, data, num_steps), state)
+        static, dynamic = self._split()
+        return _jit_scan_donated(static, dynamic, state, data, int(num_steps))
 
 
-@eqx.filter_jit
-def _init_state(engine: Engine, model: Any, key: PRNGKeyArray) -> State:
-    return engine._init_pure(model, key)
-
-
-#: id(engine) -> (weak reference to it, its `_split()`), dropped with the engine.
-_SPLITS: dict[int, tuple[weakref.ref[Engine], tuple[_Static, Engine]]] = {}
+# The compiled programs are plain `jax.jit`s whose static argument is an engine's cached
+# `_Static` (and, for `init`, the model's): equal engines share them and
+# `jax.clear_caches()` releases them with their static arguments. `eqx.filter_jit` is not
+# used: it always donates (its first argument, even when empty), and JAX keeps the argument
+# structure of every donating call it traces, static arguments included, in a
+# process-wide cache that `jax.clear_caches()` does not clear; `init`, `step` and `scan`
+# would leave each engine's non-array part (optimizers, model structure) there. Only the
+# explicitly donating `step_donated` / `scan_donated` still do (JAX bounds that cache).
 
 
 class _Static:
-    """An engine's non-array part as a `jax.jit` static argument: hashed once, compared by
-    value (engines rebuilt with other hyperparameters share the compiled step)."""
+    """An engine's (or a model's) non-array part as a `jax.jit` static argument: hashed once,
+    compared by value (engines rebuilt with other hyperparameters share the compiled step)."""
 
     __slots__ = ("value", "_hash")
 
-    def __init__(self, value: Engine):
+    def __init__(self, value: Any):
         self.value = value
         # The tree structure and the static leaves: a module's own hash would fail on a
         # container field (an `Optimizer`'s dict of hyperparameters holds no leaves here).
@@ -298,21 +301,30 @@ class _Static:
         )
 
 
+def _init_flat(
+    static: _Static, dynamic: Engine, model_static: _Static, model_dynamic: Any, key: PRNGKeyArray
+) -> State:
+    engine = eqx.combine(dynamic, static.value)
+    return engine._init_pure(eqx.combine(model_dynamic, model_static.value), key)
+
+
 def _step_flat(
     static: _Static, dynamic: Engine, state: State, data: Data
 ) -> tuple[State, StepInfo]:
     return eqx.combine(dynamic, static.value).step_pure(state, data)
 
 
+def _scan_flat(
+    static: _Static, dynamic: Engine, state: State, data: Data, num_steps: int
+) -> tuple[State, StepInfo]:
+    return eqx.combine(dynamic, static.value).scan_pure(state, data, num_steps)
+
+
+# One compiled program instead of a dozen eagerly dispatched ones (each compiled on its
+# own): a shorter start-up.
+_jit_init = jax.jit(_init_flat, static_argnums=(0, 2))
 _jit_step = jax.jit(_step_flat, static_argnums=0)
+_jit_scan = jax.jit(_scan_flat, static_argnums=(0, 4))
 # The state's buffers (argument 2) become the new state's.
 _jit_step_donated = jax.jit(_step_flat, static_argnums=0, donate_argnums=2)
-
-
-def _scan(engine_data: tuple[Engine, Data, int], state: State) -> tuple[State, StepInfo]:
-    engine, data, num_steps = engine_data
-    return engine.scan_pure(state, data, num_steps)
-
-
-# Everything but the first argument (the engine, the data) is donated: the state's buffers.
-_scan_donated = eqx.filter_jit(_scan, donate="all-except-first")
+_jit_scan_donated = jax.jit(_scan_flat, static_argnums=(0, 4), donate_argnums=2)
