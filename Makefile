@@ -33,7 +33,7 @@ lint: setup
 # tests of a module marked `xdist_group` in one worker, so that worker alone computes the
 # module's expensive fixtures (a documentation build, a pip install, a ResNet).
 test: setup
-	$(BIN)/python -m pytest -n 2 --dist loadgroup tests plugins
+	$(BIN)/python -m pytest -n 2 --dist loadgroup --durations=25 tests plugins
 
 bench: setup
 	$(BIN)/python benchmarks/smoke.py --json benchmarks/smoke.json

@@ -69,16 +69,36 @@ def pip_install_target():
     return _pip_install_target
 
 
+def _session_compile_cache(tmp_path_factory) -> Path:
+    """One persistent compilation cache for the whole test session: shared by the worker
+    processes of a parallel run (`pytest -n 2`) and by the `ev3 run` processes the tests
+    start, so a program compiled by one (the smoke pipeline, a resumed run's step) is loaded
+    by the others instead of compiled again. Entries are keyed on the program, so sharing
+    never changes a result; tests of the cache itself use directories of their own."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # workers' base directories share a parent
+        base = base.parent
+    path = base / "compile-cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_user_cache(tmp_path_factory):
-    """`ev3 run` processes started by the tests keep their compilation cache (on by default
-    in the per-user cache directory) in a directory of the test session, not the user's; and
-    the CLI run *inside* the test process (`main([...])`) leaves JAX's persistent cache off,
-    so it is not switched on for every later test of the session (tests/test_compile_cache.py
-    clears `EV3_*` for the processes whose cache it checks)."""
+    """The tests never touch the user's cache directory (`XDG_CACHE_HOME` is a directory of
+    the session), and every process of the session, this one and the `ev3 run` processes the
+    tests start, shares one persistent compilation cache (`_session_compile_cache`);
+    tests/test_compile_cache.py clears `EV3_*` and `JAX_*` for the processes whose cache it
+    checks."""
     saved = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "EV3_COMPILE_CACHE")}
     os.environ["XDG_CACHE_HOME"] = str(tmp_path_factory.mktemp("user-cache"))
-    os.environ["EV3_COMPILE_CACHE"] = "0"
+    shared = _session_compile_cache(tmp_path_factory)
+    os.environ["EV3_COMPILE_CACHE"] = str(shared)
+    ev3core.enable_compilation_cache(shared)
+    # In this process only programs that take a while to compile are worth a file (the
+    # suite's many eager operations compile in milliseconds); `ev3 run` processes keep
+    # ev3core's setting (every program).
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
     yield
     for k, v in saved.items():
         if v is None:

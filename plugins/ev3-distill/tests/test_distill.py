@@ -625,7 +625,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=600)
         assert proc.returncode == 130, err[-3000:]
-        assert "interrupted at step" in err and f"ev3 run --resume {stopped_dir}" in err
+        assert "interrupted at step" in err and f"ev3 run {pipe} --resume {stopped_dir}" in err
         assert "Traceback" not in err
         assert not (stopped_dir / "summary.json").exists()
         stopped_at = json.loads(list_checkpoints(stopped_dir / "checkpoint")[-1].read_text())

@@ -11,6 +11,10 @@ from ev3_distill._value_experiment import value_experiment
 import ev3core
 from ev3core.errors import ConfigurationError
 
+# On the worker of tests/test_value.py, whose selection test compiles this scenario's
+# programs for one seed at the same budget.
+pytestmark = pytest.mark.xdist_group("value")
+
 
 @pytest.fixture(autouse=True)
 def _standard_promotion():
@@ -47,14 +51,14 @@ def test_bad_options_are_refused_before_any_work(options, message, tmp_path):
 def test_one_scenario_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     summary = value_experiment(
-        scenario="noise_sym_pretrained", seed=1, steps=2, trajectory=5, out=out
+        scenario="noise_sym_pretrained", seed=1, steps=4, trajectory=5, out=out
     )
     written = json.loads((out / "summary.json").read_text())
     assert written["scenario"] == "noise_sym_pretrained" and written["seed"] == 1
     methods = written["methods"]
     assert set(methods) == {"ev3", "grid", "random", "pbt", "plain"}
-    # equal compute: K = 9 configurations x 5 steps x 2 iterations for every method
-    assert {m["gradient_evaluations"] for m in methods.values()} == {90}
+    # equal compute: K = 9 configurations x 5 steps x 4 iterations for every method
+    assert {m["gradient_evaluations"] for m in methods.values()} == {180}
     best = written["best_alternative"]
     assert best in {"grid", "random", "pbt", "plain"}
     assert (
@@ -71,5 +75,5 @@ def test_one_scenario_end_to_end(tmp_path, capsys):
     assert (out / "report.png").stat().st_size > 0
     assert summary["outputs"] == [str(out / "summary.json"), str(out / "report.png")]
     err = capsys.readouterr().err
-    assert "EV3 - best alternative" in err and "90 grad. evals" in err
+    assert "EV3 - best alternative" in err and "180 grad. evals" in err
     assert set(SCENARIOS) >= {written["scenario"]}
