@@ -63,6 +63,18 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
     return target
 
 
+@pytest.fixture
+def procs():
+    """A list the test appends the `subprocess.Popen`s it starts to: any still running at
+    the end are killed, even when the test fails."""
+    started: list[subprocess.Popen] = []
+    yield started
+    for p in started:
+        if p.poll() is None:
+            p.kill()
+        p.communicate()
+
+
 @pytest.fixture(scope="session")
 def pip_install_target():
     """`pip_install_target(target, *package_dirs) -> target`: see `_pip_install_target`."""

@@ -309,16 +309,6 @@ def _summary(path: Path) -> dict:
     return s
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:  # never leave a child running, even when the test fails
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
-
-
 def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
     steps = "8"
     common = [

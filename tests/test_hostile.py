@@ -248,16 +248,6 @@ def _cli(*args, env=None, timeout=240):
     )
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:  # never leave a child running, even when the test fails
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
-
-
 def test_sigterm_stops_ev3_run_cleanly_with_a_final_checkpoint(tmp_path, procs):
     out = tmp_path / "run"
     proc = subprocess.Popen(

@@ -75,16 +75,6 @@ def _ev3(*args, cwd=None):
     )
 
 
-@pytest.fixture
-def procs():
-    started: list[subprocess.Popen] = []
-    yield started
-    for p in started:  # never leave a child running, even when the test fails
-        if p.poll() is None:
-            p.kill()
-        p.communicate()
-
-
 def _summary(path: Path) -> dict:
     s = json.loads(path.read_text())
     for key in ("wall_seconds", "resumed_from", "out"):

@@ -78,18 +78,24 @@ def _where(path: Path) -> str:
     return f"run file {str(path)!r}"
 
 
+def _raising_line(path: Path, exc: BaseException) -> str | None:
+    """`"line N"` of the innermost frame of `exc`'s traceback inside the file `path`."""
+    lines = [
+        f"line {frame.f_lineno}"
+        for frame, _ in traceback.walk_tb(exc.__traceback__)
+        if Path(frame.f_code.co_filename).resolve() == path
+    ]
+    return lines[-1] if lines else None
+
+
 def _call(path: Path, name: str, factory: Any, *args: Any) -> Any:
     """`factory(*args)`; an exception becomes a `ConfigurationError` naming the factory and
     the line of the file that raised."""
     try:
         return factory(*args)
     except Exception as exc:
-        lines = [
-            f"line {frame.f_lineno}"
-            for frame, _ in traceback.walk_tb(exc.__traceback__)
-            if Path(frame.f_code.co_filename).resolve() == path
-        ]
-        at = f" ({lines[-1]} of the file)" if lines else ""
+        line = _raising_line(path, exc)
+        at = f" ({line} of the file)" if line else ""
         signature = f"{name}({', '.join(('key',) * len(args))})"
         raise ConfigurationError(
             f"{_where(path)}: the factory `{signature}` raised {type(exc).__name__}: "
@@ -142,12 +148,8 @@ def _load_namespace(path: Path) -> dict[str, Any]:
     try:
         return runpy.run_path(str(path), run_name="__ev3_run_file__")
     except Exception as exc:
-        lines = [
-            f"line {frame.f_lineno}"
-            for frame, _ in traceback.walk_tb(exc.__traceback__)
-            if Path(frame.f_code.co_filename).resolve() == path
-        ]
-        at = f" at {lines[-1]}" if lines else ""
+        line = _raising_line(path, exc)
+        at = f" at {line}" if line else ""
         raise ConfigurationError(
             f"{where} raised {type(exc).__name__}{at} while it was being run: {exc}. Fix the "
             "file (run it with `python FILE.py` to see the traceback)."

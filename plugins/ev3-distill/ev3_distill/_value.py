@@ -119,9 +119,10 @@ class WeightedCE(AbstractLoss):
 
 
 # ---------------------------------------------------------------------------- training
-def _fit(static, params, loss, opt, train, key, steps: int, batch: int):
-    """Plain training of one model with one loss and one optimizer (pure; vmapped by the
-    callers): batches drawn with replacement, as the gradient proposer does."""
+def _train_step(static, loss, opt, train, batch: int):
+    """One optimizer step on a batch of `batch` examples drawn with replacement from `train`
+    (as the gradient proposer draws them), as a `lax.scan` body over `(params, opt_state)`
+    carries and step keys."""
     n = jax.tree.leaves(train)[0].shape[0]
 
     def body(carry, k):
@@ -133,6 +134,13 @@ def _fit(static, params, loss, opt, train, key, steps: int, batch: int):
         u, o = opt.update(g, o, p)
         return (optax.apply_updates(p, u), o), None
 
+    return body
+
+
+def _fit(static, params, loss, opt, train, key, steps: int, batch: int):
+    """Plain training of one model with one loss and one optimizer (pure; vmapped by the
+    callers)."""
+    body = _train_step(static, loss, opt, train, batch)
     (params, _), _ = jax.lax.scan(body, (params, opt.init(params)), jax.random.split(key, steps))
     return params
 
@@ -163,16 +171,7 @@ def _curves(
     every `every` steps (`rounds` times). Returns two arrays `[rounds + 1]`."""
     loss = eqx.combine(loss_dyn, loss_static)
     opt = optax.chain(optax.scale_by_adam(), optax.scale_by_learning_rate(lr))  # = adam(lr)
-    n = jax.tree.leaves(train)[0].shape[0]
-
-    def step(carry, k):
-        p, o = carry
-        k_idx, k_loss = jax.random.split(k)
-        idx = jax.random.randint(k_idx, (BATCH,), 0, n)
-        batch = jax.tree.map(lambda a: a[idx], train)
-        g = jax.grad(lambda p: loss(eqx.combine(p, static), batch, k_loss))(p)
-        u, o = opt.update(g, o, p)
-        return (optax.apply_updates(p, u), o), None
+    step = _train_step(static, loss, opt, train, BATCH)
 
     def chunk(carry, k):
         carry, _ = jax.lax.scan(step, carry, jax.random.split(k, every))
