@@ -310,7 +310,9 @@ def _summary(path: Path) -> dict:
 
 
 def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
-    steps = "8"
+    # Enough steps (each checkpointed) that the signal, sent once the first checkpoint
+    # exists, lands mid-run even on a loaded machine (with 8, a run sometimes finished first).
+    steps = "60"
     common = [
         "run",
         "--smoke",
