@@ -147,9 +147,11 @@ def main() -> None:
         "engines_rss_mb": {"after_5": engines_rss[warm], "after_last": engines_rss[-1]},
         "engines_ratio": engines_ratio,
         "engines_mb_per_engine": per_engine(engines_rss),
+        "engines_rss_mb_each": engines_rss,
         "spec_engines_rss_mb": {"after_5": spec_rss[warm], "after_last": spec_rss[-1]},
         "spec_engines_ratio": spec_ratio,
         "spec_engines_mb_per_engine": per_engine(spec_rss),
+        "spec_engines_rss_mb_each": spec_rss,
         "malloc_trim": args.malloc_trim,
         "steps": args.steps,
         "steps_rss_mb": {

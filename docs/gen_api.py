@@ -35,7 +35,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
     "Proposers": ("GradientProposer", "GradientProposerState"),
     "Assessors and losses": (
         *("Accuracy", "NegCrossEntropy", "NegBrierScore", "F1Score", "AUC"),
-        *("NegExpectedCalibrationError", "CrossEntropy", "SelfDistill"),
+        *("NegExpectedCalibrationError", "CrossEntropy", "SelfDistill", "Relabel"),
     ),
     "Schedulers": ("EV3Scheduler", "EV3SchedulerState", "AlwaysAccept"),
     "Confidence bounds": (

@@ -59,7 +59,11 @@ from ._explore.gradient import (
     GradientProposerState as GradientProposerState,
 )
 from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
-from ._explore.losses import CrossEntropy as CrossEntropy, SelfDistill as SelfDistill
+from ._explore.losses import (
+    CrossEntropy as CrossEntropy,
+    Relabel as Relabel,
+    SelfDistill as SelfDistill,
+)
 from ._explore.pbt import PBTProposer as PBTProposer
 from ._host.cache import (
     default_cache_dir as default_cache_dir,
@@ -182,6 +186,7 @@ __all__ = [
     "Plugins",
     "ProgressBar",
     "RandomCrop",
+    "Relabel",
     "Reshaped",
     "STABLE",
     "SelfDistill",

@@ -90,3 +90,39 @@ def test_self_distill_targets():
     )(model)
     assert max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(g_other)) > 1e-4
     assert ev3core.SelfDistill(0.8).label == "self(w=0.8)"
+
+
+def test_relabel_keeps_plausible_labels_and_corrects_the_others():
+    data, params, static = _problem()
+    model = eqx.combine(params, static)
+    other = eqx.combine(_moved(params, 0.3), static)
+    key = jax.random.key(0)
+    x, y = data
+    logits, ref = jax.vmap(model)(x), jax.vmap(other)(x)
+    p_label = jax.nn.softmax(ref)[jnp.arange(len(y)), y]
+    threshold = float(jnp.median(p_label))  # about half the labels kept, half corrected
+    keep = p_label >= threshold
+    assert 0 < int(jnp.sum(keep)) < len(y)
+    # by hand: the label where the reference gives it >= threshold, else its soft prediction
+    target = jnp.where(keep[:, None], jax.nn.one_hot(y, 2), jax.nn.softmax(ref / 0.5))
+    want = jnp.mean(optax.softmax_cross_entropy(logits, target))
+    got = ev3core.Relabel(threshold, temperature=0.5).with_reference(model, other, data, key)
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    # threshold 0 keeps every label: cross-entropy
+    np.testing.assert_allclose(
+        ev3core.Relabel(0.0).with_reference(model, other, data, key),
+        ev3core.CrossEntropy()(model, data, key),
+        rtol=1e-6,
+    )
+    # on its own, the examples it disagrees with give no gradient: equal to cross-entropy on
+    # the examples it keeps, scaled by their share
+    own = jax.nn.softmax(logits)[jnp.arange(len(y)), y] >= threshold
+    assert 0 < int(jnp.sum(own)) < len(y)
+    sub = (x[own], y[own])
+    g_relabel = eqx.filter_grad(lambda m: ev3core.Relabel(threshold)(m, data, key))(model)
+    g_kept = eqx.filter_grad(
+        lambda m: ev3core.CrossEntropy()(m, sub, key) * (sub[1].shape[0] / len(y))
+    )(model)
+    for a, b in zip(jax.tree.leaves(g_relabel), jax.tree.leaves(g_kept)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert ev3core.Relabel(0.3).label == "relabel(p>=0.3)"

@@ -90,3 +90,55 @@ class SelfDistill(AbstractReferenceLoss):
             return f"self(w={float(self.weight):g}{f',T={t:g}' if t != 1.0 else ''})"
         except (TypeError, jax.errors.ConcretizationTypeError):  # traced
             return "self"
+
+
+class Relabel(AbstractReferenceLoss):
+    """Cross-entropy against the labels a reference model finds plausible, and against the
+    reference's own prediction for the others (label correction under label noise).
+
+    An example `(x, y)` keeps its label as the target when the reference gives `y` a
+    probability of at least `threshold`; otherwise its target is `softmax(reference(x) /
+    temperature)`. Inside a `GradientProposer` the reference is the engine's current
+    (accepted) model, so the labels are corrected by the best model EV3 has accepted, which
+    the safety control chose on held-out data. Called on its own (`loss(model, batch, key)`)
+    the reference is the model itself: examples whose label the model finds implausible give
+    no gradient (their target is the model's own prediction), which is training on the
+    examples the model agrees with (self-paced, "small-loss" selection). The batch is `(x, y,
+    ...)` with integer labels.
+
+    **Arguments:**
+
+    - `threshold`: the reference probability of the label at or above which the label is
+      kept, in `[0, 1]` (an array leaf). `0` is plain cross-entropy.
+    - `temperature`: divides the reference's logits in the corrected targets (an array leaf;
+      below 1 sharpens them towards the reference's class).
+
+    ```python
+    losses = [CrossEntropy(), SelfDistill(weight=0.8), Relabel(threshold=0.3)]
+    ```
+    """
+
+    threshold: Float[Array, ""] | float = eqx.field(converter=_as_float_array, default=0.3)
+    temperature: Float[Array, ""] | float = eqx.field(converter=_as_float_array, default=1.0)
+
+    def with_reference(
+        self, model: Any, reference: Any, batch: PyTree[Array], key: PRNGKeyArray
+    ) -> Scalar:
+        del key
+        x, y = batch[0], batch[1]
+        logits = _logits(model, x).astype(jnp.float32)
+        ref = logits if reference is model else batch_apply(reference, x)
+        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
+        labels = jax.nn.one_hot(y, logits.shape[-1])
+        keep = jnp.sum(jax.nn.softmax(ref, axis=-1) * labels, axis=-1) >= self.threshold
+        soft = jax.nn.softmax(ref / self.temperature, axis=-1)
+        target = jnp.where(keep[:, None], labels, soft)
+        return jnp.mean(optax.softmax_cross_entropy(logits, target))
+
+    @property
+    def label(self) -> str:
+        try:
+            t = float(self.temperature)
+            return f"relabel(p>={float(self.threshold):g}{f',T={t:g}' if t != 1.0 else ''})"
+        except (TypeError, jax.errors.ConcretizationTypeError):  # traced
+            return "relabel"
