@@ -32,6 +32,7 @@ GROUPS: dict[str, tuple[str, ...]] = {
         *("AbstractScheduler", "AbstractLoss", "AbstractReferenceLoss", "ComponentName"),
         "objective_value",
     ),
+    "Models": ("Stateful", "TrainingView", "batch_apply", "MixedPrecision"),
     "Proposers": ("GradientProposer", "GradientProposerState"),
     "Assessors and losses": (
         *("Accuracy", "NegCrossEntropy", "NegBrierScore", "F1Score", "AUC"),

@@ -100,6 +100,7 @@ from ._plugins.manager import (
     plugin_manager as plugin_manager,
 )
 from ._plugins.pipeline import Pipeline as Pipeline
+from ._precision import MixedPrecision as MixedPrecision
 from ._sharding import (
     candidate_mesh as candidate_mesh,
     replicate as replicate,
@@ -177,6 +178,7 @@ __all__ = [
     "NormalBound",
     "Objective",
     "Optimizer",
+    "MixedPrecision",
     "Outcome",
     "PBTProposer",
     "PairedBound",
