@@ -543,8 +543,27 @@ def main(argv: list[str] | None = None) -> int:
         default=",".join(n for g in GROUPS.values() for n in g),
         help="comma-separated scenario names",
     )
+    parser.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="seeds first-seed, first-seed+1, ... (development seeds: 100)",
+    )
+    parser.add_argument(
+        "--relabel",
+        type=float,
+        default=None,
+        help="development option: add ev3core.Relabel(THRESHOLD) to the label-noise grid",
+    )
+    parser.add_argument(
+        "--decide-alpha",
+        type=float,
+        default=None,
+        help="development option: EV3's decide_alpha in scenarios (b) and (c)",
+    )
     args = parser.parse_args(argv)
-    seeds = list(range(args.seeds if args.seeds is not None else (2 if args.quick else 10)))
+    n_seeds = args.seeds if args.seeds is not None else (2 if args.quick else 10)
+    seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     b = budgets(args.quick)
 
     def log(msg: str) -> None:
@@ -568,7 +587,9 @@ def main(argv: list[str] | None = None) -> int:
             ds = name.split("_")[1]
             res = run_distill_scenario(ds, seeds, b[ds], args.quick, log)
         else:
-            res = run_label_scenario(name, seeds, b["label"], log)
+            res = run_label_scenario(
+                name, seeds, b["label"], log, relabel=args.relabel, alpha=args.decide_alpha
+            )
         res["summary"] = summarise(res)
         results[name] = res
         print_table(name, res, log)

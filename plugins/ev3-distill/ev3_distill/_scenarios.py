@@ -123,9 +123,11 @@ def build_label_problem(variant: str, seeds: list[int]) -> dict[str, Any]:
     return {"data": _stack_splits(parts), "info": info}
 
 
-def label_configs(variant: str, key, k_random: int):
+def label_configs(variant: str, key, k_random: int, relabel: float | None = None):
     """EV3's candidate configurations (the grid) and `k_random` random ones from the same
-    ranges: `(losses, learning rates)` for the grid, the same for random search."""
+    ranges: `(losses, learning rates)` for the grid, the same for random search. Under label
+    noise, `relabel` adds `ev3core.Relabel(relabel)` to the grid (a development option, see
+    docs/value.md), and random search then draws four loss families with the grid's odds."""
     lrs = (3e-4, 1e-3, 3e-3)
     counts = imbalanced_counts().astype(np.float32)
     balanced = (1.0 / counts) / np.mean(1.0 / counts)
@@ -140,7 +142,15 @@ def label_configs(variant: str, key, k_random: int):
         )
     )
     u = np.asarray(jax.random.uniform(k_h, (k_random,)))
-    if variant.startswith("noise"):
+    if variant.startswith("noise") and relabel is not None:
+        losses.append(ev3.Relabel(relabel))
+        r_losses = [
+            ev3.Relabel(float(v) * 4 - 3)
+            if v > 0.75
+            else (ev3.SelfDistill(float(v) * 4 - 2) if v > 0.5 else WeightedCE(0.6 * float(v)))
+            for v in u
+        ]
+    elif variant.startswith("noise"):
         # the loss family drawn with the grid's odds, its weight from the grid's range
         r_losses = [
             ev3.SelfDistill(float(v) * 3 - 2) if v > 2 / 3 else WeightedCE(0.45 * float(v))
@@ -174,7 +184,9 @@ def decide_alpha(variant: str) -> float:
     return 4.0 if variant.endswith("pretrained") else 1.0
 
 
-def label_engine(variant: str, losses, lrs, budget: Budget, sizes: dict[str, int]) -> ev3.Engine:
+def label_engine(
+    variant: str, losses, lrs, budget: Budget, sizes: dict[str, int], alpha: float | None = None
+) -> ev3.Engine:
     """EV3's recommended configuration for scenarios (b) and (c): the candidate grid losses x
     Adam learning rates as evolving candidates (`Evolve`: learning rates follow the accepted
     candidate's, only the worse half of the lineages restart on an acceptance), lineages that
@@ -194,7 +206,9 @@ def label_engine(variant: str, losses, lrs, budget: Budget, sizes: dict[str, int
         proposers=[proposer],
         assessors=[target],
         scheduler=EV3Scheduler(
-            assess_alpha=0.5, decide_alpha=decide_alpha(variant), objectives=[objective]
+            assess_alpha=0.5,
+            decide_alpha=decide_alpha(variant) if alpha is None else alpha,
+            objectives=[objective],
         ),
         assess_size=sizes["assess"],
         decide_size=sizes["decide"],
@@ -224,8 +238,19 @@ def pbt_engine(losses, lrs, budget: Budget, target, decide_size: int, names=("le
     ).build()
 
 
-def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> dict[str, Any]:
-    """Scenario (b) or (c) for every seed at once (vmapped over seeds and configurations)."""
+def run_label_scenario(
+    variant: str,
+    seeds: list[int],
+    budget: Budget,
+    log,
+    *,
+    relabel: float | None = None,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """Scenario (b) or (c) for every seed at once (vmapped over seeds and configurations).
+
+    `relabel` (see `label_configs`) and `alpha` (EV3's `decide_alpha` instead of
+    `decide_alpha(variant)`) are development options, recorded in the result."""
     t0 = time.perf_counter()
     prob = build_label_problem(variant, seeds)
     d = prob["data"]
@@ -243,9 +268,11 @@ def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> d
     start_test = np.asarray(
         jax.vmap(lambda p, x, y: score(eqx.combine(p, static), x, y))(params0, *d["test"])
     )
-    (losses, lrs), _ = label_configs(variant, k_cfg[0], 0)
+    (losses, lrs), _ = label_configs(variant, k_cfg[0], 0, relabel)
     K = len(losses) * len(lrs)
-    _, (r_losses, r_lrs) = label_configs(variant, k_cfg[0], K)  # random search of the same size
+    _, (r_losses, r_lrs) = label_configs(
+        variant, k_cfg[0], K, relabel
+    )  # random search of the same size
     total = budget.total(K)
     out: dict[str, Any] = {
         "scenario": variant,
@@ -259,13 +286,14 @@ def run_label_scenario(variant: str, seeds: list[int], budget: Budget, log) -> d
 
     # --- EV3
     data = ev3.Data(propose=d["train"], assess=d["assess"], decide=d["decide"])
-    engine = label_engine(variant, losses, lrs, budget, out["sizes"])
+    engine = label_engine(variant, losses, lrs, budget, out["sizes"], alpha)
     out["methods"]["ev3"] = engine_arm(
         engine, params0, static, data, d["test"], k_ev3, score, budget.iterations
     )
     out["methods"]["ev3"]["config"] |= {
         "trajectory": budget.trajectory,
-        "decide_alpha": decide_alpha(variant),
+        "decide_alpha": decide_alpha(variant) if alpha is None else alpha,
+        "relabel": relabel,
         "evolve": "learning_rate, pull 0.5, sigma 0.2, truncate 0.5",
     }
 
