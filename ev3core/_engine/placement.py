@@ -63,7 +63,7 @@ class AbstractPlacement(eqx.Module):
         """The context the explore stage is traced in (`ev3core.split_examples` reads it)."""
 
     @abc.abstractmethod
-    def score_models(
+    def score_replicated(
         self,
         assessors: Sequence[AbstractAssessor],
         models: PyTree[Array],
@@ -115,7 +115,7 @@ class LocalPlacement(AbstractPlacement):
     def proposing(self) -> contextlib.AbstractContextManager[None]:
         return contextlib.nullcontext()
 
-    def score_models(self, assessors, models, static, batch):
+    def score_replicated(self, assessors, models, static, batch):
         return score_models(assessors, models, static, batch)
 
     def score(self, assessors, candidates, state, batch, chunk):
@@ -188,7 +188,7 @@ class ShardedPlacement(AbstractPlacement):
     def proposing(self) -> contextlib.AbstractContextManager[None]:
         return splitting_examples(self.device_mesh)
 
-    def score_models(self, assessors, models, static, batch):
+    def score_replicated(self, assessors, models, static, batch):
         shards = data_shards(self.device_mesh)
         if shards == 1:  # replicated, as on one device
             return score_models(assessors, models, static, batch)
@@ -226,7 +226,7 @@ class ShardedPlacement(AbstractPlacement):
             in_specs=(spec, batch_spec),
             out_specs=(scores_spec, P(CANDIDATE_AXIS)),
         )(candidates, examples)
-        incumbents = self.score_models(
+        incumbents = self.score_replicated(
             assessors, tree_stack([state.current, state.stable]), static, batch
         )
         scores = jnp.concatenate([scores_c[:, :k, :n], incumbents], axis=1)

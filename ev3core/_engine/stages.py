@@ -108,7 +108,7 @@ def _decide(
     never taken, and a choice that is no `Choice` item (a value out of range) keeps the
     current model. Also returns whether the choice was in range."""
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
-    scores = placement.score_models(assessors, trio, state.static, batch)
+    scores = placement.score_replicated(assessors, trio, state.static, batch)
     winner_valid = (
         assessed.valid[assessed.winner]
         & assessed.select_ok
