@@ -105,6 +105,7 @@ from ._sharding import (
     candidate_mesh as candidate_mesh,
     replicate as replicate,
     shard_state as shard_state,
+    split_examples as split_examples,
 )
 from ._stateful import (
     Stateful as Stateful,
@@ -225,6 +226,7 @@ __all__ = [
     "run",
     "save_checkpoint",
     "shard_state",
+    "split_examples",
     "step_record",
     "z_for_level",
 ]

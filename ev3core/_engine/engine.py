@@ -55,7 +55,11 @@ class Engine(eqx.Module):
     - `mesh`: a `jax.sharding.Mesh` with a `"candidate"` axis (`ev3core.candidate_mesh()`):
       candidates, their assessment and per-candidate proposer states are split over its
       devices (of one or several processes); `K` is padded to a multiple of the axis size
-      with masked candidates that are never accepted. `None` (default): one device. See
+      with masked candidates that are never accepted. With a second axis `"data"`
+      (`ev3core.candidate_mesh(data=n)`), each candidate's examples are split over it too:
+      its trajectory minibatches (data parallel, gradients reduced over `"data"`) and the
+      assess and decide examples. The decisions are those of one device, with parameters
+      equal up to float reduction order. `None` (default): one device. See
       `docs/distributed.md`.
     - `chunk_size`: assess at most this many candidates at once (`lax.map` with
       `batch_size`), to bound memory when `K` is large; the results are the same.
@@ -194,14 +198,15 @@ class Engine(eqx.Module):
             len(self.assessors),
         )
         key, k_explore, k_assess, k_decide = jax.random.split(state.key, 4)
-        explored = explore(self.proposers, state, data.propose, k_explore)
+        with self.placement.proposing():  # examples split over a "data" mesh axis, if any
+            explored = explore(self.proposers, state, data.propose, k_explore)
         assessed = assess(
             self.assessors, self.scheduler, self.placement, explored.candidates, state,
             data.assess, k_assess, self.assess_size, self.chunk_size,
         )  # fmt: skip
         new_state, info = adapt(
-            self.proposers, self.assessors, self.scheduler, explored, assessed, state,
-            data.decide, k_decide, self.decide_size, next_key=key,
+            self.proposers, self.assessors, self.scheduler, self.placement, explored, assessed,
+            state, data.decide, k_decide, self.decide_size, next_key=key,
         )  # fmt: skip
         return self.placement.constrain_state(new_state), info
 

@@ -1,4 +1,5 @@
-"""Where the candidates live: on one device, or split over a mesh's `"candidate"` axis.
+"""Where the candidates live: on one device, or split over a mesh's `"candidate"` axis (and
+their examples over its `"data"` axis, when it has one).
 
 The placement is chosen once, when the engine is built; the step calls the same methods
 whichever it is, so the step has no branch on the mesh and nothing is handed back from one
@@ -8,6 +9,7 @@ stage to the next but arrays.
 from __future__ import annotations
 
 import abc
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,12 +22,15 @@ from jaxtyping import Array, Bool, Float, Int, PyTree
 from .._interfaces import AbstractAssessor
 from .._sharding import (
     CANDIDATE_AXIS,
+    DATA_AXIS,
     check_mesh,
     constrain,
+    data_shards,
     num_shards,
     padded_size,
     replicate,
     shard_state,
+    splitting_examples,
     state_specs,
 )
 from .._types import State, tree_all_finite, tree_concat, tree_index, tree_stack
@@ -52,6 +57,21 @@ class AbstractPlacement(eqx.Module):
     def constrain_state(self, state: State) -> State:
         """The new state in the layout of the old one (inside the step: no drift, no
         re-compile)."""
+
+    @abc.abstractmethod
+    def proposing(self) -> contextlib.AbstractContextManager[None]:
+        """The context the explore stage is traced in (`ev3core.split_examples` reads it)."""
+
+    @abc.abstractmethod
+    def score_replicated(
+        self,
+        assessors: Sequence[AbstractAssessor],
+        models: PyTree[Array],
+        static: Any,
+        batch: PyTree[Array],
+    ) -> Float[Array, "objective model example"]:
+        """Per-example scores of a few models that every device holds (the incumbents, the
+        decide trio), stacked on their leading axis."""
 
     @abc.abstractmethod
     def score(
@@ -92,6 +112,12 @@ class LocalPlacement(AbstractPlacement):
     def constrain_state(self, state: State) -> State:
         return state
 
+    def proposing(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()
+
+    def score_replicated(self, assessors, models, static, batch):
+        return score_models(assessors, models, static, batch)
+
     def score(self, assessors, candidates, state, batch, chunk):
         finite = tree_all_finite(candidates, batch_dims=1)
         everything = tree_concat(
@@ -110,12 +136,25 @@ def _psum_pick(x: Array, mine: Array) -> Array:
     return jax.lax.psum(jnp.where(mine, x, jnp.zeros_like(x)), CANDIDATE_AXIS)
 
 
+def _pad_examples(batch: PyTree[Array], shards: int) -> tuple[PyTree[Array], int]:
+    """`batch` with its example axis padded (repeating examples) to a multiple of `shards`,
+    and its true length: the scores of the padding are dropped."""
+    n = jax.tree.leaves(batch)[0].shape[0]
+    m = padded_size(n, shards)
+    if m == n:
+        return batch, n
+    idx = jnp.arange(m) % n
+    return jax.tree.map(lambda a: a[idx], batch), n
+
+
 class ShardedPlacement(AbstractPlacement):
     """Candidates split over the mesh's `"candidate"` axis; only scores (and then the
     winner's parameters) cross devices.
 
     `K` is padded to a multiple of the axis size with copies of the current model, which are
-    dropped before the scheduler sees them (never accepted).
+    dropped before the scheduler sees them (never accepted). With a `"data"` axis, examples
+    are split over it: the proposers' minibatches (`split_examples` under `proposing`) and
+    every scoring `shard_map`'s batch, whose per-example scores come back in example order.
     """
 
     device_mesh: Mesh = eqx.field(static=True)
@@ -146,8 +185,29 @@ class ShardedPlacement(AbstractPlacement):
     def _candidate_specs(self, candidates: PyTree[Array]) -> PyTree[Any]:
         return jax.tree.map(lambda _: P(CANDIDATE_AXIS), candidates)
 
+    def proposing(self) -> contextlib.AbstractContextManager[None]:
+        return splitting_examples(self.device_mesh)
+
+    def score_replicated(self, assessors, models, static, batch):
+        shards = data_shards(self.device_mesh)
+        if shards == 1:  # replicated, as on one device
+            return score_models(assessors, models, static, batch)
+        batch, n = _pad_examples(batch, shards)
+        scores = jax.shard_map(
+            lambda m, b: score_models(assessors, m, static, b),
+            mesh=self.device_mesh,
+            in_specs=(P(), P(DATA_AXIS)),
+            out_specs=P(None, None, DATA_AXIS),
+        )(models, batch)
+        return scores[..., :n]
+
     def score(self, assessors, candidates, state, batch, chunk):
         mesh, k, kp = self.device_mesh, self.num_candidates, self._padded
+        shards = data_shards(mesh)
+        # Each device scores its candidates on its slice of the examples.
+        examples, n = _pad_examples(batch, shards)
+        batch_spec = P(DATA_AXIS) if shards > 1 else P()
+        scores_spec = P(None, CANDIDATE_AXIS, DATA_AXIS) if shards > 1 else P(None, CANDIDATE_AXIS)
         if kp > k:  # masked padding: copies of the current model, never valid
             pad = jax.tree.map(lambda x: jnp.broadcast_to(x, (kp - k,) + x.shape), state.current)
             candidates = tree_concat([candidates, pad])
@@ -163,13 +223,13 @@ class ShardedPlacement(AbstractPlacement):
         scores_c, finite = jax.shard_map(
             local,
             mesh=mesh,
-            in_specs=(spec, P()),
-            out_specs=(P(None, CANDIDATE_AXIS), P(CANDIDATE_AXIS)),
-        )(candidates, batch)
-        incumbents = score_models(
+            in_specs=(spec, batch_spec),
+            out_specs=(scores_spec, P(CANDIDATE_AXIS)),
+        )(candidates, examples)
+        incumbents = self.score_replicated(
             assessors, tree_stack([state.current, state.stable]), static, batch
         )
-        scores = jnp.concatenate([scores_c[:, :k], incumbents], axis=1)
+        scores = jnp.concatenate([scores_c[:, :k, :n], incumbents], axis=1)
         return scores, finite[:k], candidates
 
     def take(self, held, index, like):

@@ -31,7 +31,7 @@ from .._types import (
 from ..errors import ConfigurationError
 from .placement import AbstractPlacement
 from .sampling import sample
-from .scoring import score_models, summaries
+from .scoring import summaries
 
 
 class Explored(eqx.Module):
@@ -98,6 +98,7 @@ def assess(
 def _decide(
     assessors: Sequence[AbstractAssessor],
     scheduler: AbstractScheduler,
+    placement: AbstractPlacement,
     assessed: Assessed,
     state: State,
     batch: PyTree[Array],
@@ -107,7 +108,7 @@ def _decide(
     never taken, and a choice that is no `Choice` item (a value out of range) keeps the
     current model. Also returns whether the choice was in range."""
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
-    scores = score_models(assessors, trio, state.static, batch)
+    scores = placement.score_replicated(assessors, trio, state.static, batch)
     winner_valid = (
         assessed.valid[assessed.winner]
         & assessed.select_ok
@@ -168,6 +169,7 @@ def adapt(
     proposers: Sequence[AbstractProposer],
     assessors: Sequence[AbstractAssessor],
     scheduler: AbstractScheduler,
+    placement: AbstractPlacement,
     explored: Explored,
     assessed: Assessed,
     state: State,
@@ -180,7 +182,7 @@ def adapt(
     proposers and the history; return the next state (carrying `next_key`) and the step's
     info."""
     scores, decision, sstate, choice_ok = _decide(
-        assessors, scheduler, assessed, state, sample(data, key, size)
+        assessors, scheduler, placement, assessed, state, sample(data, key, size)
     )
     choice, winner = decision.choice, assessed.winner
     position = choice_index(choice)  # in range: `_decide` replaced any other value

@@ -15,6 +15,7 @@ import optax
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractLoss, AbstractProposer, AbstractReferenceLoss
+from .._sharding import split_examples
 from .._stateful import Stateful, loss_and_state, trainable, with_trainable
 from .._types import (
     Outcome,
@@ -582,6 +583,7 @@ class GradientProposer(AbstractProposer):
         reference = eqx.combine(params, static)  # the current model, for reference losses
 
         def one(opt, lstatic, p, o, loss_dyn, batch, k):
+            batch = split_examples(batch)  # data parallel on a mesh with a "data" axis
             loss = eqx.combine(loss_dyn, lstatic)
             if self.augment is not None:
                 k, k_aug = jax.random.split(k)

@@ -18,7 +18,7 @@ import optax
 from jax.flatten_util import ravel_pytree
 from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 
-from ev3core import Accuracy, Outcome, objective_value
+from ev3core import Accuracy, Outcome, objective_value, split_examples
 from ev3core._interfaces import AbstractAssessor, AbstractProposer
 from ev3core.errors import ConfigurationError
 
@@ -109,7 +109,8 @@ def _sample(data: PyTree[Array], key: PRNGKeyArray, size: int) -> PyTree[Array]:
             "Data(propose=(x, y), ...) with at least one array."
         )
     idx = jax.random.randint(key, (size,), 0, leaves[0].shape[0])
-    return jax.tree.map(lambda a: a[idx], data)
+    # split over a "data" mesh axis, if the engine has one (the fitness stays that of the batch)
+    return split_examples(jax.tree.map(lambda a: a[idx], data))
 
 
 class EvosaxState(eqx.Module):
