@@ -53,11 +53,9 @@ from ._explore.augment import (
     Shift1D as Shift1D,
     augment_batch as augment_batch,
 )
+from ._explore.blocks import GradientProposerState as GradientProposerState
 from ._explore.compute import gradient_evaluations as gradient_evaluations
-from ._explore.gradient import (
-    GradientProposer as GradientProposer,
-    GradientProposerState as GradientProposerState,
-)
+from ._explore.gradient import GradientProposer as GradientProposer
 from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import CrossEntropy as CrossEntropy, SelfDistill as SelfDistill
 from ._explore.pbt import PBTProposer as PBTProposer
