@@ -64,12 +64,11 @@ from ._host.cache import (
     disable_compilation_cache as disable_compilation_cache,
     enable_compilation_cache as enable_compilation_cache,
 )
-from ._host.checkpoint import (
-    Checkpointer as Checkpointer,
+from ._host.checkpoint import Checkpointer as Checkpointer
+from ._host.ckpt_io import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
+from ._host.ckpt_manifest import (
     latest_checkpoint as latest_checkpoint,
     list_checkpoints as list_checkpoints,
-    load_checkpoint as load_checkpoint,
-    save_checkpoint as save_checkpoint,
 )
 from ._host.observe import (
     JsonlLogger as JsonlLogger,

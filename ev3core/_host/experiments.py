@@ -22,13 +22,10 @@ from .._assess.scores import Accuracy
 from .._toy import NUM_EXAMPLES, toy_model, toy_problem
 from ..errors import CheckpointError, ConfigurationError, RunInterrupted
 from ..hookspecs import hookimpl
-from .checkpoint import (
-    Checkpointer,
-    list_checkpoints,
-    load_checkpoint,
-    newest_verified_manifest,
-    state_digest,
-)
+from .checkpoint import Checkpointer
+from .ckpt_format import state_digest
+from .ckpt_io import load_checkpoint
+from .ckpt_manifest import list_checkpoints, newest_verified_manifest
 from .observe import JsonlLogger, ProgressBar
 from .run import run
 from .runfile import build_engine, check_fits, load_run_file, resumed_file

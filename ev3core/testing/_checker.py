@@ -16,7 +16,7 @@ import numpy as np
 
 from .._adapt.bounds import AbstractBound
 from .._adapt.priorities import AbstractPriority
-from .._host.checkpoint import load_checkpoint, save_checkpoint
+from .._host.ckpt_io import load_checkpoint, save_checkpoint
 from .._interfaces import AbstractAssessor, AbstractLoss, AbstractProposer, AbstractScheduler
 from .._types import History, State, same_structure
 
