@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import signal
 import threading
@@ -263,22 +262,14 @@ def make_observer(plugins: Plugins, name: str, options: dict[str, Any] | None = 
     """Build the observer a plugin registered as `name` (`ev3_register_observers`) with
     keyword `options`.
 
-    **Raises:** `ConfigurationError` for a name no plugin registered (listing the registered
-    ones) or options its factory does not take; `PluginError` naming the plugin when the
-    factory itself fails.
+    **Raises:** `UnknownComponentError` (a `ConfigurationError`) for a name no plugin
+    registered, as `Plugins.get` does (listing the registered ones); `ConfigurationError` for
+    options its factory does not take; `PluginError` naming the plugin when the factory
+    itself fails.
     """
     options = dict(options or {})
-    registered = plugins.components("observer")
-    if name not in registered:
-        close = difflib.get_close_matches(name, list(registered), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        available = ", ".join(sorted(registered)) or "(none)"
-        raise ConfigurationError(
-            f"run: no observer named {name!r}.{hint} Registered observers: {available}. Pass "
-            "one of these names, an observer object, or install the plugin that provides it "
-            "(`ev3 plugins` lists plugins and their observers)."
-        )
-    info = registered[name]
+    plugins.get("observer", name)  # the registry's lookup: its error for an unknown name
+    info = plugins.components("observer")[name]
     try:
         obs = info.cls(**options)
     except EV3Error:
@@ -339,7 +330,8 @@ def run(
       names of observers that plugins registered (`ev3_register_observers`; e.g.
       `"progress"`), each built with no options. For options, build it with
       `ev3core.make("observer", name, **options)`. An unknown name raises
-      `ConfigurationError` listing the registered ones, before anything runs.
+      `UnknownComponentError` (a `ConfigurationError`) listing the registered ones, before
+      anything runs.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
       after the chunk. Each chunk's infos come to the host in one transfer (hooks see
