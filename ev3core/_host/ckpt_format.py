@@ -221,7 +221,7 @@ def _load_leaves(path: Path, like: State) -> State:
                 raise _Unusable(f"a stored leaf has shape {arr.shape} where {x.shape} was expected")
             if isinstance(x, np.ndarray):
                 return arr
-            out = jnp.asarray(arr)
+            out = jax.device_put(arr)  # a transfer; `jnp.asarray` compiles a copy per shape
             # Place it as `like` is placed. An uncommitted `like` (a fresh `init`) stays
             # uncommitted: a committed array would make the compiled step re-trace on resume.
             if getattr(x, "committed", True):
