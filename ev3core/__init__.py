@@ -53,11 +53,9 @@ from ._explore.augment import (
     Shift1D as Shift1D,
     augment_batch as augment_batch,
 )
+from ._explore.blocks import GradientProposerState as GradientProposerState
 from ._explore.compute import gradient_evaluations as gradient_evaluations
-from ._explore.gradient import (
-    GradientProposer as GradientProposer,
-    GradientProposerState as GradientProposerState,
-)
+from ._explore.gradient import GradientProposer as GradientProposer
 from ._explore.hyper import Evolve as Evolve, Optimizer as Optimizer
 from ._explore.losses import (
     CrossEntropy as CrossEntropy,
@@ -70,12 +68,11 @@ from ._host.cache import (
     disable_compilation_cache as disable_compilation_cache,
     enable_compilation_cache as enable_compilation_cache,
 )
-from ._host.checkpoint import (
-    Checkpointer as Checkpointer,
+from ._host.checkpoint import Checkpointer as Checkpointer
+from ._host.ckpt_io import load_checkpoint as load_checkpoint, save_checkpoint as save_checkpoint
+from ._host.ckpt_manifest import (
     latest_checkpoint as latest_checkpoint,
     list_checkpoints as list_checkpoints,
-    load_checkpoint as load_checkpoint,
-    save_checkpoint as save_checkpoint,
 )
 from ._host.observe import (
     JsonlLogger as JsonlLogger,

@@ -42,8 +42,10 @@ class DuplicateComponentError(PluginError):
     """Two plugins registered a component of the same kind under the same name."""
 
 
-class UnknownComponentError(EV3Error, KeyError):
-    """A component was asked for by a name that no loaded plugin registered."""
+class UnknownComponentError(ConfigurationError, KeyError):
+    """A component, experiment or observer was asked for by a name that no loaded plugin
+    registered. The message lists the registered names (and close matches); as a
+    `ConfigurationError`, it is caught with the other configuration mistakes."""
 
     def __str__(self) -> str:  # KeyError would repr() the message
         return str(self.args[0]) if self.args else ""

@@ -14,12 +14,8 @@ import pytest
 
 import ev3core
 from ev3core import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
-from ev3core._host.checkpoint import (
-    FORMAT_VERSION,
-    _manifest_digest,
-    list_checkpoints,
-    state_digest,
-)
+from ev3core._host.ckpt_format import FORMAT_VERSION, _manifest_digest, state_digest
+from ev3core._host.ckpt_manifest import list_checkpoints
 from ev3core.errors import CheckpointError, CheckpointWarning, RunInterrupted
 
 # One optax object per optimizer for the whole module: engines rebuilt from them are equal,

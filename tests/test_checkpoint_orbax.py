@@ -14,7 +14,7 @@ from test_checkpoint import _assert_bit_identical, _decisions, _engine, _plugins
 
 import ev3core
 from ev3core import Checkpointer, latest_checkpoint, load_checkpoint, save_checkpoint
-from ev3core._host.checkpoint import list_checkpoints
+from ev3core._host.ckpt_manifest import list_checkpoints
 from ev3core.errors import CheckpointError, CheckpointWarning
 
 

@@ -22,7 +22,8 @@ import pytest
 
 import ev3core
 from ev3core import Checkpointer, load_checkpoint, save_checkpoint
-from ev3core._host.checkpoint import _manifest_digest, list_checkpoints
+from ev3core._host.ckpt_format import _manifest_digest
+from ev3core._host.ckpt_manifest import list_checkpoints
 from ev3core.errors import (
     CheckpointError,
     CheckpointWarning,

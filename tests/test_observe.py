@@ -20,7 +20,7 @@ import optax
 import pytest
 
 import ev3core
-from ev3core.errors import ConfigurationError
+from ev3core.errors import ConfigurationError, UnknownComponentError
 
 EV3 = str(Path(sys.executable).parent / "ev3")
 NAMES = ("accuracy", "neg_cross_entropy")
@@ -197,10 +197,12 @@ def test_unknown_observer_name_lists_registered_ones_before_any_step(setup):
     engine, data, init = setup
     plugins = ev3core.load_plugins(extra=[_ObserverPlugin()], autoload=False)
     seen = _Recorder(calls=[])
-    with pytest.raises(ConfigurationError) as err:
+    # the registry's own lookup and error, as for every other kind of registered name
+    with pytest.raises(UnknownComponentError) as err:
         ev3core.run(engine, init, data, 2, plugins=plugins, observers=[seen, "recorderr"])
     msg = str(err.value)
-    assert "no observer named 'recorderr'" in msg and "Did you mean 'recorder'?" in msg
+    assert isinstance(err.value, ConfigurationError)
+    assert "No observer named 'recorderr'" in msg and "Did you mean 'recorder'?" in msg
     assert "Registered observers: jsonl, progress, recorder." in msg
     assert seen.calls == []  # nothing started
     with pytest.raises(ConfigurationError, match=r"'jsonl' .*cannot be built with no options"):
@@ -487,7 +489,7 @@ def test_ev3_run_observer_flag_enables_registered_observers(tmp_path):
 @pytest.mark.parametrize(
     ("spec", "expected"),
     [
-        ("progres", "no observer named 'progres'. Did you mean 'progress'? Registered "
+        ("progres", "No observer named 'progres'. Did you mean 'progress'? Registered "
          "observers: jsonl, progress, tensorboard."),
         ("jsonl", "cannot be built with no options"),
         ("jsonl:path", "'path' is not KEY=VALUE"),

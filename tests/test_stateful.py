@@ -11,7 +11,7 @@ import optax
 import pytest
 
 import ev3core as ev3
-from ev3core._host.checkpoint import state_digest
+from ev3core._host.ckpt_format import state_digest
 from ev3core.errors import ConfigurationError
 
 

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import ev3core as ev3
-from ev3core._host.checkpoint import state_digest
+from ev3core._host.ckpt_format import state_digest
 from ev3core.errors import CheckpointError, ConfigurationError, RunInterrupted
 
 # `make test` runs `pytest -n 2 --dist loadgroup`: this module's tests run

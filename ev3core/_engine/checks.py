@@ -252,6 +252,8 @@ def check_data(engine: Any, data: Data, state: State | None = None) -> None:
 
 
 def _check_against_state(engine: Any, data: Data, state: State) -> None:
+    """The state is this engine's, and every assessor and proposer runs (abstractly) on the
+    data's shapes."""
     if not isinstance(state, State):
         raise ConfigurationError(
             f"Expected an ev3core.State from engine.init(model, key), got {type(state).__name__}."
@@ -268,38 +270,46 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
             f"has {len(engine.assessors)} assessor(s) {list(engine.objective_names)}: it was made "
             "by another pipeline. Build it with this engine's init(model, key)."
         )
+    _check_assessors(engine, data, state)
+    _check_proposers(engine, data, state)
 
-    def attempt(what: str, stream: str, fn: Any, *args: Any) -> Any:
-        try:
-            return eqx.filter_eval_shape(fn, *args)
-        except EV3Error:
-            raise
-        except Exception as exc:
-            inner = component_owner(engine, exc, innermost=True)
-            if inner is not None:
-                # The component's own code raised while being traced (for instance a
-                # TypeError from a scan whose carry changes dtype): name the component, not
-                # the data. `run` adds the plugin that registered it.
-                owner = component_owner(engine, exc) or inner
-                raise _component_error(
-                    ComponentError,
-                    owner,
-                    f"raised {type(exc).__name__}: {str(exc).strip()[:800]} (while being "
-                    f"traced on Data.{stream}, {_describe_stream(getattr(data, stream))}). "
-                    "The run was stopped before this step changed the state (checkpoints "
-                    "already written are intact). Fix the component or remove it from the "
-                    "pipeline.",
-                ) from exc
-            msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
-            raise ConfigurationError(
-                f"{what} cannot run on Data.{stream} "
-                f"({_describe_stream(getattr(data, stream))}) with the model "
-                f"{type(state.model).__name__}: {type(exc).__name__}: {msg}. The data's "
-                "shapes or dtypes do not match what the model and the component expect "
-                "(models are called on one example; axis 0 of every array is the example "
-                "axis). Fix the data or the model."
+
+def _attempt(
+    engine: Any, data: Data, state: State, what: str, stream: str, fn: Any, *args: Any
+) -> Any:
+    """`fn(*args)` evaluated abstractly; a failure names the component or the data."""
+    try:
+        return eqx.filter_eval_shape(fn, *args)
+    except EV3Error:
+        raise
+    except Exception as exc:
+        inner = component_owner(engine, exc, innermost=True)
+        if inner is not None:
+            # The component's own code raised while being traced (for instance a
+            # TypeError from a scan whose carry changes dtype): name the component, not
+            # the data. `run` adds the plugin that registered it.
+            owner = component_owner(engine, exc) or inner
+            raise _component_error(
+                ComponentError,
+                owner,
+                f"raised {type(exc).__name__}: {str(exc).strip()[:800]} (while being "
+                f"traced on Data.{stream}, {_describe_stream(getattr(data, stream))}). "
+                "The run was stopped before this step changed the state (checkpoints "
+                "already written are intact). Fix the component or remove it from the "
+                "pipeline.",
             ) from exc
+        msg = str(exc).strip().splitlines()[0].rstrip(".") if str(exc).strip() else ""
+        raise ConfigurationError(
+            f"{what} cannot run on Data.{stream} "
+            f"({_describe_stream(getattr(data, stream))}) with the model "
+            f"{type(state.model).__name__}: {type(exc).__name__}: {msg}. The data's "
+            "shapes or dtypes do not match what the model and the component expect "
+            "(models are called on one example; axis 0 of every array is the example "
+            "axis). Fix the data or the model."
+        ) from exc
 
+
+def _check_assessors(engine: Any, data: Data, state: State) -> None:
     model = state.model
     for name, size in (("assess", engine.assess_size), ("decide", engine.decide_size)):
         batch = jax.tree.map(
@@ -310,16 +320,22 @@ def _check_against_state(engine: Any, data: Data, state: State) -> None:
         )
         for i, a in enumerate(engine.assessors):
             what = f"assessor #{i} {a.name!r} ({type(a).__qualname__})"
-            out = attempt(what, name, a, model, batch)
+            out = _attempt(engine, data, state, what, name, a, model, batch)
             shape = getattr(out, "shape", None)
             if shape != (size,):
                 raise ConfigurationError(
                     f"{what} returned shape {shape} for a batch of {size} {name} examples. "
                     f"An assessor returns one score per example: shape ({size},)."
                 )
+
+
+def _check_proposers(engine: Any, data: Data, state: State) -> None:
     for i, (p, ps) in enumerate(zip(engine.proposers, state.proposer_states)):
         what = f"proposer #{i} ({type(p).__qualname__})"
-        cands, new_ps = attempt(
+        cands, new_ps = _attempt(
+            engine,
+            data,
+            state,
             what,
             "propose",
             p.propose,

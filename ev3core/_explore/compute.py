@@ -7,7 +7,8 @@ from typing import Any
 
 from .._interfaces import AbstractProposer
 from ..errors import ConfigurationError
-from .gradient import GradientProposer, GradientProposerState
+from .blocks import GradientProposerState
+from .gradient import GradientProposer
 from .pbt import PBTProposer
 
 

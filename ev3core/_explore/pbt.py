@@ -14,7 +14,8 @@ from jaxtyping import Array, Float, PRNGKeyArray, PyTree
 from .._interfaces import AbstractLoss, AbstractProposer
 from .._types import Outcome
 from ..errors import ConfigurationError
-from .gradient import GradientProposer, GradientProposerState, _ranks
+from .blocks import GradientProposerState, check_hyper_names, ranks
+from .gradient import GradientProposer
 from .hyper import Optimizer
 from .population import rows_of
 
@@ -121,7 +122,7 @@ class PBTProposer(AbstractProposer):
                 "PBTProposer needs a population of at least 2 members; give more losses or "
                 "optimizers."
             )
-        inner._check_hyper_names(tuple(names), "PBTProposer")
+        check_hyper_names(inner, tuple(names), "PBTProposer")
         self.proposer = inner
         self.names = tuple(names)
         self.quantile = jnp.asarray(quantile, jnp.float32)
@@ -183,7 +184,7 @@ class PBTProposer(AbstractProposer):
             bottom = jnp.zeros((K,), bool)
         else:
             score = outcome.scores[self.objective]
-            bottom = _ranks(jnp.where(jnp.isfinite(score), score, -jnp.inf)) < n
+            bottom = ranks(jnp.where(jnp.isfinite(score), score, -jnp.inf)) < n
         score = jnp.where(finite & jnp.isfinite(score), score, -jnp.inf)
         order = jnp.argsort(score, stable=True)  # the top n are finite whenever any member is
         within = jnp.floor(jax.random.uniform(k_pick, (K,)) * n.astype(jnp.float32))

@@ -1,5 +1,5 @@
 """The checkpoint format: constants, leaf encoding (every JAX dtype, typed keys), checksums,
-atomic writes and signatures, shared by the single-file storage (`checkpoint.py`) and the
+atomic writes and signatures, shared by the single-file storage (`ckpt_io.py`) and the
 Orbax storage (`orbax_store.py`)."""
 
 from __future__ import annotations
@@ -181,3 +181,63 @@ def _weak_like(new: jax.Array, old: Any) -> jax.Array:
         except (ImportError, TypeError):
             return new
     return new
+
+
+def state_digest(state: State) -> str:
+    """SHA-256 of every leaf of `state` as a checkpoint stores them: equal digests mean
+    bit-identical states (used to compare a resumed run with an uninterrupted one)."""
+    return hashlib.sha256(_serialise_state(state)).hexdigest()
+
+
+def _signature_mismatch(stored: list[list[Any]], wanted: list[list[Any]]) -> str | None:
+    stored_t = [(p, tuple(s), d) for p, s, d in stored]
+    wanted_t = [(p, tuple(s), d) for p, s, d in wanted]
+    if stored_t == wanted_t:
+        return None
+    by_path = {p: (s, d) for p, s, d in stored_t}
+    for p, s, d in wanted_t:
+        if p not in by_path:
+            return f"`like` has a leaf {p} (shape {s}, {d}) that the checkpoint lacks"
+        if by_path[p] != (s, d):
+            ss, sd = by_path[p]
+            return f"leaf {p} is {ss} {sd} in the checkpoint but {s} {d} in `like`"
+    wanted_paths = {p for p, _, _ in wanted_t}
+    extra = [p for p, _, _ in stored_t if p not in wanted_paths]
+    if extra:
+        return f"the checkpoint has leaves that `like` lacks: {', '.join(extra[:5])}"
+    return "the leaves are stored in a different order than `like` has them"
+
+
+def _load_leaves(path: Path, like: State) -> State:
+    storable_like = _to_storable(like)
+
+    def load(f: Any, x: Any) -> Any:
+        if isinstance(x, (jax.Array, np.ndarray)) or eqx.is_array_like(x):
+            arr = np.load(f, allow_pickle=False)
+            if not isinstance(x, (jax.Array, np.ndarray)):  # Python scalar leaves
+                return type(x)(arr.item())
+            arr = _from_raw(arr, np.dtype(x.dtype))
+            if arr.shape != tuple(x.shape):
+                raise _Unusable(f"a stored leaf has shape {arr.shape} where {x.shape} was expected")
+            if isinstance(x, np.ndarray):
+                return arr
+            out = jax.device_put(arr)  # a transfer; `jnp.asarray` compiles a copy per shape
+            # Place it as `like` is placed. An uncommitted `like` (a fresh `init`) stays
+            # uncommitted: a committed array would make the compiled step re-trace on resume.
+            if getattr(x, "committed", True):
+                with contextlib.suppress(AttributeError, ValueError, TypeError):
+                    out = jax.device_put(out, x.sharding)
+            return _weak_like(out, x)
+        return x
+
+    with open(path, "rb") as f:
+        loaded = eqx.tree_deserialise_leaves(f, storable_like, filter_spec=load)
+        if f.read(1):
+            raise _Unusable("the leaves file has trailing bytes")
+
+    def rewrap(new: Any, old: Any) -> Any:
+        if _is_key(old):
+            return jax.random.wrap_key_data(new, impl=jax.random.key_impl(old))
+        return new
+
+    return jax.tree.map(rewrap, loaded, like)

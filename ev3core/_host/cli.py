@@ -291,9 +291,8 @@ def _cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="ev3", description="EV3 meta-optimizer for JAX.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def _add_run_command(sub: Any) -> None:
+    """`ev3 run`: what to run (a file, an experiment), then `_add_run_outputs`."""
     p_run = sub.add_parser(
         "run",
         help="run a Python file that defines model, data and pipeline (`ev3 run FILE.py`), or "
@@ -329,6 +328,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     p_run.add_argument(
         "--chunk", type=int, default=None, help="steps per compiled call (smoke; default 1)"
     )
+    _add_run_outputs(p_run)
+    p_run.set_defaults(func=_cmd_run)
+
+
+def _add_run_outputs(p_run: Any) -> None:
+    """`ev3 run`'s options for progress, outputs, checkpoints and compiled programs."""
     p_run.add_argument(
         "--print-every",
         type=int,
@@ -385,7 +390,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         action="store_true",
         help="do not read or write the persistent compilation cache (also: EV3_COMPILE_CACHE=0)",
     )
-    p_run.set_defaults(func=_cmd_run)
+
+
+def _add_plugins_command(sub: Any) -> None:
     p_pl = sub.add_parser("plugins", help="list loaded plugins and their components")
     p_pl.add_argument("--json", action="store_true", help="print JSON for machines")
     p_pl.add_argument(
@@ -395,6 +402,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "the smoke pipeline (any command: EV3_TRACE_PLUGINS=1)",
     )
     p_pl.set_defaults(func=_cmd_plugins)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="ev3", description="EV3 meta-optimizer for JAX.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_run_command(sub)
+    _add_plugins_command(sub)
     args = parser.parse_args(argv)
     try:
         return args.func(args)

@@ -22,13 +22,10 @@ from .._assess.scores import Accuracy
 from .._toy import NUM_EXAMPLES, toy_model, toy_problem
 from ..errors import CheckpointError, ConfigurationError, RunInterrupted
 from ..hookspecs import hookimpl
-from .checkpoint import (
-    Checkpointer,
-    list_checkpoints,
-    load_checkpoint,
-    newest_verified_manifest,
-    state_digest,
-)
+from .checkpoint import Checkpointer
+from .ckpt_format import state_digest
+from .ckpt_io import load_checkpoint
+from .ckpt_manifest import list_checkpoints, newest_verified_manifest
 from .observe import JsonlLogger, ProgressBar
 from .run import run
 from .runfile import build_engine, check_fits, load_run_file, resumed_file
@@ -308,6 +305,45 @@ def _write_report(path: str, records: list[dict[str, Any]], title: str) -> str:
     return os.path.basename(path)
 
 
+def _load_file(
+    pipeline: str | os.PathLike[str] | None,
+    resume: str | os.PathLike[str] | None,
+    out: str | os.PathLike[str] | None,
+    seed: int,
+    chunk: int,
+    steps: int | None,
+) -> tuple[Any, dict[str, Any], Any]:
+    """`(run file, the run's options, the run's key)`: the file loaded and checked; on
+    resume, with the seed, steps and chunk the run recorded, and the file it ran."""
+    recorded: dict[str, Any] | None = None
+    if resume is not None:
+        recorded = _resume_record(str(resume), "file", (("seed", None), ("steps", 0), ("chunk", 1)))
+        resumed_file(resume, recorded, pipeline)
+        seed, chunk = recorded.get("seed", seed), recorded.get("chunk", chunk)
+    else:
+        _check_new_out(out)
+    k_file, k_run = jax.random.split(jax.random.key(seed))
+    user = load_run_file(pipeline, k_file)  # type: ignore[arg-type]  # named, or refused
+    if recorded is not None and user.sha256 != recorded["file_sha256"]:  # changed meanwhile
+        resumed_file(resume, recorded, pipeline)  # type: ignore[arg-type]
+    if isinstance(user.data, DataStream) and chunk != 1:
+        raise ConfigurationError(
+            f"--chunk {chunk}: run file {str(user.path)!r} streams its `data` (a DataStream), "
+            "one Data per step; drop --chunk (or give the arrays as one ev3core.Data)."
+        )
+    if steps is None:
+        steps = recorded.get("steps") if recorded is not None else user.steps
+    options: dict[str, Any] = {
+        "experiment": "file",
+        "file": str(user.path),
+        "file_sha256": user.sha256,
+        "seed": seed,
+        "steps": FILE_STEPS if steps is None else int(steps),
+        "chunk": chunk,
+    }
+    return user, options, k_run
+
+
 def file_experiment(
     *,
     pipeline: str | os.PathLike[str] | None = None,
@@ -355,32 +391,8 @@ def file_experiment(
             "`pipeline`: pass it, `ev3 run FILE.py`."
         )
     t0 = time.perf_counter()
-    recorded: dict[str, Any] | None = None
-    if resume is not None:
-        recorded = _resume_record(str(resume), "file", (("seed", None), ("steps", 0), ("chunk", 1)))
-        resumed_file(resume, recorded, pipeline)
-        seed, chunk = recorded.get("seed", seed), recorded.get("chunk", chunk)
-    else:
-        _check_new_out(out)
-    k_file, k_run = jax.random.split(jax.random.key(seed))
-    user = load_run_file(pipeline, k_file)  # type: ignore[arg-type]  # named, or refused
-    if recorded is not None and user.sha256 != recorded["file_sha256"]:  # changed meanwhile
-        resumed_file(resume, recorded, pipeline)  # type: ignore[arg-type]
-    if isinstance(user.data, DataStream) and chunk != 1:
-        raise ConfigurationError(
-            f"--chunk {chunk}: run file {str(user.path)!r} streams its `data` (a DataStream), "
-            "one Data per step; drop --chunk (or give the arrays as one ev3core.Data)."
-        )
-    if steps is None:
-        steps = recorded.get("steps") if recorded is not None else user.steps
-    options: dict[str, Any] = {
-        "experiment": "file",
-        "file": str(user.path),
-        "file_sha256": user.sha256,
-        "seed": seed,
-        "steps": FILE_STEPS if steps is None else int(steps),
-        "chunk": chunk,
-    }
+    user, options, k_run = _load_file(pipeline, resume, out, seed, chunk, steps)
+    seed = options["seed"]
     engine = build_engine(user, plugins)
     try:
         state = engine.init(user.model, k_run)

@@ -1,6 +1,6 @@
 """Checkpoint storage with Orbax: sharded, asynchronous, every process writes its own shards.
 
-The legacy storage (`checkpoint.py`, `storage="leaves"`) serialises the whole state from one
+The legacy storage (`ckpt_io.py`, `storage="leaves"`) serialises the whole state from one
 host, which needs every array to be addressable there: impossible in a multi-process run,
 where each process holds only its own candidates. This storage hands the state's arrays to
 `orbax.checkpoint` instead:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import logging
 import signal
 import threading
@@ -263,22 +262,14 @@ def make_observer(plugins: Plugins, name: str, options: dict[str, Any] | None = 
     """Build the observer a plugin registered as `name` (`ev3_register_observers`) with
     keyword `options`.
 
-    **Raises:** `ConfigurationError` for a name no plugin registered (listing the registered
-    ones) or options its factory does not take; `PluginError` naming the plugin when the
-    factory itself fails.
+    **Raises:** `UnknownComponentError` (a `ConfigurationError`) for a name no plugin
+    registered, as `Plugins.get` does (listing the registered ones); `ConfigurationError` for
+    options its factory does not take; `PluginError` naming the plugin when the factory
+    itself fails.
     """
     options = dict(options or {})
-    registered = plugins.components("observer")
-    if name not in registered:
-        close = difflib.get_close_matches(name, list(registered), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-        available = ", ".join(sorted(registered)) or "(none)"
-        raise ConfigurationError(
-            f"run: no observer named {name!r}.{hint} Registered observers: {available}. Pass "
-            "one of these names, an observer object, or install the plugin that provides it "
-            "(`ev3 plugins` lists plugins and their observers)."
-        )
-    info = registered[name]
+    plugins.get("observer", name)  # the registry's lookup: its error for an unknown name
+    info = plugins.components("observer")[name]
     try:
         obs = info.cls(**options)
     except EV3Error:
@@ -313,6 +304,56 @@ def resolve_observers(plugins: Plugins, observers: Sequence[Any]) -> tuple[Any, 
     return out
 
 
+def _checked_run(
+    engine: Engine,
+    state: State,
+    data: Data | DataStream,
+    num_steps: int,
+    plugins: Plugins,
+    observers: Sequence[Any],
+    chunk: int,
+) -> tuple[Any, ...]:
+    """`run`'s arguments checked, and every component evaluated abstractly (no compilation)
+    on the data's shapes, before anything runs: the run's observer objects."""
+    if int(num_steps) < 0 or int(chunk) < 1:
+        raise ConfigurationError(
+            f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
+        )
+    observers = resolve_observers(plugins, observers)
+    stream = data if isinstance(data, DataStream) else None
+    if stream is not None and int(chunk) != 1:
+        raise ConfigurationError(
+            f"run: chunk={chunk} with a DataStream; streamed data gives one Data per step, "
+            "so use chunk=1 (put the data on the device as one Data to scan chunks)."
+        )
+    if stream is None:
+        _guarded(engine, plugins, engine.check_data, data, state)
+    elif num_steps:
+        _guarded(engine, plugins, engine.check_data, stream.peek(), state)
+    return observers
+
+
+def _warn_about_masked(engine: Engine, infos: StepInfo) -> None:
+    """Log the out-of-range indices a scheduler returned and the candidates masked."""
+    bad = int(np.sum(infos.bad_indices))
+    if bad:
+        logger.warning(
+            "ev3core: the scheduler %s returned %d out-of-range index(es) in %d step(s); "
+            "each kept the current model. Fix the scheduler's select/decide.",
+            type(engine.scheduler).__qualname__,
+            bad,
+            int(np.sum(infos.bad_indices > 0)),
+        )
+    masked = int(np.sum(infos.num_invalid))
+    if masked:
+        logger.warning(
+            "ev3core: %d candidate(s) had non-finite parameters or scores in %d step(s) and "
+            "were masked (never accepted).",
+            masked,
+            int(np.sum(infos.num_invalid > 0)),
+        )
+
+
 def run(
     engine: Engine,
     state: State,
@@ -339,7 +380,8 @@ def run(
       names of observers that plugins registered (`ev3_register_observers`; e.g.
       `"progress"`), each built with no options. For options, build it with
       `ev3core.make("observer", name, **options)`. An unknown name raises
-      `ConfigurationError` listing the registered ones, before anything runs.
+      `UnknownComponentError` (a `ConfigurationError`) listing the registered ones, before
+      anything runs.
     - `chunk`: steps per compiled call; `chunk > 1` runs `chunk` steps in one `lax.scan`
       (faster when the data lives on the device) and calls `ev3_after_step` for each of them
       after the chunk. Each chunk's infos come to the host in one transfer (hooks see
@@ -355,23 +397,9 @@ def run(
     checkpoint) and raises with the state reached. `ComponentError` when a component's own
     code raises (naming it and its plugin); `PluginError` when a lifecycle hook raises.
     """
-    if int(num_steps) < 0 or int(chunk) < 1:
-        raise ConfigurationError(
-            f"run: num_steps={num_steps} must be >= 0 and chunk={chunk} must be >= 1."
-        )
     plugins = plugins if plugins is not None else plugin_manager()
-    observers = resolve_observers(plugins, observers)
+    observers = _checked_run(engine, state, data, num_steps, plugins, observers, chunk)
     stream = data if isinstance(data, DataStream) else None
-    if stream is not None and int(chunk) != 1:
-        raise ConfigurationError(
-            f"run: chunk={chunk} with a DataStream; streamed data gives one Data per step, "
-            "so use chunk=1 (put the data on the device as one Data to scan chunks)."
-        )
-    # Abstract evaluation (no compilation) of every component on the data's shapes.
-    if stream is None:
-        _guarded(engine, plugins, engine.check_data, data, state)
-    elif num_steps:
-        _guarded(engine, plugins, engine.check_data, stream.peek(), state)
     call_lifecycle(
         plugins, "ev3_run_start", observers, engine=engine, state=state, num_steps=num_steps
     )
@@ -423,23 +451,7 @@ def run(
             )
     stacked_infos = infos.stacked()
     if stacked_infos is not None:
-        bad = int(np.sum(stacked_infos.bad_indices))
-        if bad:
-            logger.warning(
-                "ev3core: the scheduler %s returned %d out-of-range index(es) in %d step(s); "
-                "each kept the current model. Fix the scheduler's select/decide.",
-                type(engine.scheduler).__qualname__,
-                bad,
-                int(np.sum(stacked_infos.bad_indices > 0)),
-            )
-        masked = int(np.sum(stacked_infos.num_invalid))
-        if masked:
-            logger.warning(
-                "ev3core: %d candidate(s) had non-finite parameters or scores in %d step(s) and "
-                "were masked (never accepted).",
-                masked,
-                int(np.sum(stacked_infos.num_invalid > 0)),
-            )
+        _warn_about_masked(engine, stacked_infos)
     if stop.requested and done < num_steps:
         raise RunInterrupted(
             f"ev3core.run was interrupted after {done} of {num_steps} step(s) (engine step "

@@ -375,8 +375,9 @@ class Plugins:
         hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
         available = ", ".join(sorted(comps)) or "(none)"
         raise UnknownComponentError(
-            f"No {kind} named {name!r}.{hint} Registered {kind}s: {available}. Run "
-            "`ev3 plugins` to see installed plugins, or install the plugin that provides it."
+            f"No {kind} named {name!r}.{hint} Registered {kind}s: {available}. Use one of "
+            "these names, or install the plugin that provides it (`ev3 plugins` lists the "
+            "installed plugins and what they register)."
         )
 
     def make(self, kind: str, name: str, /, **kwargs: Any) -> Any:

@@ -21,6 +21,7 @@ from ._checker import (
     _default_variants,
     _filter_jit,
     _rebuilt,
+    _row,
 )
 from ._schedulers import _scheduler_contract, _scores
 
@@ -91,7 +92,7 @@ def check_bound(
             bound,
             zs,
         )
-        if not _close(jax.tree.map(lambda x: x[0], got), iv):
+        if not _close(_row(got, 0), iv):
             chk.fail("vmap", "vmapped intervals differ from un-batched", "keep it pure")
     _check_no_recompile(
         chk,

@@ -15,7 +15,7 @@ import numpy as np
 from .._adapt.schedulers import AlwaysAccept
 from .._assess.scores import NegCrossEntropy
 from .._engine.engine import Engine
-from .._host.checkpoint import load_checkpoint, save_checkpoint
+from .._host.ckpt_io import load_checkpoint, save_checkpoint
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
 from .._types import Data
 from ._checker import (

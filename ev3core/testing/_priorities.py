@@ -23,6 +23,7 @@ from ._checker import (
     _default_variants,
     _filter_jit,
     _rebuilt,
+    _row,
     _signature,
 )
 from ._problem import _problem
@@ -85,7 +86,7 @@ def check_priority(
             priority,
             keys,
         )
-        if not _close(jax.tree.map(lambda x: x[1], got), jboth(priority, keys[1])):
+        if not _close(_row(got, 1), jboth(priority, keys[1])):
             chk.fail("vmap", "vmapped priorities differ from un-batched", "keep it pure")
     _check_no_recompile(
         chk,

@@ -9,10 +9,12 @@ from typing import Any
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .._assess.scores import Accuracy, NegCrossEntropy
 from .._stateful import Stateful
 from .._types import Data
+from ._checker import _filter_jit
 
 
 # --------------------------------------------------------------------------- the problem
@@ -54,20 +56,38 @@ def default_problem(
     exact linear rule (scaled, so it is confident and right), the bad model its negation
     (confident and always wrong). The assessors are negative cross-entropy and accuracy.
     """
-    kw, km, kp, ka, kd = jax.random.split(jax.random.key(seed), 5)
-    w = jax.random.normal(kw, (num_features, num_classes), jnp.float32)
-
-    def draw(k: Any) -> tuple[jax.Array, jax.Array]:
-        x = jax.random.normal(k, (num_examples, num_features), jnp.float32)
-        return x, jnp.argmax(x @ w, axis=-1).astype(jnp.int32)
-
+    model, good, bad, data = _problem_arrays(
+        jax.random.key(seed), num_features, num_classes, num_examples
+    )
     return Problem(
-        model=eqx.nn.MLP(num_features, num_classes, 16, 1, key=km),
-        data=Data(propose=draw(kp), assess=draw(ka), decide=draw(kd)),
-        good_model=_Linear(w * 10.0),
-        bad_model=_Linear(w * -10.0),
+        model=model,
+        data=data,
+        good_model=_Linear(good),
+        bad_model=_Linear(bad),
         assessors=(NegCrossEntropy(), Accuracy()),
     )
+
+
+@_filter_jit
+def _problem_arrays(
+    key: Any, num_features: int, num_classes: int, num_examples: int
+) -> tuple[Any, jax.Array, jax.Array, Data]:
+    """`default_problem`'s model, the weights of its good and bad rules and its data, built in one
+    compiled program (compiled cheaply, as the kit's own programs are): a check in a fresh
+    process compiles that one program instead of one per random draw and per layer."""
+    kz, km = jax.random.split(key)
+    # One draw for the rule and the three streams: each random draw compiles on its own.
+    F, C, N = num_features, num_classes, num_examples
+    z = jax.random.normal(kz, (F * C + 3 * N * F,), jnp.float32)
+    w = z[: F * C].reshape(F, C)
+
+    def stream(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        return x, jnp.argmax(x @ w, axis=-1).astype(jnp.int32)
+
+    xs = z[F * C :].reshape(3, N, F)
+    model = eqx.nn.MLP(F, C, 16, 1, key=km)
+    data = Data(propose=stream(xs[0]), assess=stream(xs[1]), decide=stream(xs[2]))
+    return model, w * 10.0, w * -10.0, data
 
 
 class _BatchNormMLP(eqx.Module):
@@ -116,10 +136,15 @@ def _problem(problem: Problem | None) -> Problem:
 
 
 def _cast(tree: Any, dtype: Any) -> Any:
-    """Every floating array leaf of `tree` as `dtype` (integers, keys and the rest as they are)."""
+    """Every floating array leaf of `tree` as `dtype` (integers, keys and the rest as they are).
+
+    Cast on the host (NumPy rounds to nearest even, as XLA does): casting on the device would
+    compile one program per leaf shape and dtype."""
     return jax.tree.map(
         lambda x: (
-            x.astype(dtype) if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating) else x
+            jax.device_put(np.asarray(x).astype(dtype))
+            if eqx.is_array(x) and jnp.issubdtype(x.dtype, jnp.floating)
+            else x
         ),
         tree,
     )

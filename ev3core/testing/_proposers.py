@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,6 +27,7 @@ from ._checker import (
     _host,
     _identical,
     _rebuilt,
+    _row,
     _signature,
 )
 from ._engine import _engine_checks
@@ -96,6 +98,19 @@ def check_proposer(
     return chk.report()
 
 
+@functools.cache
+def _keys() -> tuple[Any, ...]:
+    """The checks' keys `(init, k1, k2, split(k2, 2), split(k2, 2)[1])`, drawn in one compiled
+    program: each eager split or index would compile a program of its own."""
+
+    def draw() -> tuple[Any, ...]:
+        k_init, k1, k2 = jax.random.split(jax.random.key(0), 3)
+        pair = jax.random.split(k2, 2)
+        return k_init, k1, k2, pair, pair[1]
+
+    return _filter_jit(draw)()
+
+
 class _ProposerRun:
     """One proposer on one problem: its first jitted `propose` and the checks on it."""
 
@@ -103,7 +118,7 @@ class _ProposerRun:
         self.chk, self.proposer = chk, proposer
         self.params, self.static = split_model(problem.model)
         self.data = problem.data.propose
-        k_init, self.k1, self.k2 = jax.random.split(jax.random.key(0), 3)
+        k_init, self.k1, self.k2, self.pair, self.second = _keys()
         self.K = chk.run("structure", "num_candidates", lambda: proposer.num_candidates)
         if not isinstance(self.K, int) or self.K < 1:
             chk.fail("structure", f"num_candidates is {self.K!r}", "return a Python int >= 1")
@@ -197,7 +212,7 @@ class _ProposerRun:
 
     def vmap(self) -> None:
         chk, p, s0 = self.chk, self.proposer, self.state0
-        keys = jax.random.split(self.k2, 2)
+        keys = self.pair
         batched = chk.run(
             "vmap",
             "propose vmapped over two keys",
@@ -206,8 +221,8 @@ class _ProposerRun:
             s0,
             keys,
         )
-        one = chk.run("jit", "a jitted propose", self.jprop, p, s0, keys[1])
-        if not _close(jax.tree.map(lambda x: x[1], batched), one):
+        one = chk.run("jit", "a jitted propose", self.jprop, p, s0, self.second)
+        if not _close(_row(batched, 1), one):
             chk.fail(
                 "vmap",
                 "propose under jax.vmap gave other candidates than the same call un-batched",

@@ -12,7 +12,7 @@ from typing import Any
 import equinox as eqx
 import numpy as np
 
-from ev3core._host.checkpoint import state_digest
+from ev3core._host.ckpt_format import state_digest
 
 from ._config import DistillConfig
 from ._data import Splits

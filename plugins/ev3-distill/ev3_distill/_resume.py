@@ -15,7 +15,7 @@ import jax
 from ev3core import (
     load_checkpoint,
 )
-from ev3core._host.checkpoint import list_checkpoints, newest_verified_manifest, read_manifest
+from ev3core._host.ckpt_manifest import list_checkpoints, newest_verified_manifest, read_manifest
 from ev3core.errors import CheckpointError, ConfigurationError
 
 from ._config import DistillConfig, _file_sha256, _inside

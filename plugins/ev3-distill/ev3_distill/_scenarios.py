@@ -238,6 +238,94 @@ def pbt_engine(losses, lrs, budget: Budget, target, decide_size: int, names=("le
     ).build()
 
 
+def _engine_arms(
+    variant: str,
+    losses: Any,
+    lrs: Any,
+    budget: Budget,
+    params0: Any,
+    static: Any,
+    d: dict[str, Any],
+    keys: tuple[Any, Any],
+    score: Any,
+    sizes: dict[str, int],
+    *,
+    relabel: float | None = None,
+    alpha: float | None = None,
+) -> dict[str, Any]:
+    """The EV3 and PBT arms: engines over the same configurations, every seed at once."""
+    k_ev3, k_pbt = keys
+    arms: dict[str, Any] = {}
+    # --- EV3
+    data = ev3.Data(propose=d["train"], assess=d["assess"], decide=d["decide"])
+    engine = label_engine(variant, losses, lrs, budget, sizes, alpha)
+    arms["ev3"] = engine_arm(
+        engine, params0, static, data, d["test"], k_ev3, score, budget.iterations
+    )
+    arms["ev3"]["config"] |= {
+        "trajectory": budget.trajectory,
+        "decide_alpha": decide_alpha(variant) if alpha is None else alpha,
+        "relabel": relabel,
+        "evolve": "learning_rate, pull 0.5, sigma 0.2, truncate 0.5",
+    }
+
+    # --- PBT: same K, N = trajectory, T rounds, ranked on the decide split
+    target, _ = _target(variant)
+    pbt = pbt_engine(losses, lrs, budget, target, sizes["decide"])
+    pbt_data = ev3.Data(propose=d["train"], assess=d["decide"], decide=d["decide"])
+    arms["pbt"] = engine_arm(
+        pbt, params0, static, pbt_data, d["test"], k_pbt, score, budget.iterations
+    )
+    arms["pbt"]["config"] |= {
+        "ready_every": budget.trajectory,
+        "quantile": 0.25,
+        "perturb": [0.8, 1.2],
+        "resample_probability": 0.25,
+    }
+    return arms
+
+
+def _plain_arm(
+    loss: Any,
+    total: int,
+    budget: Budget,
+    static: Any,
+    params0: Any,
+    d: dict[str, Any],
+    key: Any,
+    score: Any,
+) -> dict[str, Any]:
+    """Plain training: the default configuration, all the compute, the final model."""
+    t = time.perf_counter()
+    rounds = total // budget.trajectory
+    _, tst = search_curves(
+        static,
+        params0,
+        tree_stack([loss]),
+        jnp.asarray([1e-3], jnp.float32),
+        d["train"],
+        d["decide"],
+        d["test"],
+        key,
+        score,
+        rounds,
+        budget.trajectory,
+    )
+    tst = np.asarray(tst)[:, 0, :]
+    return {
+        "test": tst[:, -1].tolist(),
+        "gradient_evaluations": rounds * budget.trajectory,
+        "curve_x": [r * budget.trajectory for r in range(rounds + 1)],
+        "curve": tst.mean(0).tolist(),
+        "config": {
+            "loss": loss.label,
+            "learning_rate": 1e-3,
+            "steps": rounds * budget.trajectory,
+        },
+        "wall_seconds": time.perf_counter() - t,
+    }
+
+
 def run_label_scenario(
     variant: str,
     seeds: list[int],
@@ -284,33 +372,20 @@ def run_label_scenario(
         "methods": {},
     }
 
-    # --- EV3
-    data = ev3.Data(propose=d["train"], assess=d["assess"], decide=d["decide"])
-    engine = label_engine(variant, losses, lrs, budget, out["sizes"], alpha)
-    out["methods"]["ev3"] = engine_arm(
-        engine, params0, static, data, d["test"], k_ev3, score, budget.iterations
+    out["methods"] |= _engine_arms(
+        variant,
+        losses,
+        lrs,
+        budget,
+        params0,
+        static,
+        d,
+        (k_ev3, k_pbt),
+        score,
+        out["sizes"],
+        relabel=relabel,
+        alpha=alpha,
     )
-    out["methods"]["ev3"]["config"] |= {
-        "trajectory": budget.trajectory,
-        "decide_alpha": decide_alpha(variant) if alpha is None else alpha,
-        "relabel": relabel,
-        "evolve": "learning_rate, pull 0.5, sigma 0.2, truncate 0.5",
-    }
-
-    # --- PBT: same K, N = trajectory, T rounds, ranked on the decide split
-    target, _ = _target(variant)
-    pbt = pbt_engine(losses, lrs, budget, target, out["sizes"]["decide"])
-    pbt_data = ev3.Data(propose=d["train"], assess=d["decide"], decide=d["decide"])
-    out["methods"]["pbt"] = engine_arm(
-        pbt, params0, static, pbt_data, d["test"], k_pbt, score, budget.iterations
-    )
-    out["methods"]["pbt"]["config"] |= {
-        "ready_every": budget.trajectory,
-        "quantile": 0.25,
-        "perturb": [0.8, 1.2],
-        "resample_probability": 0.25,
-    }
-
     # --- grid and random search with early stopping
     for name, (ls, lr_list), kk in (
         ("grid", (losses, lrs), k_grid),
@@ -329,35 +404,8 @@ def run_label_scenario(
             budget.trajectory,
         )
 
-    # --- plain training: the default configuration, all the compute, the final model
-    t = time.perf_counter()
-    rounds = total // budget.trajectory
-    _, tst = search_curves(
-        static,
-        params0,
-        tree_stack([losses[0]]),
-        jnp.asarray([1e-3], jnp.float32),
-        d["train"],
-        d["decide"],
-        d["test"],
-        k_plain,
-        score,
-        rounds,
-        budget.trajectory,
+    out["methods"]["plain"] = _plain_arm(
+        losses[0], total, budget, static, params0, d, k_plain, score
     )
-    tst = np.asarray(tst)[:, 0, :]
-    out["methods"]["plain"] = {
-        "test": tst[:, -1].tolist(),
-        "gradient_evaluations": rounds * budget.trajectory,
-        "curve_x": [r * budget.trajectory for r in range(rounds + 1)],
-        "curve": tst.mean(0).tolist(),
-        "config": {
-            "loss": losses[0].label,
-            "learning_rate": 1e-3,
-            "steps": rounds * budget.trajectory,
-        },
-        "wall_seconds": time.perf_counter() - t,
-    }
-
     out["wall_seconds"] = time.perf_counter() - t0
     return out

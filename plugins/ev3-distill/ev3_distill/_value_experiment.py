@@ -94,6 +94,44 @@ def _check(
         )
 
 
+def _summary(scenario: str, seed: int, res: dict[str, Any], t0: float) -> dict[str, Any]:
+    """The scenario's summary for its one seed: every method's test metric and curve at
+    equal compute, and EV3's difference to the best alternative."""
+    metric = res["metric"]
+    methods = {
+        m: {
+            "test": r["test"][0],
+            "gradient_evaluations": r["gradient_evaluations"],
+            "curve_x": r["curve_x"],
+            "curve": r["curve"],
+        }
+        for m, r in res["methods"].items()
+    }
+    best = max(ALTERNATIVES, key=lambda m: methods[m]["test"])
+    diff = methods["ev3"]["test"] - methods[best]["test"]
+    summary = {
+        "experiment": "value",
+        "scenario": scenario,
+        "description": _DESCRIPTION[scenario],
+        "seed": seed,
+        "metric": f"test {metric}",
+        "start": res["start_test"][0],
+        "methods": methods,
+        "best_alternative": best,
+        "ev3_minus_best_alternative": diff,
+        "config": {m: r.get("config") for m, r in res["methods"].items()},
+        "evidence": "one seed; benchmarks/value.py runs ten seeds with paired 95% intervals "
+        "(docs/value.md)",
+        "wall_seconds": time.perf_counter() - t0,
+    }
+    summary["compute"] = (
+        f"every method used {methods['ev3']['gradient_evaluations']:,} gradient evaluations "
+        "(optimizer steps on batches of 32, counted for every candidate, member and "
+        "configuration)"
+    )
+    return summary
+
+
 def value_experiment(
     *,
     scenario: str | None = None,
@@ -147,38 +185,9 @@ def value_experiment(
 
     log(f"value scenario {scenario!r} (seed {seed}): {_DESCRIPTION[scenario]}")
     res = run_label_scenario(scenario, [seed], budget, log)
-    metric = res["metric"]
-    methods = {
-        m: {
-            "test": r["test"][0],
-            "gradient_evaluations": r["gradient_evaluations"],
-            "curve_x": r["curve_x"],
-            "curve": r["curve"],
-        }
-        for m, r in res["methods"].items()
-    }
-    best = max(ALTERNATIVES, key=lambda m: methods[m]["test"])
-    diff = methods["ev3"]["test"] - methods[best]["test"]
-    summary = {
-        "experiment": "value",
-        "scenario": scenario,
-        "description": _DESCRIPTION[scenario],
-        "seed": seed,
-        "metric": f"test {metric}",
-        "start": res["start_test"][0],
-        "methods": methods,
-        "best_alternative": best,
-        "ev3_minus_best_alternative": diff,
-        "config": {m: r.get("config") for m, r in res["methods"].items()},
-        "evidence": "one seed; benchmarks/value.py runs ten seeds with paired 95% intervals "
-        "(docs/value.md)",
-        "wall_seconds": time.perf_counter() - t0,
-    }
-    summary["compute"] = (
-        f"every method used {methods['ev3']['gradient_evaluations']:,} gradient evaluations "
-        "(optimizer steps on batches of 32, counted for every candidate, member and "
-        "configuration)"
-    )
+    summary = _summary(scenario, seed, res, t0)
+    methods, best = summary["methods"], summary["best_alternative"]
+    metric, diff = res["metric"], summary["ev3_minus_best_alternative"]
     log(f"\n{metric} on the test split (start {summary['start']:.3f}):")
     for m in ("ev3", *ALTERNATIVES):
         r = methods[m]

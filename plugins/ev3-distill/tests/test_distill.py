@@ -594,7 +594,7 @@ def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
     import signal
     import time
 
-    from ev3core._host.checkpoint import list_checkpoints
+    from ev3core._host.ckpt_manifest import list_checkpoints
 
     pipe = tmp_path / "pipe.py"
     pipe.write_text(RESUMABLE_PIPELINE)

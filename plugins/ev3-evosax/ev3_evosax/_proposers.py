@@ -129,6 +129,35 @@ class EvosaxState(eqx.Module):
     fitness: Float[Array, " population"]
 
 
+def _check_population(
+    owner: str, cls: type, args: Any, popsize: int, strategy_kwargs: dict[str, Any]
+) -> None:
+    """The population size and the strategy's own keyword arguments, checked."""
+    if int(popsize) < 2:
+        raise ConfigurationError(f"{owner}: popsize={popsize} must be at least 2.")
+    if (
+        cls is STRATEGIES.get("Open_ES")
+        and strategy_kwargs.get("use_antithetic_sampling", True)
+        and int(popsize) % 2
+    ):
+        raise ConfigurationError(
+            f"{owner}: popsize={popsize} must be even with antithetic sampling (each "
+            "perturbation is paired with its negation). Use an even popsize."
+        )
+    for bad in ("population_size", "solution", "optimizer", "std_schedule"):
+        if bad in strategy_kwargs:
+            raise ConfigurationError(
+                f"{owner}: strategy_kwargs may not set {bad!r}; it is set by the proposer "
+                "(popsize, the model's parameters, optimizer/learning_rate, sigma)."
+            )
+    unknown = sorted(set(strategy_kwargs) - set(args))
+    if unknown:
+        raise ConfigurationError(
+            f"{owner}: unknown strategy_kwargs {unknown}; {cls.__name__} accepts "
+            f"{[a for a in args if a not in ('self', 'population_size', 'solution')]}."
+        )
+
+
 def _validate(
     strategy: str,
     popsize: int,
@@ -155,29 +184,7 @@ def _validate(
         )
     cls = STRATEGIES[strategy]
     args = _init_args(cls)
-    if int(popsize) < 2:
-        raise ConfigurationError(f"{owner}: popsize={popsize} must be at least 2.")
-    if (
-        cls is STRATEGIES.get("Open_ES")
-        and strategy_kwargs.get("use_antithetic_sampling", True)
-        and int(popsize) % 2
-    ):
-        raise ConfigurationError(
-            f"{owner}: popsize={popsize} must be even with antithetic sampling (each "
-            "perturbation is paired with its negation). Use an even popsize."
-        )
-    for bad in ("population_size", "solution", "optimizer", "std_schedule"):
-        if bad in strategy_kwargs:
-            raise ConfigurationError(
-                f"{owner}: strategy_kwargs may not set {bad!r}; it is set by the proposer "
-                "(popsize, the model's parameters, optimizer/learning_rate, sigma)."
-            )
-    unknown = sorted(set(strategy_kwargs) - set(args))
-    if unknown:
-        raise ConfigurationError(
-            f"{owner}: unknown strategy_kwargs {unknown}; {cls.__name__} accepts "
-            f"{[a for a in args if a not in ('self', 'population_size', 'solution')]}."
-        )
+    _check_population(owner, cls, args, popsize, strategy_kwargs)
     if int(generations) < 1 or int(batch_size) < 1:
         raise ConfigurationError(
             f"{owner}: generations={generations} and batch_size={batch_size} must both be >= 1."
