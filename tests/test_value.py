@@ -18,9 +18,10 @@ from ev3_distill import _scenarios
 
 import ev3core as ev3
 
-# One worker runs this module and plugins/ev3-distill/tests/test_value_experiment.py, which
-# share their compiled scenario programs.
-pytestmark = pytest.mark.xdist_group("value")
+# The selection test runs on the worker of plugins/ev3-distill/tests/test_value_experiment.py
+# (`xdist_group("value")`): both run one seed of the same scenario at the same budget, so
+# one compiles the programs the other uses. The other tests here compile programs of their
+# own (two seeds; counting losses) and may run on either worker.
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "value.py"
 
@@ -120,6 +121,7 @@ def test_compute_is_equal_across_methods(value):
     assert counts == {"ev3": 2 * expected, "pbt": 2 * expected, "grid": 2 * expected}
 
 
+@pytest.mark.xdist_group("value")
 def test_selection_ignores_test_labels(value, monkeypatch):
     """Permuting the test labels changes the reported test metrics but no selection: the
     configurations and checkpoints the searches pick, EV3's and PBT's acceptances."""
