@@ -70,6 +70,7 @@ def _tiny(value):
     return d, params0, static
 
 
+@pytest.mark.slow
 def test_compute_is_equal_across_methods(value):
     budget = value.Budget(trajectory=3, iterations=2)
     d, params0, static = _tiny(value)
@@ -152,6 +153,7 @@ def test_selection_ignores_test_labels(value, monkeypatch):
         assert a["methods"][m]["final_decide"] == b["methods"][m]["final_decide"]
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_every_per_seed_figure(value, tmp_path, capsys):
     out = tmp_path / "value.json"
     argv = [
