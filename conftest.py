@@ -63,6 +63,14 @@ def _pip_install_target(target: Path, *packages: Path) -> Path:
     return target
 
 
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` come first (otherwise in collection order). `make test` runs two
+    workers (`pytest -n 2 --dist loadgroup`) that take tests in this order as they go, so the
+    long ones start early and the two workers finish together, instead of one running the
+    last long test while the other has nothing left."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 @pytest.fixture
 def procs():
     """A list the test appends the `subprocess.Popen`s it starts to: any still running at

@@ -20,6 +20,7 @@ def test_docs_have_examples():
     assert sum(len(BLOCK.findall(f.read_text())) for f in FILES) >= 5
 
 
+@pytest.mark.slow  # a few of the files train several engines
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.name)
 def test_code_examples_run(path, monkeypatch, tmp_path):
     blocks = BLOCK.findall(path.read_text())

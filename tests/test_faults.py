@@ -325,19 +325,20 @@ def test_sigint_then_resume_gives_the_uninterrupted_summary(tmp_path, procs):
         "--checkpoint-every",
         "1",
     ]
-    # A compilation cache the resumed run loads its programs from (the two runs that start
-    # together each compile them).
+    # A compilation cache the interrupted run compiles the programs into; the uninterrupted
+    # and the resumed run, started once it has checkpointed, load them from it.
     cache = ["--compile-cache", str(tmp_path / "jax-cache")]
-    straight = _ev3(*common, *cache, "--out", str(tmp_path / "straight"))
     interrupted = tmp_path / "interrupted"
     proc = _ev3(*common, *cache, "--out", str(interrupted))
-    procs += [straight, proc]
+    procs.append(proc)
     deadline = time.monotonic() + 240
     while latest_checkpoint(interrupted) is None:
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    straight = _ev3(*common, *cache, "--out", str(tmp_path / "straight"))
+    procs.append(straight)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err
     assert "interrupted at step" in err and "--resume" in err

@@ -5,6 +5,7 @@ import logging
 import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 import pytest
 from ev3_distill import (
@@ -28,14 +29,23 @@ pytestmark = pytest.mark.xdist_group("resnet")
 SHAPE = (8, 8, 3)
 
 
+# The forward passes are compiled (once per architecture): run op by op, every layer shape
+# compiles programs of its own.
+@eqx.filter_jit
 def _train_pass(model, state, x):
     m = eqx.nn.inference_mode(model, False)
     return jax.vmap(m, axis_name="batch", in_axes=(0, None), out_axes=(0, None))(x, state)
 
 
+@eqx.filter_jit
 def _infer(model, state, x):
     m = eqx.nn.inference_mode(model, True)
     return jax.vmap(lambda xi: m(xi, state)[0])(x)
+
+
+@eqx.filter_jit
+def _apply(model, x):
+    return jax.vmap(model)(x)
 
 
 @pytest.fixture(scope="module")
@@ -44,10 +54,17 @@ def trained():
     initial values (so that preserving outputs is not trivially true)."""
     model, state = make_resnet(SHAPE, 5, depth=8, widths=(4, 6, 8), key=jax.random.key(0))
     k1, k2 = jax.random.split(jax.random.key(1))
-    model = jax.tree.map(
-        lambda x: x + 0.3 * jax.random.normal(k1, x.shape) if eqx.is_inexact_array(x) else x,
-        model,
-    )
+    # every weight moved by 0.3 N(0, 1), from one draw (a draw per weight shape would compile
+    # a random program per shape)
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    leaves, treedef = jax.tree.flatten(params)
+    noise = np.asarray(jax.random.normal(k1, (sum(a.size for a in leaves),)))
+    ends = np.cumsum([a.size for a in leaves])
+    leaves = [
+        jnp.asarray(np.asarray(a) + 0.3 * n.reshape(a.shape))
+        for a, n in zip(leaves, np.split(noise, ends[:-1]))
+    ]
+    model = eqx.combine(jax.tree.unflatten(treedef, leaves), static)
     x = jax.random.normal(k2, (32, *SHAPE))
     for scale in (1.0, 2.0):
         _, state = _train_pass(model, state, x * scale + 0.5)
@@ -139,15 +156,15 @@ def test_growth_inside_a_run_grows_optimizer_states_and_lineages(trained, caplog
     for c in range(2):
         old = eqx.combine(jax.tree.map(lambda a, c=c: a[c], old_ps.lineages[0][0]), static)
         new = eqx.combine(jax.tree.map(lambda a, c=c: a[c], new_ps.lineages[0][0]), gstatic)
-        assert float(jnp.max(jnp.abs(jax.vmap(old)(x) - jax.vmap(new)(x)))) < 1e-5
-    assert float(jnp.max(jnp.abs(jax.vmap(s.model)(x) - jax.vmap(g.model)(x)))) < 1e-5
+        assert float(jnp.max(jnp.abs(_apply(old, x) - _apply(new, x)))) < 1e-5
+    assert float(jnp.max(jnp.abs(_apply(s.model, x) - _apply(g.model, x)))) < 1e-5
 
     caplog.set_level(logging.INFO, logger="ev3core")
     g, _ = engine.step(g, data)
     g, _ = engine.step(g, data)
     traces = [r for r in caplog.records if "tracing the EV3 step" in r.getMessage()]
     assert len(traces) == 1
-    assert bool(jnp.all(jnp.isfinite(jax.vmap(g.model)(x))))
+    assert bool(jnp.all(jnp.isfinite(_apply(g.model, x))))
 
 
 def test_growth_policy_widens_then_deepens_a_resnet(trained):

@@ -116,18 +116,21 @@ def test_run_file_writes_every_output(tmp_path, procs):
 
 def test_sigint_then_resume_gives_the_uninterrupted_state(tmp_path, procs):
     run_file = _write(tmp_path / "streamed.py", STREAM, data=None, steps="steps = 10")
-    common = ["--checkpoint-every", "1", "--print-every", "1", "--no-compile-cache"]
-    # No --out: a new directory under runs/ (of the working directory).
-    straight = _ev3("run", str(run_file), *common, cwd=tmp_path)
+    # The runs use the session's compilation cache: the first run compiles the programs, the
+    # uninterrupted and the resumed run, started once it has checkpointed, load them.
+    common = ["--checkpoint-every", "1", "--print-every", "1"]
     interrupted = tmp_path / "interrupted"
     proc = _ev3("run", str(run_file), "--out", str(interrupted), *common)
-    procs += [straight, proc]
+    procs.append(proc)
     deadline = time.monotonic() + 240
     while not list_checkpoints(interrupted):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline
         time.sleep(0.05)
     proc.send_signal(signal.SIGINT)
+    # No --out: a new directory under runs/ (of the working directory).
+    straight = _ev3("run", str(run_file), *common, cwd=tmp_path)
+    procs.append(straight)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode == 130, err
     assert f"Continue with: ev3 run {run_file} --resume {interrupted}" in err

@@ -18,9 +18,10 @@ from ev3_distill import _scenarios
 
 import ev3core as ev3
 
-# One worker runs this module and plugins/ev3-distill/tests/test_value_experiment.py, which
-# share their compiled scenario programs.
-pytestmark = pytest.mark.xdist_group("value")
+# The selection test runs on the worker of plugins/ev3-distill/tests/test_value_experiment.py
+# (`xdist_group("value")`): both run one seed of the same scenario at the same budget, so
+# one compiles the programs the other uses. The other tests here compile programs of their
+# own (two seeds; counting losses) and may run on either worker.
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "value.py"
 
@@ -69,6 +70,7 @@ def _tiny(value):
     return d, params0, static
 
 
+@pytest.mark.slow
 def test_compute_is_equal_across_methods(value):
     budget = value.Budget(trajectory=3, iterations=2)
     d, params0, static = _tiny(value)
@@ -120,6 +122,7 @@ def test_compute_is_equal_across_methods(value):
     assert counts == {"ev3": 2 * expected, "pbt": 2 * expected, "grid": 2 * expected}
 
 
+@pytest.mark.xdist_group("value")
 def test_selection_ignores_test_labels(value, monkeypatch):
     """Permuting the test labels changes the reported test metrics but no selection: the
     configurations and checkpoints the searches pick, EV3's and PBT's acceptances."""
@@ -150,6 +153,7 @@ def test_selection_ignores_test_labels(value, monkeypatch):
         assert a["methods"][m]["final_decide"] == b["methods"][m]["final_decide"]
 
 
+@pytest.mark.slow
 def test_quick_mode_writes_every_per_seed_figure(value, tmp_path, capsys):
     out = tmp_path / "value.json"
     argv = [

@@ -323,6 +323,7 @@ def _env(**extra):
     return env
 
 
+@pytest.mark.slow
 def test_ev3_run_end_to_end(tmp_path):
     out = tmp_path / "run"
     res = subprocess.run(
@@ -503,6 +504,7 @@ def pipeline(num_teachers, config):
 """
 
 
+@pytest.mark.slow
 def test_user_pipeline_file_runs_inside_the_job(tmp_path):
     from ev3_distill import distill_experiment
 
@@ -587,6 +589,7 @@ def _distill_outputs(out):
     return strip(json.loads((out / "summary.json").read_text())), strip(rows)
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_gives_the_uninterrupted_outputs(tmp_path):
     """Ctrl-C a real `ev3 run` distillation, resume it: the same summary, metrics and final
     engine state (bit-identical) as a run that never stopped; user lifecycle plugins see
