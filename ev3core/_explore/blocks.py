@@ -118,6 +118,7 @@ def _field(tree: Any, name: str) -> Any:
 
 
 def broadcast(tree: PyTree[Array], n: int) -> PyTree[Array]:
+    """Every leaf repeated `n` times along a new leading (candidate) axis."""
     return jax.tree.map(lambda x: jnp.broadcast_to(x, (n,) + jnp.shape(x)), tree)
 
 
@@ -161,6 +162,7 @@ def initial_loss_params(proposer: GradientLike) -> tuple[tuple[Any, ...], ...]:
 
 
 def loss_fields(proposer: GradientLike, gi: int) -> dict[str, Any]:
+    """The inexact array fields (evolvable hyperparameters) of loss group `gi`'s losses."""
     loss = proposer.losses[proposer.groups[gi][0]]
     return {
         f.name: getattr(loss, f.name)
@@ -170,6 +172,8 @@ def loss_fields(proposer: GradientLike, gi: int) -> dict[str, Any]:
 
 
 def check_hyper_names(proposer: GradientLike, names: Sequence[str], owner: str) -> None:
+    """Raise `ConfigurationError` (for `owner`) unless every name is an array
+    hyperparameter of one of the proposer's optimizers or losses."""
     known: set[str] = set()
     for opt in proposer.optimizers:
         known.update(opt.hyperparams)
@@ -270,7 +274,7 @@ def family_groups(proposer: GradientLike) -> list[list[tuple[int, int, np.ndarra
 
 
 def copy_rows(
-    proposer,
+    proposer: GradientLike,
     state: GradientProposerState,
     src: Int[Array, " candidate"],
     lineages: bool = True,
@@ -320,6 +324,7 @@ def lineages_finite(
 def fresh_lineages(
     proposer: GradientLike, params: PyTree[Array]
 ) -> tuple[tuple[Any, ...], ...] | None:
+    """With `on_reject="continue"`, every lineage starting from `params`; else `None`."""
     if proposer.on_reject != "continue":
         return None
     return tuple(
@@ -328,6 +333,7 @@ def fresh_lineages(
 
 
 def stacked_losses(proposer: GradientLike) -> list[tuple[PyTree[Array], Any]]:
+    """Per loss group: its losses' array leaves stacked, and their shared static part."""
     out = []
     for g in proposer.groups:
         dyn = tree_stack([eqx.filter(proposer.losses[i], eqx.is_array) for i in g])

@@ -137,7 +137,7 @@ def _restart_mask(proposer: GradientLike, outcome: Outcome) -> Bool[Array, " can
 
 
 def _truncate_lineages(
-    proposer, state: GradientProposerState, outcome: Outcome
+    proposer: GradientLike, state: GradientProposerState, outcome: Outcome
 ) -> tuple[GradientProposerState, Bool[Array, " candidate"]]:
     """`"continue"` with `Evolve(truncate=...)`: restarted lineages start from the new
     current model with the accepted candidate's optimizer state (same family); the others
@@ -176,7 +176,7 @@ def _truncate_lineages(
 
 
 def _evolve(
-    proposer,
+    proposer: GradientLike,
     before: GradientProposerState,
     state: GradientProposerState,
     outcome: Outcome,
