@@ -15,6 +15,14 @@ from .._stateful import batch_apply
 from .._types import _as_float_array, _logits
 
 
+def _with_reference_logits(model: Any, reference: Any, x: PyTree[Array]) -> tuple[Array, Array]:
+    """The model's logits on `x` (float32) and the reference's (float32, no gradient); a
+    reference that is the model itself reuses the model's pass."""
+    logits = _logits(model, x).astype(jnp.float32)
+    ref = logits if reference is model else batch_apply(reference, x)
+    return logits, jax.lax.stop_gradient(ref.astype(jnp.float32))
+
+
 class CrossEntropy(AbstractLoss):
     """Softmax cross-entropy on integer labels, with the logits multiplied by `temperature`.
 
@@ -75,10 +83,8 @@ class SelfDistill(AbstractReferenceLoss):
         self, model: Any, reference: Any, batch: PyTree[Array], key: PRNGKeyArray
     ) -> Scalar:
         del key
-        x, y = batch[0], batch[1]
-        logits = _logits(model, x).astype(jnp.float32)
-        ref = logits if reference is model else batch_apply(reference, x)
-        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
+        y = batch[1]
+        logits, ref = _with_reference_logits(model, reference, batch[0])
         soft = jax.nn.softmax(ref / self.temperature, axis=-1)
         target = (1.0 - self.weight) * jax.nn.one_hot(y, logits.shape[-1]) + self.weight * soft
         return jnp.mean(optax.softmax_cross_entropy(logits, target))
@@ -125,10 +131,8 @@ class Relabel(AbstractReferenceLoss):
         self, model: Any, reference: Any, batch: PyTree[Array], key: PRNGKeyArray
     ) -> Scalar:
         del key
-        x, y = batch[0], batch[1]
-        logits = _logits(model, x).astype(jnp.float32)
-        ref = logits if reference is model else batch_apply(reference, x)
-        ref = jax.lax.stop_gradient(ref.astype(jnp.float32))
+        y = batch[1]
+        logits, ref = _with_reference_logits(model, reference, batch[0])
         labels = jax.nn.one_hot(y, logits.shape[-1])
         keep = jnp.sum(jax.nn.softmax(ref, axis=-1) * labels, axis=-1) >= self.threshold
         soft = jax.nn.softmax(ref / self.temperature, axis=-1)
