@@ -191,32 +191,34 @@ def _data_name(body: Mapping[str, Any]) -> str:
 def _load_one(manifest_path: Path, like: State) -> tuple[State, dict[str, Any]]:
     body = _read_manifest(manifest_path)
     if body.get("storage") == orbax_store.STORAGE:
-        return _load_orbax(manifest_path, body, like)
+        state = _load_orbax(manifest_path, body, like)
+    else:
+        state = _load_leaves_file(manifest_path, body, like)
+    if int(state.step) != body["step"]:
+        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
+    return state, body
+
+
+def _load_leaves_file(manifest_path: Path, body: dict[str, Any], like: State) -> State:
     leaves = _verify_leaves(manifest_path, body)
     _check_fits(manifest_path, body, like)
     try:
-        state = _load_leaves(leaves, like)
+        return _load_leaves(leaves, like)
     except _Unusable:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt file
         raise _Unusable(f"its leaves file cannot be decoded ({type(exc).__name__}: {exc})") from exc
-    if int(state.step) != body["step"]:
-        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
-    return state, body
 
 
-def _load_orbax(manifest_path: Path, body: dict[str, Any], like: State) -> tuple[State, Any]:
+def _load_orbax(manifest_path: Path, body: dict[str, Any], like: State) -> State:
     root = orbax_store.verify(manifest_path, body)
     _check_fits(manifest_path, body, like)
     try:
-        state = orbax_store.load(root, like)
+        return orbax_store.load(root, like)
     except CheckpointError:
         raise
     except Exception as exc:  # noqa: BLE001 - any decoding failure means a corrupt checkpoint
         raise _Unusable(f"{root.name} cannot be restored ({type(exc).__name__}: {exc})") from exc
-    if int(state.step) != body["step"]:
-        raise _Unusable(f"it stores step {int(state.step)} but the manifest says {body['step']}")
-    return state, body
 
 
 def _check_fits(manifest_path: Path, body: dict[str, Any], like: State) -> None:
