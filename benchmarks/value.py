@@ -61,6 +61,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from ev3_distill import (
+    CNN,
+    MLP,
+    DistillConfig,
+    DistillLoss,
+    LabelLoss,
+    default_pipeline,
+    load_dataset,
+    run_ev3,
+)
+from ev3_distill._config import make_student
 from ev3_distill._scenarios import (  # noqa: F401 - the scenarios' building blocks, re-exported
     IMBALANCE,
     NOISE,
@@ -73,6 +84,7 @@ from ev3_distill._scenarios import (  # noqa: F401 - the scenarios' building blo
     pbt_engine,
     run_label_scenario,
 )
+from ev3_distill._train import logits_of, shift_augmented_loss
 from ev3_distill._value import (  # noqa: F401
     ALTERNATIVES,
     BATCH,
@@ -120,8 +132,6 @@ assert np.all(FLIP != np.arange(10))
 def distill_config(dataset: str, seed: int, budget: Budget):
     """The distillation job's recommended configuration (`ev3 run` defaults) at this budget;
     MNIST-1D uses the 1-D CNN student family (4 channels, growing to two convolutions of 8)."""
-    from ev3_distill import DistillConfig
-
     extra = {"student": "cnn", "start_width": 4, "max_width": 8} if dataset == "mnist1d" else {}
     return DistillConfig(
         dataset=dataset,
@@ -136,7 +146,6 @@ def distill_config(dataset: str, seed: int, budget: Budget):
 def _distill_pipeline(splits):
     """`ev3_distill.default_pipeline` with one optimizer object per learning rate (so the
     seeds share compiled steps); otherwise exactly the job's default."""
-    from ev3_distill import default_pipeline
 
     def make(num_teachers, cfg):
         pipe = default_pipeline(
@@ -164,9 +173,6 @@ def _teachers(dataset: str, splits_list, keys, steps: int):
     schedule, batch 64) for `steps` steps; MNIST-1D: a smaller 1-D CNN than the job's (two
     convolutions of 16 channels, a 64-unit dense layer; AdamW 1e-3, batch 32), to fit the
     benchmark's time on two CPU cores."""
-    from ev3_distill import CNN, MLP, LabelLoss
-    from ev3_distill._train import shift_augmented_loss
-
     s0 = splits_list[0]
     k_model = [jax.random.split(k)[0] for k in keys]
     if dataset == "digits":
@@ -192,10 +198,6 @@ def run_distill_scenario(
     dataset: str, seeds: list[int], budget: Budget, quick: bool, log
 ) -> dict[str, Any]:
     """Scenario (a) on one data set: EV3 with growth against the searches at the cap size."""
-    from ev3_distill import DistillLoss, load_dataset, run_ev3
-    from ev3_distill._experiment import make_student
-    from ev3_distill._train import logits_of
-
     t0 = time.perf_counter()
     name = f"distill_{dataset}"
     splits_list = [load_dataset(dataset, s) for s in seeds]

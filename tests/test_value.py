@@ -3,7 +3,9 @@ to end, and no method selecting on the test split."""
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import json
 import sys
 from pathlib import Path
@@ -18,10 +20,6 @@ from ev3_distill import _scenarios
 
 import ev3core as ev3
 
-# The selection test runs on the worker of plugins/ev3-distill/tests/test_value_experiment.py
-# (`xdist_group("value")`): both run one seed of the same scenario at the same budget, so
-# one compiles the programs the other uses. The other tests here compile programs of their
-# own (two seeds; counting losses) and may run on either worker.
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "value.py"
 
@@ -122,28 +120,48 @@ def test_compute_is_equal_across_methods(value):
     assert counts == {"ev3": 2 * expected, "pbt": 2 * expected, "grid": 2 * expected}
 
 
-@pytest.mark.xdist_group("value")
-def test_selection_ignores_test_labels(value, monkeypatch):
+# The quick mode's run (two seeds of one scenario at the quick budget) is made once; the
+# selection test compares it with a run on permuted test labels, which reuses its compiled
+# programs (same shapes), so both tests run on one worker.
+QUICK_SCENARIO = "noise_sym_pretrained"
+
+
+@pytest.fixture(scope="module")
+def quick_run(value, tmp_path_factory):
+    """`benchmarks/value.py --quick` on one scenario: `(json result, output directory,
+    printed log)`."""
+    out = tmp_path_factory.mktemp("value-quick")
+    argv = [
+        "--quick", "--scenarios", QUICK_SCENARIO, "--json", str(out / "value.json"),
+        "--plot", str(out / "value.png"), "--markdown", str(out / "value.md"),
+    ]  # fmt: skip
+    log = io.StringIO()
+    # module scope: the autouse promotion fixture (per test) is not active yet
+    with contextlib.redirect_stderr(log), jax.numpy_dtype_promotion("standard"):
+        assert value.main(argv) == 0
+    return json.loads((out / "value.json").read_text()), out, log.getvalue()
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("value-quick")
+def test_selection_ignores_test_labels(value, quick_run, monkeypatch):
     """Permuting the test labels changes the reported test metrics but no selection: the
     configurations and checkpoints the searches pick, EV3's and PBT's acceptances."""
-    budget = value.budgets(quick=True)["label"]  # as --quick
+    res, _, _ = quick_run
     build = value.build_label_problem
-    runs = []
-    for permute in (False, True):
 
-        def patched(variant, seeds, permute=permute):
-            prob = build(variant, seeds)
-            if permute:
-                x, y = prob["data"]["test"]
-                y = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(y), axis=1))
-                prob["data"]["test"] = (x, y)
-            return prob
+    def permuted(variant, seeds):
+        prob = build(variant, seeds)
+        x, y = prob["data"]["test"]
+        y = jnp.asarray(np.random.default_rng(0).permutation(np.asarray(y), axis=1))
+        prob["data"]["test"] = (x, y)
+        return prob
 
-        monkeypatch.setattr(_scenarios, "build_label_problem", patched)
-        # one seed and the quick budget: the `value` experiment's test (same worker, below)
-        # compiles exactly these programs
-        runs.append(value.run_label_scenario("noise_sym_pretrained", [0], budget, print))
-    a, b = runs
+    monkeypatch.setattr(_scenarios, "build_label_problem", permuted)
+    a = res["scenarios"][QUICK_SCENARIO]
+    b = value.run_label_scenario(
+        QUICK_SCENARIO, a["seeds"], value.budgets(quick=True)["label"], print
+    )
     assert a["methods"]["ev3"]["test"] != b["methods"]["ev3"]["test"]  # test labels did change
     for m in ("grid", "random"):
         assert a["methods"][m]["chosen_config"] == b["methods"][m]["chosen_config"]
@@ -154,16 +172,11 @@ def test_selection_ignores_test_labels(value, monkeypatch):
 
 
 @pytest.mark.slow
-def test_quick_mode_writes_every_per_seed_figure(value, tmp_path, capsys):
-    out = tmp_path / "value.json"
-    argv = [
-        "--quick", "--scenarios", "noise_sym_pretrained", "--json", str(out),
-        "--plot", str(tmp_path / "value.png"), "--markdown", str(tmp_path / "value.md"),
-    ]  # fmt: skip
-    assert value.main(argv) == 0
-    res = json.loads(out.read_text())
+@pytest.mark.xdist_group("value-quick")
+def test_quick_mode_writes_every_per_seed_figure(quick_run):
+    res, out, log = quick_run
     assert res["command"].startswith("python benchmarks/value.py --quick")
-    sc = res["scenarios"]["noise_sym_pretrained"]
+    sc = res["scenarios"][QUICK_SCENARIO]
     assert sc["seeds"] == [0, 1] and len(sc["start_test"]) == 2
     computes = {m: r["gradient_evaluations"] for m, r in sc["methods"].items()}
     assert set(computes) == {"ev3", "grid", "random", "pbt", "plain"}
@@ -176,7 +189,7 @@ def test_quick_mode_writes_every_per_seed_figure(value, tmp_path, capsys):
     ci = s["ev3_minus_best"]
     assert ci["low"] <= ci["mean"] <= ci["high"]
     assert set(s["below_start"]) == set(computes)
-    assert res["groups"]["b"]["variants"] == ["noise_sym_pretrained"]
-    assert (tmp_path / "value.png").stat().st_size > 0
-    assert "EV3 − best alternative" in (tmp_path / "value.md").read_text()
-    assert "EV3 - best alternative" in capsys.readouterr().err
+    assert res["groups"]["b"]["variants"] == [QUICK_SCENARIO]
+    assert (out / "value.png").stat().st_size > 0
+    assert "EV3 − best alternative" in (out / "value.md").read_text()
+    assert "EV3 - best alternative" in log

@@ -11,10 +11,6 @@ from ev3_distill._value_experiment import value_experiment
 import ev3core
 from ev3core.errors import ConfigurationError
 
-# On the worker of tests/test_value.py, whose selection test compiles this scenario's
-# programs for one seed at the same budget.
-pytestmark = pytest.mark.xdist_group("value")
-
 
 @pytest.fixture(autouse=True)
 def _standard_promotion():
@@ -48,6 +44,7 @@ def test_bad_options_are_refused_before_any_work(options, message, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_one_scenario_end_to_end(tmp_path, capsys):
     out = tmp_path / "out"
     summary = value_experiment(
