@@ -213,8 +213,8 @@ class DataStream:
 
     `ev3core.run` does not close a stream. `close()` (or leaving a `with DataStream(...)`
     block) stops the thread; the elements already read stay queued, so the position is
-    unchanged, and a later `next()` starts reading again. The thread is a daemon and stops
-    when the stream is garbage-collected, so it never keeps the interpreter from exiting.
+    unchanged, and a later `next()` starts reading again. The thread is a daemon (it never
+    keeps the interpreter from exiting) and stops when the stream is garbage-collected.
 
     **Arguments:**
 
@@ -283,7 +283,7 @@ class DataStream:
         written by `Checkpointer(stream=...)` (`load_checkpoint(...)[1]`).
 
         Stops the background thread, drops the elements read ahead and moves the iterator;
-        the next `next()` starts reading from `position`."""
+        the next `next()` or `peek()` reads from `position`."""
         if isinstance(position, Mapping) and "metadata" in position:
             meta = position["metadata"]
             if "data_position" not in meta:
