@@ -9,13 +9,16 @@ trajectories of 5 steps of batch 64, assess on 256 and decide on 512 examples pe
   every batch there);
 - `grain`: `ev3core.run` on an `ev3core.DataStream` over a `grain.MapDataset` (shuffled,
   batched, mapped to one `Data` per step: 320 propose, 256 assess and 512 decide examples),
-  read on the host and prefetched to the device (`prefetch=2`).
+  read on the host by the stream's background thread and prefetched to the device
+  (`prefetch=2`);
+- `sync` (with `--sync`): the same stream with `background=False`, read on the run's thread
+  while the device waits.
 
-Both run `--steps` steps after one warm-up run that compiles; `--repeats` alternating timed
+Each runs `--steps` steps after one warm-up run that compiles; `--repeats` alternating timed
 runs each; the medians and their ratio (grain / device steps per second; target >= 0.8) are
 printed and written to `--json`.
 
-    python benchmarks/stream.py --json benchmarks/stream.json [--steps 200] [--repeats 3]
+    python benchmarks/stream.py --json benchmarks/stream.json [--steps 200] [--repeats 3] [--sync]
 """
 
 from __future__ import annotations
@@ -62,7 +65,7 @@ def build() -> ev3.Engine:
     ).build()
 
 
-def stream_of(x: np.ndarray, y: np.ndarray, seed: int) -> ev3.DataStream:
+def stream_of(x: np.ndarray, y: np.ndarray, seed: int, background: bool) -> ev3.DataStream:
     def to_data(idx: np.ndarray) -> ev3.Data:
         p, a, d = idx[:PROPOSE], idx[PROPOSE : PROPOSE + ASSESS], idx[PROPOSE + ASSESS :]
         return ev3.Data(propose=(x[p], y[p]), assess=(x[a], y[a]), decide=(x[d], y[d]))
@@ -74,7 +77,7 @@ def stream_of(x: np.ndarray, y: np.ndarray, seed: int) -> ev3.DataStream:
         .map(to_data)
         .repeat()
     )
-    return ev3.DataStream(dataset, prefetch=2)
+    return ev3.DataStream(dataset, prefetch=2, background=background)
 
 
 def main() -> None:
@@ -82,6 +85,9 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--sync", action="store_true", help="also time the stream with background=False"
+    )
     args = parser.parse_args()
 
     x, y = problem()
@@ -92,17 +98,24 @@ def main() -> None:
     start = engine.init(model, jax.random.key(2))
 
     def timed(kind: str, seed: int) -> float:
-        data = on_device if kind == "device" else stream_of(x, y, seed)
+        if kind == "device":
+            data: ev3.Data | ev3.DataStream = on_device
+        else:
+            data = stream_of(x, y, seed, background=kind == "grain")
         t = time.perf_counter()
         state, _ = ev3.run(engine, start, data, args.steps)
         jax.block_until_ready(state)
-        return args.steps / (time.perf_counter() - t)
+        rate = args.steps / (time.perf_counter() - t)
+        if isinstance(data, ev3.DataStream):
+            data.close()
+        return rate
 
-    for kind in ("device", "grain"):  # compile (and warm the readers) outside the timing
+    kinds = ("device", "grain", "sync") if args.sync else ("device", "grain")
+    for kind in kinds:  # compile (and warm the readers) outside the timing
         timed(kind, 99)
-    rates: dict[str, list[float]] = {"device": [], "grain": []}
+    rates: dict[str, list[float]] = {kind: [] for kind in kinds}
     for r in range(args.repeats):
-        for kind in ("device", "grain"):
+        for kind in kinds:
             rates[kind].append(timed(kind, r))
             print(f"repeat {r}: {kind:6s} {rates[kind][-1]:7.1f} steps/s", flush=True)
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -111,10 +124,18 @@ def main() -> None:
         f"median steps/s: device {med['device']:.1f}, grain {med['grain']:.1f}; "
         f"grain / device = {ratio:.2f} (target >= 0.8)"
     )
+    if args.sync:
+        print(
+            f"median steps/s: sync {med['sync']:.1f}; sync / device = "
+            f"{med['sync'] / med['device']:.2f}, grain / sync = {med['grain'] / med['sync']:.2f}"
+        )
     if args.json:
         figures = {
             "benchmark": "stream",
-            "command": f"python benchmarks/stream.py --steps {args.steps} --repeats {args.repeats}",
+            "command": (
+                f"python benchmarks/stream.py --steps {args.steps} --repeats {args.repeats}"
+                + (" --sync" if args.sync else "")
+            ),
             "steps": args.steps,
             "steps_per_second": rates,
             "median_steps_per_second": med,

@@ -1,8 +1,11 @@
 """Streamed data: `ev3core.run` on a grain dataset through `DataStream`, with the iterator
-position in the checkpoint, so a run interrupted with Ctrl-C resumes exactly."""
+position in the checkpoint, so a run interrupted with Ctrl-C resumes exactly; the background
+reader's order, position, errors and shutdown."""
 
+import gc
 import os
 import signal
+import threading
 
 import equinox as eqx
 import grain
@@ -141,3 +144,185 @@ def test_stream_errors_are_explained(problem):
         ev3.run(engine, init, ev3.DataStream(_grain_dataset()), 2, chunk=2, plugins=_plugins())
     with pytest.raises(CheckpointError, match="get_state"):
         ev3.Checkpointer("unused", stream=ev3.DataStream(iter([])))
+
+
+# The background reader. These tests wait for the reader with events and conditions (the
+# timeouts only keep a broken reader from hanging the run), never with sleeps.
+WAIT = 60
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _reference(n):
+    """The grain iterator's first `n` positions and elements, read directly."""
+    it = iter(_grain_dataset().repeat())
+    positions, elements = [], []
+    for _ in range(n):
+        positions.append(it.get_state())
+        elements.append(next(it))
+    return positions, elements
+
+
+class _Watched:
+    """A grain iterator (with its position) that fails at element `at` in the way `fail`
+    names, or (without `fail`) reads element `at`, sets `reached` and waits for `go` (when
+    `gated`) before it returns it: the read is then in flight, the position half moved."""
+
+    def __init__(self, dataset, at=None, *, fail=None, gated=False):
+        self.it, self.at, self.fail, self.i = iter(dataset), at, fail, 0
+        self.reached, self.go = threading.Event(), threading.Event()
+        if not gated:
+            self.go.set()
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        if self.i == self.at and self.fail is not None:
+            self.reached.set()
+            if self.fail == "raises":
+                raise ValueError("element 3 is broken")
+            if self.fail == "not Data":
+                return 3
+            if self.fail == "ran out":
+                raise StopIteration
+            d = next(self.it)
+            short = tuple(a[:-1] for a in d.decide)  # a short batch
+            return ev3.Data(propose=d.propose, assess=d.assess, decide=short)
+        item = next(self.it)
+        if self.i == self.at:
+            self.reached.set()
+            assert self.go.wait(WAIT)
+        self.i += 1
+        return item
+
+    def get_state(self):
+        return {"inner": self.it.get_state(), "i": self.i}
+
+    def set_state(self, state):
+        self.it.set_state(state["inner"])
+        self.i = state["i"]
+
+
+def _read_ahead(stream, n):
+    """Waits until the background reader has queued `n` elements (or errors)."""
+    reader = stream._reader
+    with reader.cond:
+        assert reader.cond.wait_for(lambda: len(reader.ahead) >= n, WAIT)
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_stream_keeps_the_iterators_order_and_positions(background):
+    positions, elements = _reference(25)
+    stream = ev3.DataStream(_grain_dataset().repeat(), prefetch=3, background=background)
+    for k in range(25):
+        assert stream.position() == positions[k]
+        if k % 4 == 0:
+            assert _same(stream.peek(), elements[k])
+        assert _same(next(stream), elements[k])
+    assert stream.taken == 25
+    stream.close()
+
+
+def test_position_and_restore_are_exact_with_reads_in_flight():
+    positions, elements = _reference(9)
+    src = _Watched(_grain_dataset().repeat(), at=4, gated=True)
+    stream = ev3.DataStream(src, prefetch=2)
+    for k in range(4):
+        assert _same(next(stream), elements[k])
+    assert src.reached.wait(WAIT)  # element 4 is being read, nothing is queued
+    assert stream.position() == {"inner": positions[4], "i": 4}
+    saved = stream.position()
+    src.go.set()
+    for k in range(4, 7):
+        assert _same(next(stream), elements[k])
+    _read_ahead(stream, 2)  # elements 7 and 8 read ahead
+    assert stream.position() == {"inner": positions[7], "i": 7}
+
+    # back to element 4, the read-ahead dropped; then while element 6 is being read again
+    stream.restore(saved)
+    src.at, src.reached, src.go = 6, threading.Event(), threading.Event()
+    for k in range(4, 6):
+        assert _same(next(stream), elements[k])
+    assert src.reached.wait(WAIT)
+    src.go.set()  # the read of element 6 finishes before or during the restore: either way
+    stream.restore(saved)
+    for k in range(4, 9):
+        assert _same(next(stream), elements[k])
+
+    # a fresh stream restored from the position gives the same elements
+    fresh = ev3.DataStream(_Watched(_grain_dataset().repeat()), prefetch=2)
+    fresh.restore(saved)
+    assert _same(next(fresh), elements[4])
+    stream.close()
+    fresh.close()
+
+
+ERRORS = {
+    "raises": (ValueError, "element 3 is broken"),
+    "not Data": (ConfigurationError, "yielded a int, not an ev3core.Data"),
+    "shape": (ConfigurationError, "element 3 has shapes"),
+    "ran out": (ConfigurationError, r"ran out after 3 element\(s\)"),
+}
+
+
+@pytest.mark.parametrize("background", [True, False])
+@pytest.mark.parametrize("fail", list(ERRORS))
+def test_read_errors_are_raised_where_their_element_is_taken(fail, background):
+    _, elements = _reference(3)
+    src = _Watched(_grain_dataset().repeat(), at=3, fail=fail)
+    stream = ev3.DataStream(src, prefetch=5, background=background)
+    assert _same(stream.peek(), elements[0])
+    if background:
+        _read_ahead(stream, 4)  # elements 0-2 and the error are queued
+    else:
+        assert _same(next(stream), elements[0])  # reads up to and including the error
+    assert src.reached.is_set()
+    for k in range(0 if background else 1, 3):
+        assert _same(next(stream), elements[k])
+    kind, message = ERRORS[fail]
+    with pytest.raises(kind, match=message):
+        next(stream)
+    assert stream.taken == 3
+    stream.close()
+
+
+def test_close_stops_the_reader_and_keeps_the_position():
+    positions, elements = _reference(4)
+    stream = ev3.DataStream(_grain_dataset().repeat(), prefetch=2)
+    assert _same(next(stream), elements[0])
+    _read_ahead(stream, 2)  # the reader now waits for room in the queue
+    thread = stream._reader.thread
+    assert thread.is_alive()
+    stream.close()
+    assert not thread.is_alive()
+    stream.close()  # idempotent
+    assert stream.position() == positions[1]
+    assert _same(next(stream), elements[1])  # reads again
+    stream.close()
+    stream.close()
+    assert not stream._reader.thread.is_alive()
+
+    with ev3.DataStream(_grain_dataset().repeat()) as managed:
+        assert _same(managed.peek(), elements[0])
+        thread = managed._reader.thread
+        assert thread.is_alive()
+    assert not thread.is_alive()
+
+    # a stream dropped without close() stops its reader
+    dropped = ev3.DataStream(_grain_dataset().repeat())
+    dropped.peek()
+    thread = dropped._reader.thread
+    del dropped
+    gc.collect()
+    thread.join(WAIT)
+    assert not thread.is_alive()
+
+
+def test_background_false_reads_on_the_calling_thread():
+    stream = ev3.DataStream(_grain_dataset().repeat(), background=False)
+    next(stream)
+    assert stream._reader.thread is None
+    stream.close()

@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import collections
 import copy
+import threading
+import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from types import TracebackType
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -21,59 +24,47 @@ from .._types import Data
 from ..errors import CheckpointError, ConfigurationError
 
 
-class DataStream:
-    """A host-side source of one fresh `Data` per EV3 step, with device prefetch.
+class _Entry(NamedTuple):
+    """One element read: the iterator's position before it, and its `Data` on the device or
+    the exception reading it raised (re-raised when `run` takes this element)."""
 
-    Each element of `iterable` is one step's `Data` (NumPy or JAX arrays; keep the shapes
-    fixed, or every new shape compiles the step again). The next `prefetch` elements are
-    read ahead and put on the device asynchronously (`jax.device_put`), so the transfer of
-    step `t + 1`'s data overlaps step `t`'s computation.
+    position: Any
+    data: Data | None
+    error: BaseException | None
 
-    The stream's *position* is the position of the next element `run` will take (not of the
-    read-ahead), so it matches the engine state after the last step: it is what a
-    `Checkpointer(stream=...)` stores, and `restore` resumes from it. A position exists when
-    the iterator has `get_state` / `set_state` (grain's iterators do); other iterables
-    stream fine but cannot be resumed.
 
-    **Arguments:**
+class _Reader:
+    """The iterator, its read-ahead, and the background thread (if any) that fills it.
 
-    - `iterable`: an iterable of `Data`, e.g.
-      `grain.MapDataset.source(...).shuffle(seed=0).batch(...).map(to_data).repeat()`.
-    - `prefetch`: elements put on the device ahead of use (>= 1).
-    - `device`: a `jax.Device` or `Sharding` for the data (default: JAX's default device).
-
-    ```python
-    stream = ev3core.DataStream(grain_dataset)
-    plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", stream=stream)])
-    state, infos = ev3core.run(engine, state, stream, 1_000, plugins=plugins)
-    ```
+    It holds no reference to its `DataStream`, so a stream dropped without `close()` is
+    collected and its finalizer stops the thread. While the thread runs, only it touches the
+    iterator, except under `cond` while it is not reading (`in_flight` false).
     """
 
-    def __init__(self, iterable: Iterable[Data], *, prefetch: int = 2, device: Any = None):
-        if int(prefetch) < 1:
-            raise ConfigurationError(f"DataStream: prefetch={prefetch} must be >= 1.")
-        self.iterable = iterable
-        self.prefetch = int(prefetch)
+    def __init__(self, it: Any, prefetch: int, device: Any, background: bool):
+        self.it = it
+        self.prefetch = prefetch
         self.device = device
-        self._it: Any = iter(iterable)  # grain iterators add get_state / set_state
-        self._ahead: collections.deque[tuple[Any, Data]] = collections.deque()
-        self.taken = 0
-        self._shapes: Any = None  # the first element's structure, shapes and dtypes
+        self.background = background
+        self.resumable = hasattr(it, "get_state") and hasattr(it, "set_state")
+        self.ahead: collections.deque[_Entry] = collections.deque()
+        self.index = 0  # the element number of the next read (for the error messages)
+        self.shapes: Any = None  # the first element's structure, shapes and dtypes
+        self.cond = threading.Condition()
+        self.thread: threading.Thread | None = None
+        self.stop_event: threading.Event | None = None  # the running thread's
+        self.running = False  # a thread is started and has not finished
+        self.in_flight = False  # the thread is reading the iterator, outside `cond`
+        self.reading: Any = None  # the position of the element it is reading
 
-    @property
-    def resumable(self) -> bool:
-        """Whether the iterator has a checkpointable position (`get_state`/`set_state`)."""
-        return hasattr(self._it, "get_state") and hasattr(self._it, "set_state")
-
-    def _read(self) -> None:
-        pos = copy.deepcopy(self._it.get_state()) if self.resumable else None
+    def _element(self) -> Data:
+        """The iterator's next element, checked and put on the device."""
         try:
-            item = next(self._it)
+            item = next(self.it)
         except StopIteration:
             raise ConfigurationError(
-                f"DataStream: the data ran out after {self.taken + len(self._ahead)} "
-                "element(s). Give the run an endless stream (e.g. grain's .repeat()) or fewer "
-                "steps."
+                f"DataStream: the data ran out after {self.index} element(s). Give the run "
+                "an endless stream (e.g. grain's .repeat()) or fewer steps."
             ) from None
         if not isinstance(item, Data):
             raise ConfigurationError(
@@ -89,26 +80,188 @@ class DataStream:
                 ("decide", item.decide),
             )
         ]
-        if self._shapes is None:
-            self._shapes = shapes
-        elif shapes != self._shapes:
+        if self.shapes is None:
+            self.shapes = shapes
+        elif shapes != self.shapes:
             raise ConfigurationError(
-                f"DataStream: element {self.taken + len(self._ahead)} has shapes {shapes}, but "
-                f"the first had {self._shapes}; every step's Data needs the same shapes (a "
-                "short last batch? batch with drop_remainder=True)."
+                f"DataStream: element {self.index} has shapes {shapes}, but the first had "
+                f"{self.shapes}; every step's Data needs the same shapes (a short last batch? "
+                "batch with drop_remainder=True)."
             )
-        self._ahead.append((pos, jax.device_put(item, self.device)))
+        return jax.device_put(item, self.device)
+
+    def _read(self) -> _Entry:
+        """Reads one element (the thread, outside `cond`; or the caller, without a thread)."""
+        position = self.reading
+        try:
+            data = self._element()
+        except BaseException as exc:  # re-raised where `run` takes this element
+            return _Entry(position, None, exc)
+        self.index += 1
+        return _Entry(position, data, None)
+
+    def _position_now(self) -> Any:
+        return copy.deepcopy(self.it.get_state()) if self.resumable else None
+
+    def _work(self, stop: threading.Event) -> None:
+        """The thread: keeps `prefetch` elements read ahead until stopped or an error."""
+        try:
+            while True:
+                with self.cond:
+                    while len(self.ahead) >= self.prefetch and not stop.is_set():
+                        self.cond.wait()
+                    if stop.is_set():
+                        return
+                    self.reading = self._position_now()
+                    self.in_flight = True
+                entry = self._read()
+                with self.cond:
+                    # kept even when stopped: the iterator has moved past it (`restore`
+                    # drops it after the join)
+                    self.ahead.append(entry)
+                    self.in_flight = False
+                    self.cond.notify_all()
+                if entry.error is not None:
+                    return
+        finally:
+            with self.cond:
+                if self.stop_event is stop:  # (a thread started after it is not done)
+                    self.running = False
+                    self.in_flight = False
+                self.cond.notify_all()
+
+    def _start(self) -> None:
+        """Starts the thread (with `cond` held)."""
+        self.stop_event = threading.Event()
+        self.thread = threading.Thread(
+            target=self._work, args=(self.stop_event,), name="ev3core-DataStream", daemon=True
+        )
+        self.running = True
+        self.thread.start()
+
+    def take(self, pop: bool) -> Data:
+        """The next element (removed when `pop`); its error raised (and removed) instead."""
+        with self.cond:
+            if self.background:
+                while not self.ahead:
+                    if not self.running:  # not started yet, stopped, or ended on an error
+                        self._start()
+                    self.cond.wait()
+            else:
+                want = self.prefetch if pop else 1
+                while len(self.ahead) < want and not (self.ahead and self.ahead[-1].error):
+                    self.reading = self._position_now()
+                    self.ahead.append(self._read())
+            entry = self.ahead[0]
+            if pop or entry.error is not None:
+                self.ahead.popleft()
+                self.cond.notify_all()
+        if entry.error is not None:
+            raise entry.error
+        assert entry.data is not None
+        return entry.data
+
+    def position(self) -> Any:
+        with self.cond:
+            if self.ahead:
+                return self.ahead[0].position
+            if self.in_flight:
+                return self.reading
+            return self._position_now()
+
+    def stop(self, join: bool = True) -> None:
+        """Stops the thread (and, with `join`, waits for it: at most one element's read)."""
+        with self.cond:
+            thread, stop_event = self.thread, self.stop_event
+            if stop_event is not None:
+                stop_event.set()
+                self.cond.notify_all()
+        if join and thread is not None and thread is not threading.current_thread():
+            thread.join()
+
+    def reset(self, position: Any, index: int) -> None:
+        """Drops the read-ahead and moves the iterator to `position` (the thread stopped)."""
+        self.stop()
+        with self.cond:
+            self.ahead.clear()
+            self.it.set_state(position)
+            self.index = index
+
+
+class DataStream:
+    """A host-side source of one fresh `Data` per EV3 step, read in the background and
+    prefetched to the device.
+
+    Each element of `iterable` is one step's `Data` (NumPy or JAX arrays; keep the shapes
+    fixed, or every new shape compiles the step again). A background thread reads the
+    elements in the iterator's order (a grain loader's batching and transformations), checks
+    them and puts them on the device (`jax.device_put`), keeping up to `prefetch` of them
+    ahead of use, so that reading and transferring step `t + 1`'s data overlaps step `t`'s
+    computation. The thread starts at the first `next()` / `peek()`; only it touches the
+    iterator while it runs.
+
+    An error while reading an element (the data ran out, an element that is not a `Data` or
+    has other shapes than the first, an exception from the iterator itself) is raised by the
+    `next()` / `peek()` that would have returned that element; the elements before it are
+    returned first.
+
+    The stream's *position* is the position of the next element `run` will take (not of the
+    read-ahead), so it matches the engine state after the last step: it is what a
+    `Checkpointer(stream=...)` stores, and `restore` resumes from it. A position exists when
+    the iterator has `get_state` / `set_state` (grain's iterators do); other iterables
+    stream fine but cannot be resumed.
+
+    `ev3core.run` does not close a stream. `close()` (or leaving a `with DataStream(...)`
+    block) stops the thread; the elements already read stay queued, so the position is
+    unchanged, and a later `next()` starts reading again. The thread is a daemon (it never
+    keeps the interpreter from exiting) and stops when the stream is garbage-collected.
+
+    **Arguments:**
+
+    - `iterable`: an iterable of `Data`, e.g.
+      `grain.MapDataset.source(...).shuffle(seed=0).batch(...).map(to_data).repeat()`.
+    - `prefetch`: elements read and put on the device ahead of use (>= 1).
+    - `device`: a `jax.Device` or `Sharding` for the data (default: JAX's default device).
+    - `background`: read in a background thread (default). `False` reads on the calling
+      thread, inside `next()`, while the device waits.
+
+    ```python
+    with ev3core.DataStream(grain_dataset) as stream:
+        plugins = ev3core.load_plugins(extra=[ev3core.Checkpointer("ckpt", stream=stream)])
+        state, infos = ev3core.run(engine, state, stream, 1_000, plugins=plugins)
+    ```
+    """
+
+    def __init__(
+        self,
+        iterable: Iterable[Data],
+        *,
+        prefetch: int = 2,
+        device: Any = None,
+        background: bool = True,
+    ):
+        if int(prefetch) < 1:
+            raise ConfigurationError(f"DataStream: prefetch={prefetch} must be >= 1.")
+        self.iterable = iterable
+        self.prefetch = int(prefetch)
+        self.device = device
+        self.background = bool(background)
+        # grain iterators add get_state / set_state
+        self._reader = _Reader(iter(iterable), self.prefetch, device, self.background)
+        self._finalizer = weakref.finalize(self, self._reader.stop, False)
+        self.taken = 0
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the iterator has a checkpointable position (`get_state`/`set_state`)."""
+        return self._reader.resumable
 
     def peek(self) -> Data:
         """The next step's `Data`, without taking it."""
-        while not self._ahead:
-            self._read()
-        return self._ahead[0][1]
+        return self._reader.take(pop=False)
 
     def __next__(self) -> Data:
-        while len(self._ahead) < self.prefetch:
-            self._read()
-        _, data = self._ahead.popleft()
+        data = self._reader.take(pop=True)
         self.taken += 1
         return data
 
@@ -119,17 +272,18 @@ class DataStream:
         """The position of the next element `run` will take (JSON-serialisable for grain)."""
         if not self.resumable:
             raise CheckpointError(
-                f"DataStream: the iterator {type(self._it).__name__} has no get_state(), so "
-                "its position cannot be saved. Stream from a grain dataset or loader (or an "
-                "iterator with get_state/set_state) to resume runs."
+                f"DataStream: the iterator {type(self._reader.it).__name__} has no "
+                "get_state(), so its position cannot be saved. Stream from a grain dataset or "
+                "loader (or an iterator with get_state/set_state) to resume runs."
             )
-        if self._ahead:
-            return self._ahead[0][0]
-        return copy.deepcopy(self._it.get_state())
+        return self._reader.position()
 
     def restore(self, position: Any) -> None:
         """Continue from a position saved by `position()`, or from a checkpoint manifest
-        written by `Checkpointer(stream=...)` (`load_checkpoint(...)[1]`)."""
+        written by `Checkpointer(stream=...)` (`load_checkpoint(...)[1]`).
+
+        Stops the background thread, drops the elements read ahead and moves the iterator;
+        the next `next()` or `peek()` reads from `position`."""
         if isinstance(position, Mapping) and "metadata" in position:
             meta = position["metadata"]
             if "data_position" not in meta:
@@ -140,5 +294,22 @@ class DataStream:
             position = meta["data_position"]
         if not self.resumable:
             self.position()  # raises the explanation
-        self._ahead.clear()
-        self._it.set_state(position)
+        self._reader.reset(position, self.taken)
+
+    def close(self) -> None:
+        """Stops the background thread and waits for it (at most one element's read).
+
+        Idempotent. The elements already read stay queued (the position is unchanged); a
+        later `next()` or `peek()` starts the thread again."""
+        self._reader.stop()
+
+    def __enter__(self) -> DataStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
