@@ -1,7 +1,7 @@
 """Run every benchmark, each in its own process, and write one JSON with all their figures.
 
 Runs, in order: `coldstart`, `smoke`, `scale`, `overhead`, and, when their scripts exist, `memory`,
-`resnet` and `value` (in a short mode). Each benchmark is `benchmarks/NAME.py --json FILE`
+`resnet`, `stream` (with its `background=False` comparison) and `value` (in a short mode). Each benchmark is `benchmarks/NAME.py --json FILE`
 in a fresh Python process (so compile caches and memory of one do not leak into the next);
 a benchmark that fails is recorded with its exit status and the tail of its output, and the
 others still run. The JSON also records the device (platform, kind, count), the JAX version
@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[Options, Options]] = {
     "overhead": ([], [("--quick", None)]),
     "memory": ([], [("--quick", None)]),
     "resnet": ([], [("--quick", None)]),
+    "stream": ([("--sync", None)], [("--steps", "50"), ("--repeats", "2")]),
     "value": ([("--quick", None)], []),
 }
 
