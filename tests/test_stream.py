@@ -5,6 +5,8 @@ reader's order, position, errors and shutdown."""
 import gc
 import os
 import signal
+import subprocess
+import sys
 import threading
 
 import equinox as eqx
@@ -326,3 +328,39 @@ def test_background_false_reads_on_the_calling_thread():
     next(stream)
     assert stream._reader.thread is None
     stream.close()
+
+
+# Run in a fresh interpreter: a handler registered before ev3core is imported runs after
+# ev3core's own exit handlers (atexit is last in, first out), so it sees whether they stopped
+# the reader before Python finalizes, when a daemon thread still in native code aborts the
+# process.
+_EXIT_SCRIPT = """
+import atexit, threading
+def check():
+    alive = [t.name for t in threading.enumerate() if t.name == "ev3core-DataStream"]
+    print("readers alive at exit:", alive, flush=True)
+atexit.register(check)
+
+import grain, numpy as np
+import ev3core as ev3
+
+x = np.arange(4096, dtype=np.float32).reshape(-1, 2)
+y = np.zeros(len(x), np.int32)
+def to_data(idx):
+    return ev3.Data(propose=(x[idx], y[idx]), assess=(x[idx], y[idx]), decide=(x[idx], y[idx]))
+data = grain.MapDataset.source(np.arange(len(x))).batch(64, drop_remainder=True).map(to_data)
+stream = ev3.DataStream(data.repeat(), prefetch=4)
+next(stream)  # the reader keeps reading ahead; the script ends without close()
+"""
+
+
+def test_a_running_reader_is_stopped_before_the_interpreter_exits(tmp_path):
+    script = tmp_path / "exit_with_reader.py"
+    script.write_text(_EXIT_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "EV3_DISABLE_PLUGIN_AUTOLOAD"}
+    proc = subprocess.run(
+        [sys.executable, str(script)], capture_output=True, text=True, timeout=300, env=env
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "readers alive at exit: []" in proc.stdout, (proc.stdout, proc.stderr[-3000:])
+    assert "FATAL" not in proc.stderr

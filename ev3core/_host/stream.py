@@ -9,6 +9,7 @@ iterators have a checkpointable position) and hands `ev3core.run` one `Data` per
 
 from __future__ import annotations
 
+import atexit
 import collections
 import copy
 import threading
@@ -31,6 +32,23 @@ class _Entry(NamedTuple):
     position: Any
     data: Data | None
     error: BaseException | None
+
+
+# The readers whose thread may be running. At interpreter exit their threads are stopped and
+# joined (`atexit`, which runs while threads still do): a daemon thread still inside XLA's or
+# grain's native code when Python finalizes is killed there, which aborts the process
+# ("FATAL: exception not rethrown", SIGABRT) after a run has ended cleanly.
+_LIVE: weakref.WeakSet[_Reader] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_all_at_exit() -> None:
+    # (an iterator that never returns must not keep the process from exiting)
+    for reader in list(_LIVE):
+        reader.stop(timeout=_EXIT_JOIN_SECONDS)
+
+
+_EXIT_JOIN_SECONDS = 30.0
 
 
 class _Reader:
@@ -137,6 +155,7 @@ class _Reader:
             target=self._work, args=(self.stop_event,), name="ev3core-DataStream", daemon=True
         )
         self.running = True
+        _LIVE.add(self)
         self.thread.start()
 
     def take(self, pop: bool) -> Data:
@@ -169,15 +188,16 @@ class _Reader:
                 return self.reading
             return self._position_now()
 
-    def stop(self, join: bool = True) -> None:
-        """Stops the thread (and, with `join`, waits for it: at most one element's read)."""
+    def stop(self, join: bool = True, timeout: float | None = None) -> None:
+        """Stops the thread (and, with `join`, waits for it: at most one element's read, or
+        `timeout` seconds)."""
         with self.cond:
             thread, stop_event = self.thread, self.stop_event
             if stop_event is not None:
                 stop_event.set()
                 self.cond.notify_all()
         if join and thread is not None and thread is not threading.current_thread():
-            thread.join()
+            thread.join(timeout)
 
     def reset(self, position: Any, index: int) -> None:
         """Drops the read-ahead and moves the iterator to `position` (the thread stopped)."""
@@ -214,7 +234,9 @@ class DataStream:
     `ev3core.run` does not close a stream. `close()` (or leaving a `with DataStream(...)`
     block) stops the thread; the elements already read stay queued, so the position is
     unchanged, and a later `next()` starts reading again. The thread is a daemon (it never
-    keeps the interpreter from exiting) and stops when the stream is garbage-collected.
+    keeps the interpreter from exiting) and stops when the stream is garbage-collected; at
+    interpreter exit a running thread is stopped and joined before Python finalizes (a
+    thread killed inside XLA's or grain's native code would abort the process).
 
     **Arguments:**
 
