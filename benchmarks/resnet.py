@@ -105,6 +105,7 @@ def _handwritten(model, steps):
 
 
 def _memory(compiled):
+    compiled = getattr(compiled, "compiled", compiled)  # an `eqx.filter_jit`'s wraps JAX's
     m = compiled.memory_analysis()
     if m is None:
         return None
