@@ -1,11 +1,12 @@
 """Run every benchmark, each in its own process, and write one JSON with all their figures.
 
-Runs, in order: `coldstart`, `smoke`, `scale`, `overhead`, and, when their scripts exist, `memory`,
-`resnet`, `stream` (with its `background=False` comparison) and `value` (in a short mode). Each benchmark is `benchmarks/NAME.py --json FILE`
-in a fresh Python process (so compile caches and memory of one do not leak into the next);
-a benchmark that fails is recorded with its exit status and the tail of its output, and the
-others still run. The JSON also records the device (platform, kind, count), the JAX version
-and the load average before and after each benchmark. Nothing here assumes a CPU: the same
+Runs, in order: `coldstart`, `smoke`, `scale`, `overhead`, and, when their scripts exist,
+`memory`, `resnet`, `stream` (with its `background=False` comparison) and `value` (in a
+short mode). Each benchmark is `benchmarks/NAME.py --json FILE` in a fresh Python process
+(so compile caches and memory of one do not leak into the next); a benchmark that fails is
+recorded with its exit status and the tail of its output, and the others still run. The
+JSON also records the device (platform, kind, count), the JAX version and the load average
+before and after each benchmark. Nothing here assumes a CPU: the same
 command runs on a GPU, where JAX picks it up by default. Run:
 
     python benchmarks/run_all.py --json benchmarks/run_all.json          # ~15 min on 2 cores
