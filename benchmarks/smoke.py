@@ -11,8 +11,9 @@ second objective (`NegCrossEntropy`); it is timed too, for reference. Run:
     python benchmarks/smoke.py --json smoke.json [--iters 30] [--repeats 3]
 
 Prints the median seconds per iteration (after warm-up) of each, their ratio, compile times
-(median of `--compile-repeats` compilations, each after `jax.clear_caches()`), and the final
-test accuracy of the ev3core run; writes the same to `--json`.
+(median of `--compile-repeats` compilations, each after `jax.clear_caches()`; and split
+into tracing, lowering and XLA's compile for the step and the hand-written jit), and the
+final test accuracy of the ev3core run; writes the same to `--json`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ import jax.numpy as jnp
 import optax
 
 import ev3core
+from ev3core._engine.engine import _jit_step  # the compiled program behind `Engine.step`
 from ev3core._engine.sampling import distinct_indices  # the engine's draw of distinct examples
 from ev3core._host.smoke import TEMPERATURES, smoke_optimizers, smoke_pipeline
 
@@ -139,6 +141,25 @@ def compile_seconds(make_step, repeats):
     return statistics.median(out)
 
 
+def stage_seconds(jitted, args, repeats):
+    """Median seconds of `trace`, `lower` and XLA `compile` of `jitted(*args)`, each
+    repetition after `jax.clear_caches()`."""
+    out = []
+    for _ in range(repeats):
+        jax.clear_caches()
+        t0 = time.perf_counter()
+        traced = jitted.trace(*args)
+        t1 = time.perf_counter()
+        lowered = traced.lower()
+        t2 = time.perf_counter()
+        lowered.compile()
+        out.append((t1 - t0, t2 - t1, time.perf_counter() - t2))
+    return {
+        stage: statistics.median(x[i] for x in out)
+        for i, stage in enumerate(("trace", "lower", "compile"))
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--iters", type=int, default=30)
@@ -193,6 +214,14 @@ def main() -> None:
         name: compile_seconds(lambda make=make: make()[0], args.compile_repeats)
         for name, make in versions.items()
     }
+    # the same, stage by stage: Python tracing, lowering to StableHLO, XLA's compiler
+    stages = {
+        "ev3core_step": stage_seconds(
+            _jit_step, (*engine._split(), engine.init(model, jax.random.key(2)), data),
+            args.compile_repeats,
+        ),
+        "handwritten": stage_seconds(h_iter, (h_init(),), args.compile_repeats),
+    }  # fmt: skip
     jax.clear_caches()
     steps = {name: make() for name, make in versions.items()}
     times: dict[str, list[float]] = {name: [] for name in versions}
@@ -221,6 +250,7 @@ def main() -> None:
         "ev3core_two_objectives_step_median_s": med["ev3core_step_two_objectives"],
         "ratio_two_objectives_over_handwritten": med["ev3core_step_two_objectives"] / hw,
         "compile_s": compile_s,
+        "compile_stages_s": stages,
         "ev3core_test_accuracy_after_first_repeat": final_acc,
         "ratio_compile_ev3core_over_handwritten": compile_s["ev3core_step"]
         / compile_s["handwritten"],
@@ -252,6 +282,11 @@ def main() -> None:
         f"two objectives {c['ev3core_step_two_objectives']:.2f} s; "
         f"ratio {c['ev3core_step'] / c['handwritten']:.2f} (target <= 1.10)"
     )
+    for name, st in stages.items():
+        print(
+            f"stages, {name}: trace {st['trace']:.3f} s, lower {st['lower']:.3f} s, "
+            f"XLA compile {st['compile']:.3f} s"
+        )
     print(f"ev3core test accuracy after {args.iters + 1} iterations: {final_acc:.4f}")
     if args.json:
         with open(args.json, "w") as f:
