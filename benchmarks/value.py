@@ -195,9 +195,12 @@ def _teachers(dataset: str, splits_list, keys, steps: int):
 
 
 def run_distill_scenario(
-    dataset: str, seeds: list[int], budget: Budget, quick: bool, log
+    dataset: str, seeds: list[int], budget: Budget, quick: bool, log, at_cap: bool = False
 ) -> dict[str, Any]:
-    """Scenario (a) on one data set: EV3 with growth against the searches at the cap size."""
+    """Scenario (a) on one data set: EV3 with growth against the searches at the cap size.
+
+    `at_cap` (a development option) starts EV3 from the searches' cap-size student and does
+    not grow it."""
     t0 = time.perf_counter()
     name = f"distill_{dataset}"
     splits_list = [load_dataset(dataset, s) for s in seeds]
@@ -230,7 +233,13 @@ def run_distill_scenario(
     labels = None
     for i, (seed, splits, teacher) in enumerate(zip(seeds, splits_list, teachers)):
         cfg = distill_config(dataset, seed, budget)
-        res = run_ev3(splits, teacher, cfg, k_ev3[i], pipeline=_distill_pipeline(splits))
+        student = None
+        if at_cap:
+            cfg = dataclasses.replace(cfg, grow=False)
+            student = make_student(splits, cfg, k_init[i], cfg.cap_widths)
+        res = run_ev3(
+            splits, teacher, cfg, k_ev3[i], pipeline=_distill_pipeline(splits), student=student
+        )
         model = res.state.model
         ev3_test.append(
             float(accuracy_of(model, jnp.asarray(splits.test.x), jnp.asarray(splits.test.y)))
@@ -558,6 +567,12 @@ def main(argv: list[str] | None = None) -> int:
         help="development option: add ev3core.Relabel(THRESHOLD) to the label-noise grid",
     )
     parser.add_argument(
+        "--distill-at-cap",
+        action="store_true",
+        help="development option: in scenario (a), EV3 starts from the cap-size student and "
+        "does not grow",
+    )
+    parser.add_argument(
         "--decide-alpha",
         type=float,
         default=None,
@@ -587,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [] if args.merge else args.scenarios.split(","):
         if name.startswith("distill"):
             ds = name.split("_")[1]
-            res = run_distill_scenario(ds, seeds, b[ds], args.quick, log)
+            res = run_distill_scenario(ds, seeds, b[ds], args.quick, log, args.distill_at_cap)
         else:
             res = run_label_scenario(
                 name, seeds, b["label"], log, relabel=args.relabel, alpha=args.decide_alpha
