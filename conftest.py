@@ -11,13 +11,6 @@ import signal
 
 os.environ.setdefault("EV3_DISABLE_PLUGIN_AUTOLOAD", "")  # tests choose explicitly
 
-# The suite checks what programs compute, not how fast they run, and most of its time is XLA
-# compiling small CPU programs: XLA's cheapest backend settings (as the conformance kit uses
-# per program) compile them several times faster. Set before JAX starts its backend, and in
-# the environment, so the `ev3 run` processes the tests start compile the same way.
-_FAST_COMPILE = "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true"
-os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FAST_COMPILE}".strip()
-
 # Tests check how `ev3core.run` and `ev3 run` handle Ctrl-C, which they do only where SIGINT
 # has Python's default handler. A shell starts a background job (`pytest ... &`) with SIGINT
 # ignored, and the workers and the `ev3 run` processes the tests start would inherit that:
