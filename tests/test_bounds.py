@@ -283,12 +283,7 @@ def _paired_trial(key, k, delta, n=256):
     return jnp.concatenate([cands, (u < 0.8)[None].astype(jnp.float32)])[None]
 
 
-# The suite compiles with XLA's cheapest backend settings (conftest.py), but these Monte Carlo
-# programs run thousands of trials, so their run time, not their compile, is what counts: they
-# are compiled with XLA's default optimisation (half the test's time).
-_OPTIMISED = {"xla_backend_optimization_level": 3, "xla_llvm_disable_expensive_passes": False}
-
-
+@eqx.filter_jit
 def _acceptance_rates(bound, k, deltas, keys):
     """Per delta, how often the best of k candidates is accepted on the same data."""
     z = jnp.float32(z_for_level(0.95))
@@ -298,11 +293,8 @@ def _acceptance_rates(bound, k, deltas, keys):
         iv = bound.interval(mean_of(), scores, k, z, jax.random.fold_in(key, 1))
         return jnp.max(iv.lower[:k]) > 0
 
-    def rates(deltas, keys):
-        per_delta = lambda d: jnp.mean(jax.lax.map(lambda kk: one(kk, d), keys, batch_size=500))  # noqa: E731
-        return jax.vmap(per_delta)(deltas)
-
-    return jax.jit(rates, compiler_options=_OPTIMISED)(deltas, keys)
+    per_delta = lambda d: jnp.mean(jax.lax.map(lambda kk: one(kk, d), keys, batch_size=500))  # noqa: E731
+    return jax.vmap(per_delta)(deltas)
 
 
 def test_corrected_bound_holds_the_nominal_level_at_k16():
