@@ -135,6 +135,19 @@ def _private_user_cache(tmp_path_factory):
             os.environ[k] = v
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _release_compiled_programs():
+    """Each test module's compiled programs are released when the module ends.
+
+    XLA's CPU backend maps every compiled program's code into the process; a test worker
+    that keeps all of them reached 37,000 memory maps halfway through the suite, against the
+    kernel's limit of 65,530 (`vm.max_map_count`), past which a compilation fails and takes
+    the worker down. A later module that needs a program again compiles it again or loads
+    it from the session's persistent compilation cache."""
+    yield
+    jax.clear_caches()
+
+
 @pytest.fixture(scope="session")
 def tiny_problem():
     """`(data, model)`: 256 2-D points, label `x0 + x1 > 0` in every stream, and an MLP
