@@ -140,7 +140,7 @@ def _release_compiled_programs():
     """Each test module's compiled programs are released when the module ends.
 
     XLA's CPU backend maps every compiled program's code into the process; a test worker
-    that keeps all of them reached 37,000 memory maps halfway through the suite, against the
+    that kept all of them reached 59,911 memory maps in a full run of the suite, against the
     kernel's limit of 65,530 (`vm.max_map_count`), past which a compilation fails and takes
     the worker down. A later module that needs a program again compiles it again or loads
     it from the session's persistent compilation cache."""
