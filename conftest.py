@@ -98,15 +98,17 @@ def pip_install_target():
 
 
 def _session_compile_cache(tmp_path_factory) -> Path:
-    """One persistent compilation cache for the whole test session: shared by the worker
-    processes of a parallel run (`pytest -n 2`) and by the `ev3 run` processes the tests
-    start, so a program compiled by one (the smoke pipeline, a resumed run's step) is loaded
-    by the others instead of compiled again. Entries are keyed on the program, so sharing
-    never changes a result; tests of the cache itself use directories of their own."""
-    base = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):  # workers' base directories share a parent
-        base = base.parent
-    path = base / "compile-cache"
+    """One persistent compilation cache per test process: shared by the `ev3 run` processes
+    the process's tests start, so a program compiled by one (the smoke pipeline, a resumed
+    run's step) is loaded by the next instead of compiled again. Entries are keyed on the
+    program, so sharing never changes a result; tests of the cache itself use directories
+    of their own.
+
+    The worker processes of a parallel run (`pytest -n 2`) do not share one: JAX writes an
+    entry in place, so a worker that read an entry while the other worker's `ev3 run`
+    process was writing it got a truncated file (a warning, which the suite turns into an
+    error; seen once in CI)."""
+    path = tmp_path_factory.getbasetemp() / "compile-cache"
     path.mkdir(parents=True, exist_ok=True)
     return path
 

@@ -55,7 +55,10 @@ def enable_compilation_cache(directory: str | os.PathLike[str] | None = None) ->
     uncached). Call it before the first compilation: programs compiled earlier in the process
     are not written. The cache is keyed on the program, the JAX version and the device, so a
     changed pipeline, shape or JAX upgrade compiles afresh; entries are never stale, only
-    unused (delete the directory to reclaim the space).
+    unused (delete the directory to reclaim the space). Several processes may share one
+    directory; JAX writes an entry in place, so a process that reads an entry while another
+    is still writing it warns ("Error reading persistent compilation cache entry") and
+    compiles that program itself; no result changes.
 
     **Arguments:**
 
