@@ -46,6 +46,7 @@ paired by seed); writes every per-seed figure to the JSON and the plot to `docs/
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import math
@@ -195,12 +196,18 @@ def _teachers(dataset: str, splits_list, keys, steps: int):
 
 
 def run_distill_scenario(
-    dataset: str, seeds: list[int], budget: Budget, quick: bool, log, at_cap: bool = False
+    dataset: str,
+    seeds: list[int],
+    budget: Budget,
+    quick: bool,
+    log,
+    at_cap: bool = False,
+    overrides: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Scenario (a) on one data set: EV3 with growth against the searches at the cap size.
 
-    `at_cap` (a development option) starts EV3 from the searches' cap-size student and does
-    not grow it."""
+    Development options: `at_cap` starts EV3 from the searches' cap-size student and does
+    not grow it; `overrides` replaces fields of EV3's `DistillConfig`."""
     t0 = time.perf_counter()
     name = f"distill_{dataset}"
     splits_list = [load_dataset(dataset, s) for s in seeds]
@@ -216,7 +223,7 @@ def run_distill_scenario(
         for t, s in zip(teachers, splits_list)
     ]
     log(f"{name}: teachers {np.round(teacher_test, 3).tolist()} ({time.perf_counter() - t0:.0f} s)")
-    cfg0 = distill_config(dataset, seeds[0], budget)
+    cfg0 = dataclasses.replace(distill_config(dataset, seeds[0], budget), **(overrides or {}))
 
     # --- EV3: the distillation job (grows the student; K changes with the passes)
     ev3_test, ev3_total, start_test, curves, xs, counts, growth, params_n = (
@@ -232,7 +239,7 @@ def run_distill_scenario(
     t = time.perf_counter()
     labels = None
     for i, (seed, splits, teacher) in enumerate(zip(seeds, splits_list, teachers)):
-        cfg = distill_config(dataset, seed, budget)
+        cfg = dataclasses.replace(distill_config(dataset, seed, budget), **(overrides or {}))
         student = None
         if at_cap:
             cfg = dataclasses.replace(cfg, grow=False)
@@ -573,6 +580,22 @@ def main(argv: list[str] | None = None) -> int:
         "does not grow",
     )
     parser.add_argument(
+        "--budget",
+        action="append",
+        default=[],
+        metavar="NAME=L,T",
+        help="development option: trajectory length L and iterations T of a budget "
+        "(label, digits or mnist1d); repeatable",
+    )
+    parser.add_argument(
+        "--distill-set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="development option: in scenario (a), set a field of EV3's DistillConfig "
+        "(e.g. passes=1; a Python literal); repeatable",
+    )
+    parser.add_argument(
         "--decide-alpha",
         type=float,
         default=None,
@@ -582,6 +605,20 @@ def main(argv: list[str] | None = None) -> int:
     n_seeds = args.seeds if args.seeds is not None else (2 if args.quick else 10)
     seeds = list(range(args.first_seed, args.first_seed + n_seeds))
     b = budgets(args.quick)
+    for item in args.budget:
+        bname, _, lt = item.partition("=")
+        try:
+            b[bname] = Budget(*(int(v) for v in lt.split(",")))
+        except (TypeError, ValueError):
+            parser.error(f"--budget {item!r}: expected NAME=L,T with NAME one of {sorted(b)}")
+        if bname not in budgets(args.quick):
+            parser.error(f"--budget {item!r}: NAME is one of {sorted(budgets(args.quick))}")
+    overrides = {}
+    for item in args.distill_set:
+        field, sep, value = item.partition("=")
+        if not sep or field not in {f.name for f in dataclasses.fields(DistillConfig)}:
+            parser.error(f"--distill-set {item!r}: expected FIELD=VALUE with a DistillConfig field")
+        overrides[field] = ast.literal_eval(value)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -602,7 +639,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in [] if args.merge else args.scenarios.split(","):
         if name.startswith("distill"):
             ds = name.split("_")[1]
-            res = run_distill_scenario(ds, seeds, b[ds], args.quick, log, args.distill_at_cap)
+            res = run_distill_scenario(
+                ds, seeds, b[ds], args.quick, log, args.distill_at_cap, overrides
+            )
         else:
             res = run_label_scenario(
                 name, seeds, b["label"], log, relabel=args.relabel, alpha=args.decide_alpha
