@@ -596,3 +596,69 @@ def test_history_ring_buffer_keeps_the_latest_decisions():
     assert list(o.score[:, 0]) == [2.0, 3.0, 4.0, 5.0]
     assert int(h.non_significant_streak()) == 3
     assert int(ev3core.History.empty(4, 1).non_significant_streak()) == 0
+
+
+class _StableScoresHigher(ev3core._engine.placement.AbstractPlacement):
+    """One device, but the decide trio's stable slot scores 1e-4 higher on every example:
+    the worst case of the rounding differences XLA may give one slot of a batch of models
+    against another."""
+
+    inner: ev3core._engine.placement.LocalPlacement
+
+    @property
+    def mesh(self):
+        return None
+
+    def place(self, components):
+        return components
+
+    def place_state(self, state):
+        return state
+
+    def constrain_state(self, state):
+        return state
+
+    def proposing(self):
+        return self.inner.proposing()
+
+    def score_replicated(self, assessors, models, static, batch):
+        scores = self.inner.score_replicated(assessors, models, static, batch)
+        return scores.at[:, STABLE].add(1e-4)
+
+    def score(self, assessors, candidates, state, batch, chunk):
+        return self.inner.score(assessors, candidates, state, batch, chunk)
+
+    def take(self, held, index, like):
+        return self.inner.take(held, index, like)
+
+
+def test_a_stable_model_identical_to_the_current_one_never_rolls_back(tiny_problem):
+    """Right after a significant step the stable model *is* the current one. Scored in one
+    batch with the winner, its scores may differ from the current model's by rounding; the
+    engine scores it as the current model, so such a difference never rolls the model back
+    to itself (which would restart every `on_reject="continue"` lineage). A stable model
+    that differs from the current one still rolls back when it is reliably better."""
+    data, model = tiny_problem
+    proposer = ev3core.GradientProposer(
+        [ev3core.CrossEntropy()], [optax.sgd(0.0)], steps=1, batch_size=32, on_reject="continue"
+    )  # learning rate 0: the winner is the current model, so no candidate is ever better
+    engine = ev3core.Pipeline(
+        proposers=[proposer], assessors=["accuracy"], assess_size=64, decide_size=64
+    ).build()
+    engine = eqx.tree_at(
+        lambda e: e.placement,
+        engine,
+        _StableScoresHigher(ev3core._engine.placement.LocalPlacement()),
+    )
+    state = engine.init(model, jax.random.key(0))
+    for _ in range(3):
+        assert _leaves_equal(state.current, state.stable)
+        state, info = engine.step(state, data)
+        assert info.choice == ev3core.Choice.current, info.choice
+        assert not bool(info.rolled_back)
+    # a stable model that is not the current one, and scores higher: rolled back to
+    other = jax.tree.map(lambda x: x + 1.0, state.current)
+    state = eqx.tree_at(lambda s: s.current, state, other)
+    state, info = engine.step(state, data)
+    assert info.choice == ev3core.Choice.stable
+    assert bool(info.rolled_back)

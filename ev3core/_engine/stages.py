@@ -16,6 +16,8 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from .._interfaces import AbstractAssessor, AbstractProposer, AbstractScheduler
 from .._types import (
+    CURRENT,
+    STABLE,
     WINNER,
     Choice,
     Decision,
@@ -106,9 +108,17 @@ def _decide(
     """The scheduler's verdict on `(winner, current, stable)`, with the engine's own safety
     net: an invalid winner (non-finite parameters or scores, or an out-of-range `select`) is
     never taken, and a choice that is no `Choice` item (a value out of range) keeps the
-    current model. Also returns whether the choice was in range."""
+    current model. Also returns whether the choice was in range.
+
+    A stable model identical to the current one (the usual case right after a significant
+    step) gets the current model's scores: the three models are scored as one batch, and
+    XLA may round one slot differently from another, so without this a tie could show as a
+    tiny "reliable" advantage of the stable model and roll the model back to itself (which
+    restarts every `on_reject="continue"` lineage)."""
     trio = tree_stack([assessed.winner_params, state.current, state.stable])
     scores = placement.score_replicated(assessors, trio, state.static, batch)
+    same = _identical(state.current, state.stable)
+    scores = scores.at[:, STABLE].set(jnp.where(same, scores[:, CURRENT], scores[:, STABLE]))
     winner_valid = (
         assessed.valid[assessed.winner]
         & assessed.select_ok
@@ -135,6 +145,12 @@ def _decide(
         (choice, decision.update_stable & keep, decision.significant & keep),
     )
     return scores, decision, sstate, choice_ok
+
+
+def _identical(a: PyTree[Array], b: PyTree[Array]) -> Bool[Array, ""]:
+    """Whether two models of one structure have bitwise-equal array leaves."""
+    leaves = [jnp.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
 
 
 def _adapt_proposers(
