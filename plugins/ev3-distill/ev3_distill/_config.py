@@ -120,6 +120,12 @@ class DistillConfig:
                 f"got dataset={self.dataset!r} with data={self.data!r}. Run "
                 "`ev3 run --experiment cifar --data DIR`."
             )
+        if self.teacher_logits is not None and self.dataset != "cifar":
+            raise ConfigurationError(
+                f"teacher_logits={self.teacher_logits!r}: precomputed logits are read for an "
+                f"image data directory (`ev3 run --experiment cifar --data DIR`); the "
+                f"{self.dataset} experiment trains its own teacher."
+            )
         if self.student not in ("mlp", "cnn", "resnet"):
             raise ConfigurationError(f"student={self.student!r}: use 'mlp', 'cnn' or 'resnet'.")
         if self.student == "resnet" and self.dataset != "cifar":

@@ -154,6 +154,8 @@ def test_teacher_logits_are_checked_before_training(tmp_path):
     assert not (out / "checkpoint").exists()  # nothing ran
     with pytest.raises(ConfigurationError, match="reads the directory given by --data"):
         DistillConfig(dataset="cifar")
+    with pytest.raises(ConfigurationError, match="trains its own teacher"):
+        DistillConfig(teacher_logits="t.npy")
     with pytest.raises(ConfigurationError, match="student='resnet' set baseline=False"):
         DistillConfig(**{**CIFAR_DEFAULTS, "baseline": True}, dataset="cifar", data="d")
 
@@ -178,6 +180,23 @@ def test_a_resnet_student_is_described_and_rebuilt_for_resume():
     # parameters are the weights, not the BatchNorm running statistics
     weights = sum(x.size for x in arrays(net))
     assert count_params(student) == weights < sum(x.size for x in arrays(student))
+
+
+@pytest.mark.parametrize(
+    ("experiment", "needle"),
+    [
+        (["--smoke"], "takes no --dataset, --scenario, --data, --teacher-logits"),
+        (["--experiment", "value"], "takes no --data, --teacher-logits"),
+        (["--experiment", "distill"], "reads the directory given by --data DIR, and only it"),
+    ],
+)
+def test_other_experiments_refuse_data_options(tmp_path, capsys, experiment, needle):
+    from ev3core._host.cli import main
+
+    options = ["--data", str(tmp_path), "--teacher-logits", str(tmp_path / "t.npy")]
+    assert main(["run", *experiment, "--steps", "1", *options]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------------------- ev3 run
