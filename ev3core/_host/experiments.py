@@ -215,13 +215,13 @@ def smoke_experiment(
         _check_new_out(out)
     out = resume if resume is not None else out
     k_data, k_model, k_run = jax.random.split(jax.random.key(options["seed"]), 3)
-    data, (x_test, y_test) = toy_problem(k_data, n=options["examples"])
+    toy_data, (x_test, y_test) = toy_problem(k_data, n=options["examples"])
     engine = smoke_pipeline(plugins=plugins).build()
     state = engine.init(toy_model(k_model), k_run)
     # Counts decisions for the summary and checkpoints even when nothing is drawn.
     bar = ProgressBar(print_every, desc="ev3 smoke", disable=None if progress else True)
     state, manifest = _checkpointed_run(
-        engine, state, data, options, out=out, resume=resume, bar=bar, observers=observers,
+        engine, state, toy_data, options, out=out, resume=resume, bar=bar, observers=observers,
         checkpoint_every=checkpoint_every, keep=keep, plugins=plugins,
     )  # fmt: skip
     summary = {
