@@ -24,6 +24,7 @@ from ev3_distill import (
     write_array_record,
     write_teacher_logits,
 )
+from ev3_distill._config import _teacher_columns
 
 import ev3core
 from ev3core.errors import ConfigurationError
@@ -160,7 +161,7 @@ def test_teacher_logits_are_checked_before_training(tmp_path):
         DistillConfig(**{**CIFAR_DEFAULTS, "baseline": True}, dataset="cifar", data="d")
 
 
-def test_a_resnet_student_is_described_and_rebuilt_for_resume():
+def test_a_resnet_student_is_described_rebuilt_and_used_as_a_teacher():
     # one width everywhere: few distinct weight shapes, so few initialiser compilations
     net, state = make_resnet((8, 8, 3), 10, widths=(2, 2, 2), key=jax.random.key(0))
     student = ev3core.Stateful(net, state)
@@ -180,6 +181,13 @@ def test_a_resnet_student_is_described_and_rebuilt_for_resume():
     # parameters are the weights, not the BatchNorm running statistics
     weights = sum(x.size for x in arrays(net))
     assert count_params(student) == weights < sum(x.size for x in arrays(student))
+    # a later pass's teacher columns: the precomputed logits beside an archived student's
+    x = jax.random.normal(jax.random.key(2), (5, 8 * 8 * 3))
+    logits = np.arange(50, dtype=np.float32).reshape(5, 10)
+    columns = _teacher_columns([logits, student], x)
+    assert columns.shape == (5, 2, 10)
+    np.testing.assert_array_equal(columns[:, 0], logits)
+    np.testing.assert_allclose(columns[:, 1], jax.vmap(student)(x), rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -201,7 +209,7 @@ def test_other_experiments_refuse_data_options(tmp_path, capsys, experiment, nee
 
 # ---------------------------------------------------------------------------- ev3 run
 # A tiny budget: a ResNet-8 of (4, 8, 16) filters that may widen once to (8, 16, 32),
-# 2 candidates (labels, one KD loss) of 3 steps on batches of 16.
+# 2 candidates (labels, one KD loss) of 3 steps on batches of 16, 6 iterations.
 PIPELINE = """
 pipeline = None  # the built-in pipeline, with these options
 config = {
@@ -227,7 +235,7 @@ def test_ev3_run_cifar_end_to_end(tmp_path):
     pipeline = tmp_path / "tiny.py"
     pipeline.write_text(PIPELINE)
     out = tmp_path / "run"
-    steps = 4
+    steps = 6
     res = subprocess.run(
         [
             str(Path(sys.executable).parent / "ev3"),
