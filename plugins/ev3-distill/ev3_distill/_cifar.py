@@ -221,30 +221,34 @@ def read_split(
             "directory is incomplete or was edited; write the split again. " + _fix(directory)
         )
 
-    def decode(index: int, record: bytes) -> tuple[np.ndarray, np.ndarray]:
-        if len(record) != size:
+    def read(start: int) -> tuple[np.ndarray, np.ndarray]:
+        """Records `start, ..., start + batch_size - 1`, read at once and decoded."""
+        records = source.__getitems__(list(range(start, min(start + batch_size, count))))
+        for i, record in enumerate(records):
+            if len(record) != size:
+                raise ConfigurationError(
+                    f"{path}: record {start + i} has {len(record)} bytes; a {list(shape)} uint8 "
+                    f"image and a {LABEL_BYTES}-byte label take {size}. The file does not "
+                    f"match {MANIFEST}; write the split again. " + _fix(directory)
+                )
+        rows = np.frombuffer(b"".join(records), np.uint8).reshape(len(records), size)
+        labels = rows[:, pixels:].copy().view(_LABEL)[:, 0].astype(np.int32)
+        bad = np.flatnonzero(labels >= classes)
+        if bad.size:
             raise ConfigurationError(
-                f"{path}: record {index} has {len(record)} bytes; a {list(shape)} uint8 image "
-                f"and a {LABEL_BYTES}-byte label take {size}. The file does not match "
-                f"{MANIFEST}; write the split again. " + _fix(directory)
+                f"{path}: record {start + int(bad[0])} has label {int(labels[bad[0]])}, but the "
+                f"manifest has {classes} classes. Write the split again. " + _fix(directory)
             )
-        buf = np.frombuffer(record, np.uint8)
-        label = np.frombuffer(record, _LABEL, count=1, offset=pixels)[0]
-        if label >= classes:
-            raise ConfigurationError(
-                f"{path}: record {index} has label {int(label)}, but the manifest has "
-                f"{classes} classes. Write the split again. " + _fix(directory)
-            )
-        return buf[:pixels].reshape(shape), np.int32(label)
+        return rows[:, :pixels].reshape(len(records), *shape), labels
 
-    dataset = grain.MapDataset.source(source).map_with_index(decode).batch(batch_size)
+    # One grain element per batch of records: a batched read is ~15 times faster than
+    # reading the records one by one (CIFAR's 50,000 in about a second).
+    dataset = grain.MapDataset.range(0, count, batch_size).map(read)
     images = np.empty((count, *shape), np.uint8)
     labels = np.empty((count,), np.int32)
-    start = 0
-    for xs, ys in dataset:
-        images[start : start + len(ys)] = xs
-        labels[start : start + len(ys)] = ys
-        start += len(ys)
+    for i, (xs, ys) in enumerate(dataset):
+        images[i * batch_size : i * batch_size + len(ys)] = xs
+        labels[i * batch_size : i * batch_size + len(ys)] = ys
     return images, labels
 
 

@@ -123,6 +123,13 @@ def test_data_errors_name_the_problem_and_the_fix(tmp_path):
     (data / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(ConfigurationError, match="3 records, but manifest.json says 5"):
         read_split(data, "test")
+    # a label the manifest's classes do not have (record 2 of 3 holds label 2)
+    write_array_record(data, "test", np.zeros((3, 32, 32, 3), np.uint8), np.arange(3))
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["num_classes"] = 2
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ConfigurationError, match="record 2 has label 2, but the manifest has 2"):
+        read_split(data, "test", batch_size=2)  # in the second batch
     (data / "manifest.json").write_text('{"format": "something else"}')
     with pytest.raises(ConfigurationError, match="not an 'ev3-images-1' manifest"):
         read_split(data, "train")
