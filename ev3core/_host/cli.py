@@ -205,7 +205,7 @@ def _options(args: argparse.Namespace, plugins: Plugins) -> dict[str, Any]:
         "checkpoint_every": args.checkpoint_every,
         "keep": args.keep,
     }
-    for name in ("chunk", "examples", "print_every", "scenario"):
+    for name in ("chunk", "examples", "print_every", "scenario", "data", "teacher_logits"):
         if getattr(args, name) is not None:
             options[name] = getattr(args, name)
     if args.resume:
@@ -317,6 +317,18 @@ def _add_run_command(sub: Any) -> None:
     )
     p_run.add_argument(
         "--dataset", default=None, help="data set of the experiment (if it takes one)"
+    )
+    p_run.add_argument(
+        "--data",
+        metavar="DIR",
+        default=None,
+        help="data directory of the experiment (if it reads one, e.g. cifar)",
+    )
+    p_run.add_argument(
+        "--teacher-logits",
+        metavar="FILE",
+        default=None,
+        help="precomputed teacher logits of a distillation experiment (if it takes them)",
     )
     p_run.add_argument(
         "--steps",

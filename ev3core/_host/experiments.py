@@ -181,6 +181,8 @@ def smoke_experiment(
     dataset: str | None = None,
     pipeline: str | None = None,
     scenario: str | None = None,
+    data: str | None = None,
+    teacher_logits: str | None = None,
 ) -> dict[str, Any]:
     """The built-in smoke experiment: the smoke pipeline on the toy problem, with `out`
     checkpoints and `resume` (the same final state as a run that never stopped).
@@ -190,10 +192,11 @@ def smoke_experiment(
 
     **Returns:** the summary (test accuracies, decision counts, the final state's digest).
     """
-    if dataset is not None or pipeline is not None or scenario is not None:
+    if any(x is not None for x in (dataset, pipeline, scenario, data, teacher_logits)):
         raise ConfigurationError(
             "the smoke experiment runs the toy problem with its own pipeline: it takes no "
-            "--dataset, --scenario or pipeline file (pass --experiment NAME for one that does)."
+            "--dataset, --scenario, --data, --teacher-logits or pipeline file (pass "
+            "--experiment NAME for one that does)."
         )
     t0 = time.perf_counter()
     options: dict[str, Any] = {
@@ -212,13 +215,13 @@ def smoke_experiment(
         _check_new_out(out)
     out = resume if resume is not None else out
     k_data, k_model, k_run = jax.random.split(jax.random.key(options["seed"]), 3)
-    data, (x_test, y_test) = toy_problem(k_data, n=options["examples"])
+    toy_data, (x_test, y_test) = toy_problem(k_data, n=options["examples"])
     engine = smoke_pipeline(plugins=plugins).build()
     state = engine.init(toy_model(k_model), k_run)
     # Counts decisions for the summary and checkpoints even when nothing is drawn.
     bar = ProgressBar(print_every, desc="ev3 smoke", disable=None if progress else True)
     state, manifest = _checkpointed_run(
-        engine, state, data, options, out=out, resume=resume, bar=bar, observers=observers,
+        engine, state, toy_data, options, out=out, resume=resume, bar=bar, observers=observers,
         checkpoint_every=checkpoint_every, keep=keep, plugins=plugins,
     )  # fmt: skip
     summary = {
@@ -361,6 +364,8 @@ def file_experiment(
     dataset: str | None = None,
     scenario: str | None = None,
     examples: int | None = None,
+    data: str | None = None,
+    teacher_logits: str | None = None,
 ) -> dict[str, Any]:
     """The built-in run-file experiment (`ev3 run FILE.py`): the user's `model`, `data` and
     `pipeline` from a Python file (see `ev3core._host.runfile`), run with `ev3core.run`.
@@ -380,10 +385,10 @@ def file_experiment(
     `ev3core.errors.RunInterrupted` after Ctrl-C (the checkpoint is written first; its `out`
     names the directory to resume).
     """
-    if dataset is not None or scenario is not None or examples is not None:
+    if any(x is not None for x in (dataset, scenario, examples, data, teacher_logits)):
         raise ConfigurationError(
             "`ev3 run FILE.py` runs the model and data the file defines: it takes no "
-            "--dataset, --scenario or --examples."
+            "--dataset, --scenario, --examples, --data or --teacher-logits."
         )
     if pipeline is None and resume is None:
         raise ConfigurationError(

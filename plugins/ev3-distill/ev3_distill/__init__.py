@@ -6,9 +6,24 @@ from ev3_distill import DistillLoss, MLP, widen, deepen, grow_state, distill_exp
 """
 
 from ._baseline import run_baseline as run_baseline, train_teacher as train_teacher
-from ._config import DistillConfig as DistillConfig, default_pipeline as default_pipeline
+from ._cifar import (
+    load_cifar as load_cifar,
+    read_split as read_split,
+    read_teacher_logits as read_teacher_logits,
+    write_array_record as write_array_record,
+    write_teacher_logits as write_teacher_logits,
+)
+from ._config import (
+    DistillConfig as DistillConfig,
+    default_pipeline as default_pipeline,
+    image_augment as image_augment,
+)
 from ._data import DATASETS as DATASETS, Splits as Splits, load_dataset as load_dataset
-from ._experiment import distill_experiment as distill_experiment
+from ._experiment import (
+    CIFAR_DEFAULTS as CIFAR_DEFAULTS,
+    cifar_experiment as cifar_experiment,
+    distill_experiment as distill_experiment,
+)
 from ._growth import (
     GrowthPolicy as GrowthPolicy,
     StudentArchive as StudentArchive,
@@ -22,6 +37,7 @@ from ._models import (
     MLP as MLP,
     count_params as count_params,
     deepen as deepen,
+    describe as describe,
     max_abs_output_difference as max_abs_output_difference,
     model_from_description as model_from_description,
     widen as widen,
@@ -48,6 +64,7 @@ __all__ = [
     "grow_tree",
     "make_resnet",
     "widen_resnet",
+    "CIFAR_DEFAULTS",
     "CNN",
     "DATASETS",
     "DistillConfig",
@@ -58,17 +75,25 @@ __all__ = [
     "Splits",
     "StudentArchive",
     "count_params",
+    "cifar_experiment",
     "deepen",
     "default_pipeline",
+    "describe",
     "distill_experiment",
     "grow_state",
+    "image_augment",
     "kd_loss",
+    "load_cifar",
     "load_dataset",
     "load_resume_point",
     "max_abs_output_difference",
     "model_from_description",
+    "read_split",
+    "read_teacher_logits",
     "run_baseline",
     "run_ev3",
     "train_teacher",
     "widen",
+    "write_array_record",
+    "write_teacher_logits",
 ]

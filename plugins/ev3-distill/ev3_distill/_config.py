@@ -11,18 +11,24 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from ev3core import (
     Accuracy,
+    Compose,
     Constraint,
     Data,
     EV3Scheduler,
     GradientProposer,
+    HorizontalFlip,
     Lexicographic,
     NegCrossEntropy,
     Objective,
     Pipeline,
+    RandomCrop,
+    Reshaped,
+    Stateful,
 )
 from ev3core._host.runfile import file_sha256
 from ev3core.errors import ConfigurationError
@@ -31,6 +37,7 @@ from ._data import DATASETS, Splits
 from ._growth import GrowthPolicy
 from ._losses import DistillLoss, LabelLoss
 from ._models import CNN, MLP
+from ._resnet import make_resnet
 from ._train import logits_of
 
 #: The name a row gives each decision, by the engine's `Choice` name.
@@ -49,7 +56,7 @@ class DistillConfig:
     `summary.json` reports the total as `ev3_gradient_evaluations`.)
     """
 
-    dataset: str = "digits"
+    dataset: str = "digits"  # "digits", "mnist1d", or "cifar" (images read from `data`)
     seed: int = 0
     steps: int = 30  # EV3 iterations
     trajectory: int = 100  # optimizer steps per candidate per iteration
@@ -58,7 +65,10 @@ class DistillConfig:
     # that goes on from its own endpoint while nothing is accepted, so rejected trajectories
     # are not wasted; "copy" restarts every candidate from the current model each iteration.
     on_reject: str = "continue"
-    student: str = "mlp"  # "mlp" or "cnn"
+    # "mlp", "cnn", or "resnet" (image data: a ResNet-8 with stages of start_width,
+    # 2 start_width and 4 start_width filters, grown while its widest stage stays within
+    # max_width, then deepened while its depth, 6 s + 2, stays within max_depth).
+    student: str = "mlp"
     start_width: int = 8
     max_width: int = 32
     max_depth: int = 2
@@ -89,15 +99,48 @@ class DistillConfig:
     baseline_weight: float = 0.9
     baseline_learning_rate: float = 1e-3
     baseline: bool = True
+    # dataset="cifar": the data directory (`ev3_distill.write_array_record`), the teacher's
+    # precomputed logits on its train split (default DATA/teacher_logits.npy), the fraction
+    # of the train split held out for assess (40%) and decide (60%), and random crops
+    # (padding 4) and horizontal flips of the propose batches.
+    data: str | None = None
+    teacher_logits: str | None = None
+    holdout: float = 0.1
+    augment: bool = False
 
     def __post_init__(self) -> None:
-        if self.dataset not in DATASETS:
+        if self.dataset not in (*DATASETS, "cifar"):
             raise ConfigurationError(
-                f"dataset={self.dataset!r} is not one of {DATASETS}; pass --dataset digits or "
-                "--dataset mnist1d."
+                f"dataset={self.dataset!r} is not one of {(*DATASETS, 'cifar')}; pass --dataset "
+                "digits or --dataset mnist1d, or run --experiment cifar --data DIR."
             )
-        if self.student not in ("mlp", "cnn"):
-            raise ConfigurationError(f"student={self.student!r}: use 'mlp' or 'cnn'.")
+        if (self.dataset == "cifar") != (self.data is not None):
+            raise ConfigurationError(
+                "dataset='cifar' reads the directory given by --data DIR, and only it does: "
+                f"got dataset={self.dataset!r} with data={self.data!r}. Run "
+                "`ev3 run --experiment cifar --data DIR`."
+            )
+        if self.teacher_logits is not None and self.dataset != "cifar":
+            raise ConfigurationError(
+                f"teacher_logits={self.teacher_logits!r}: precomputed logits are read for an "
+                f"image data directory (`ev3 run --experiment cifar --data DIR`); the "
+                f"{self.dataset} experiment trains its own teacher."
+            )
+        if self.student not in ("mlp", "cnn", "resnet"):
+            raise ConfigurationError(f"student={self.student!r}: use 'mlp', 'cnn' or 'resnet'.")
+        if self.student == "resnet" and self.dataset != "cifar":
+            raise ConfigurationError(
+                f"student='resnet' needs image data (dataset='cifar'), not {self.dataset!r}."
+            )
+        if self.augment and self.dataset != "cifar":
+            raise ConfigurationError(
+                f"augment=True crops and flips images; dataset={self.dataset!r} has none."
+            )
+        if self.student == "resnet" and self.baseline:
+            raise ConfigurationError(
+                "the plain-distillation baseline trains an MLP or CNN student; with "
+                "student='resnet' set baseline=False."
+            )
         if self.decide_on not in ("nll", "lexicographic"):
             raise ConfigurationError(
                 f"decide_on={self.decide_on!r}: use 'nll' (held-out log-likelihood under the "
@@ -115,15 +158,32 @@ class DistillConfig:
 
 
 def make_student(splits: Splits, cfg: DistillConfig, key: jax.Array, widths=None) -> Any:
-    """The starting student (`start_width` units, one hidden layer), or one with `widths`."""
+    """The starting student (`start_width` units, one hidden layer), or one with `widths`;
+    `student="resnet"`: `ev3core.Stateful` of a ResNet-8 with stages of `start_width`,
+    `2 start_width` and `4 start_width` filters (or `widths`)."""
+    if cfg.student == "resnet":
+        w = cfg.start_width
+        widths = (w, 2 * w, 4 * w) if widths is None else tuple(widths)
+        return Stateful(*make_resnet(splits.in_shape, splits.num_classes, 8, widths, key=key))
     widths = (cfg.start_width,) if widths is None else tuple(widths)
     if cfg.student == "mlp":
         return MLP(splits.in_features, splits.num_classes, widths, key=key)
     return CNN(splits.in_shape, splits.num_classes, widths, key=key)
 
 
+def image_augment(in_shape: tuple[int, ...]) -> Reshaped:
+    """Random crops (padding 4) and horizontal flips of flat stored images of `in_shape`
+    `(height, width, channels)`: the standard CIFAR augmentation."""
+    return Reshaped(Compose([RandomCrop(4), HorizontalFlip()]), in_shape)
+
+
 def default_pipeline(
-    num_teachers: int, cfg: DistillConfig, *, assess_size: int, decide_size: int
+    num_teachers: int,
+    cfg: DistillConfig,
+    *,
+    assess_size: int,
+    decide_size: int,
+    augment: Any = None,
 ) -> Pipeline:
     """The EV3 distillation pipeline for `num_teachers` teacher-logit columns.
 
@@ -134,6 +194,8 @@ def default_pipeline(
     bound makes this continuous score far more powerful than accuracy), under
     `Constraint("accuracy", max_drop=cfg.accuracy_max_drop)`; with `"lexicographic"`,
     accuracy first and, with `cfg.tie_break`, log-likelihood (`ev3core.Lexicographic`).
+    `augment` (an `ev3core.AbstractAugment`, e.g. `image_augment(in_shape)`) transforms the
+    propose batches' inputs.
     """
     losses: list[Any] = [LabelLoss()]
     for t in cfg.temperatures:
@@ -165,6 +227,7 @@ def default_pipeline(
                 batch_size=cfg.batch_size,
                 on_reject=cfg.on_reject,
                 optimizer_names=[f"adam{lr:g}" for lr in cfg.learning_rates],
+                augment=augment,
             )
         ],
         assessors=[Accuracy(), NegCrossEntropy()]
@@ -180,8 +243,9 @@ def default_pipeline(
 def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read a user's pipeline file (see `docs/distillation.md`).
 
-    The file must define `pipeline`: an `ev3core.Pipeline`, or a function
-    `pipeline(num_teachers, config) -> Pipeline`. It may define `student(key, splits)`
+    The file must define `pipeline`: an `ev3core.Pipeline`, a function
+    `pipeline(num_teachers, config) -> Pipeline`, or `None` (the built-in pipeline, with the
+    file's `config`, `student` and `growth`). It may define `student(key, splits)`
     returning the starting student, `growth` (a `GrowthPolicy`, or `None` for a fixed size)
     and `config` (a dict of `DistillConfig` fields). Every name is checked here, before any
     training starts.
@@ -194,10 +258,11 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
     if "pipeline" not in namespace:
         raise ConfigurationError(
             f"{where} defines no `pipeline`. Define `pipeline = "
-            "ev3core.Pipeline(...)` or `def pipeline(num_teachers, config): ...`."
+            "ev3core.Pipeline(...)`, `def pipeline(num_teachers, config): ...`, or "
+            "`pipeline = None` for the built-in pipeline."
         )
     pipe = namespace["pipeline"]
-    if not isinstance(pipe, Pipeline) and not callable(pipe):
+    if pipe is not None and not isinstance(pipe, Pipeline) and not callable(pipe):
         raise ConfigurationError(
             f"{where}: `pipeline` is {type(pipe).__name__} {pipe!r}; it must be an "
             "ev3core.Pipeline or a function `pipeline(num_teachers, config) -> Pipeline`."
@@ -224,7 +289,7 @@ def load_pipeline_file(path: str | os.PathLike[str]) -> dict[str, Any]:
             )
             + f". Fields: {sorted(fields)}."
         )
-    if not isinstance(pipe, Pipeline):
+    if pipe is not None and not isinstance(pipe, Pipeline):
         built = pipe(1, DistillConfig(**config))
         if not isinstance(built, Pipeline):
             raise ConfigurationError(
@@ -253,7 +318,15 @@ def _inside(directory: Path, name: Any) -> Path:
 
 
 def _teacher_columns(teachers: list[Any], x: jax.Array) -> jax.Array:
-    return jnp.stack([logits_of(t, x) for t in teachers], axis=1)  # [n, teachers, classes]
+    """`[n, teachers, classes]`: each teacher's logits on `x`; a teacher given as an array
+    is its precomputed logits on `x`."""
+    return jnp.stack(
+        [
+            jnp.asarray(t) if isinstance(t, np.ndarray | jax.Array) else logits_of(t, x)
+            for t in teachers
+        ],
+        axis=1,
+    )
 
 
 def _make_data(splits: Splits, teachers: list[Any]) -> Data:

@@ -14,6 +14,10 @@
 Outputs in the run directory: `metrics.jsonl`, `summary.json`, `report.png`, `checkpoint/`
 (the final EV3 engine state, `ev3core.save_checkpoint`) and `student.eqx` (the final student's
 leaves; its architecture is in `summary.json`).
+
+The `cifar` experiment is the same job on an image data directory (`_cifar.py`): the teacher
+is its precomputed logits, the student a growing ResNet-8, the propose batches are cropped
+and flipped, and there is no baseline (`CIFAR_DEFAULTS`).
 """
 
 from __future__ import annotations
@@ -32,8 +36,9 @@ import jax
 from ev3core.errors import CheckpointError, ConfigurationError, RunInterrupted
 
 from ._baseline import teacher_and_baseline
+from ._cifar import load_cifar, teacher_from_logits
 from ._config import DistillConfig, load_pipeline_file
-from ._data import load_dataset
+from ._data import Splits, load_dataset
 from ._loop import build_engine, run_ev3
 from ._report import _Bar, write_outputs
 from ._resume import ResumePoint, _resume_pipeline, _resume_record, load_resume_point
@@ -76,25 +81,161 @@ def distill_experiment(
 
     **Raises:** `ev3core.errors.RunInterrupted` after Ctrl-C (the checkpoint is written first).
     """
+    return _job(
+        {},
+        steps=steps,
+        seed=seed,
+        out=out,
+        dataset=dataset,
+        pipeline=pipeline,
+        progress=progress,
+        resume=resume,
+        checkpoint_every=checkpoint_every,
+        keep=keep,
+        plugins=plugins,
+        observers=observers,
+        options=options,
+    )
+
+
+#: The `cifar` experiment's options where they differ from `DistillConfig`'s: a ResNet-8
+#: student (16, 32, 64 filters) widened once to (32, 64, 128), then deepened to ResNet-14;
+#: 100 EV3 iterations of 100 Adam steps on batches of 128 (about 28 epochs of 45,000 images
+#: along the student's lineage); 5,000 train images held out (2,000 assess, 3,000 decide).
+CIFAR_DEFAULTS: dict[str, Any] = {
+    "student": "resnet",
+    "start_width": 16,
+    "max_width": 128,
+    "max_depth": 14,
+    "grow_factor": 2.0,
+    "patience": 3,
+    "steps": 100,
+    "trajectory": 100,
+    "batch_size": 128,
+    "learning_rates": (1e-3, 3e-3),
+    "holdout": 0.1,
+    "augment": True,
+    "baseline": False,
+}
+
+
+def cifar_experiment(
+    *,
+    data: str | os.PathLike[str] | None = None,
+    teacher_logits: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    resume: str | os.PathLike[str] | None = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The paper's experiment: EV3 distillation into a growing ResNet-8 on CIFAR-10/100.
+
+    The same job and outputs as `distill_experiment` (whose other arguments it takes), on
+    the image data directory `data` (`write_array_record`, read through grain), with the
+    teacher's precomputed logits (`write_teacher_logits`) and `CIFAR_DEFAULTS`. Assess and
+    decide use a held-out part of the train split; the test split is only reported. Every
+    file is checked before anything is compiled or trained.
+
+    **Arguments:**
+
+    - `data`: the data directory (`ev3 run --experiment cifar --data DIR`).
+    - `teacher_logits`: the teacher's logits on the train split (default
+      `DIR/teacher_logits.npy`; `FILE_test.npy` next to it, when present, gives the
+      teacher's test accuracy).
+    - `resume`: the output directory of an interrupted run (it reads the files it recorded).
+    - `kwargs`: `distill_experiment`'s other arguments and `DistillConfig` fields.
+    """
+    if dataset is not None:
+        raise ConfigurationError(
+            f"--dataset {dataset}: the cifar experiment reads --data DIR (its manifest names "
+            "the data set); drop --dataset."
+        )
+    if resume is not None:
+        if data is not None or teacher_logits is not None:
+            raise ConfigurationError(
+                f"--resume {resume} continues that run with the data and teacher logits it "
+                "recorded; drop --data and --teacher-logits."
+            )
+        return _job(CIFAR_DEFAULTS, resume=resume, **_split_options(kwargs))
+    if data is None:
+        raise ConfigurationError(
+            "the cifar experiment needs --data DIR, a directory written by "
+            "ev3_distill.write_array_record (see docs/distillation.md, 'The paper's "
+            "experiment')."
+        )
+    kwargs["data"] = str(Path(data).resolve())
+    if teacher_logits is not None:
+        kwargs["teacher_logits"] = str(Path(teacher_logits).resolve())
+    return _job(CIFAR_DEFAULTS, dataset="cifar", **_split_options(kwargs))
+
+
+_JOB_ARGUMENTS = (
+    "steps",
+    "seed",
+    "out",
+    "pipeline",
+    "progress",
+    "checkpoint_every",
+    "keep",
+    "plugins",
+    "observers",
+)
+
+
+def _split_options(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """`_job`'s keyword arguments: the job's own, and the rest as `options`."""
+    job = {k: kwargs.pop(k) for k in _JOB_ARGUMENTS if k in kwargs}
+    return {**job, "options": kwargs}
+
+
+def load_splits(cfg: DistillConfig) -> Splits:
+    """The splits `cfg` names: a built-in data set, or an image data directory."""
+    if cfg.dataset == "cifar":
+        assert cfg.data is not None  # DistillConfig checks it
+        return load_cifar(cfg.data, cfg.seed, cfg.holdout)
+    return load_dataset(cfg.dataset, cfg.seed)
+
+
+def _job(
+    defaults: dict[str, Any],
+    *,
+    steps: int | None = None,
+    seed: int = 0,
+    out: str | os.PathLike[str] | None = None,
+    dataset: str | None = None,
+    pipeline: str | os.PathLike[str] | None = None,
+    progress: bool = True,
+    resume: str | os.PathLike[str] | None = None,
+    checkpoint_every: int = 10,
+    keep: int = 3,
+    plugins: Any = None,
+    observers: Sequence[Any] = (),
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The job of `distill_experiment` with `defaults` under the user's options."""
     t_start = time.perf_counter()
     cfg, out, user, record, pipeline = _configure(
-        steps, seed, out, dataset, pipeline, resume, options
+        steps, seed, out, dataset, pipeline, resume, options, defaults
     )
     out.mkdir(parents=True, exist_ok=True)
     pipeline_file = None if pipeline is None else str(Path(pipeline).resolve())
 
     key = jax.random.key(cfg.seed)
     k_teacher, k_ev3, k_base = jax.random.split(key, 3)
-    splits = load_dataset(cfg.dataset, cfg.seed)
+    splits = load_splits(cfg)
     say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda m: None)
     say(
-        f"ev3 run: distillation on {cfg.dataset} {splits.sizes()}, seed {cfg.seed}, "
+        f"ev3 run: distillation on {splits.name} {splits.sizes()}, seed {cfg.seed}, "
         f"{cfg.steps} EV3 iterations x {cfg.trajectory} gradient steps -> {out}"
     )
     try:
-        teacher, teacher_info, baseline = teacher_and_baseline(
-            out, splits, cfg, k_teacher, k_base, say
-        )
+        if cfg.dataset == "cifar":
+            assert cfg.data is not None
+            teacher, teacher_info = teacher_from_logits(cfg.data, cfg.teacher_logits, splits)
+            baseline = None
+        else:
+            teacher, teacher_info, baseline = teacher_and_baseline(
+                out, splits, cfg, k_teacher, k_base, say
+            )
     except KeyboardInterrupt:
         raise RunInterrupted("interrupted while training the teacher or the baseline") from None
     baseline_curve = [] if baseline is None else [tuple(c) for c in baseline["curve"]]
@@ -162,10 +303,11 @@ def _resume_point(out, splits, cfg, pipe, pipeline_file, say) -> ResumePoint:
 
 
 def _configure(
-    steps, seed, out, dataset, pipeline, resume, options
+    steps, seed, out, dataset, pipeline, resume, options, defaults
 ) -> tuple[DistillConfig, Path, dict[str, Any], dict[str, Any] | None, Any]:
     """`(config, out, user's pipeline file namespace, resume record, pipeline file)`: a new
-    run's from the options, a resumed run's from its newest checkpoint."""
+    run's from the options over the pipeline file's `config` over `defaults`, a resumed
+    run's from its newest checkpoint."""
     fields = {f.name for f in dataclasses.fields(DistillConfig)}
     unknown = sorted(set(options) - fields)
     if unknown:
@@ -192,6 +334,7 @@ def _configure(
         return cfg, out, user, record, pipeline
     user = load_pipeline_file(pipeline) if pipeline is not None else {}
     cfg_kwargs = {
+        **defaults,
         **user.get("config", {}),
         **{k: v for k, v in options.items() if v is not None},
     }

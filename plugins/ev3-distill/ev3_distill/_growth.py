@@ -21,7 +21,7 @@ from jaxtyping import PRNGKeyArray
 from ev3core import Engine, State, Stateful
 from ev3core.errors import ConfigurationError
 
-from ._models import CNN, MLP, GrowMode, count_params, deepen, widen
+from ._models import CNN, MLP, GrowMode, count_params, deepen, describe, widen
 from ._resnet import ResNet, deepen_resnet, grow_tree, widen_resnet
 
 
@@ -238,7 +238,7 @@ class StudentArchive:
 
     def summary(self) -> list[dict[str, Any]]:
         return [
-            {"params": size, "decide_accuracy": acc, "architecture": m.describe()}
+            {"params": size, "decide_accuracy": acc, "architecture": describe(m)}
             for size, (acc, m) in sorted(self.entries.items())
-            if hasattr(m, "describe")
+            if describe(m) is not None
         ]

@@ -28,11 +28,12 @@ from ._config import (
     _file_sha256,
     _make_data,
     default_pipeline,
+    image_augment,
     make_student,
 )
 from ._data import Splits
 from ._growth import GrowthPolicy, StudentArchive, _streak, grow_state
-from ._models import count_params
+from ._models import count_params, describe, widths_of
 from ._resume import ResumePoint
 from ._train import accuracy
 
@@ -141,7 +142,7 @@ class _Job:
             "decide_accuracy_full": decide_full,
             "test_accuracy": accuracy(model, self.splits.test.x, self.splits.test.y),
             "student_params": count_params(model),
-            "student_widths": list(getattr(model, "widths", ())),
+            "student_widths": widths_of(model),
             "grown": None,
             "baseline_test_accuracy": self.baseline_at.get(it * self.cfg.trajectory),
             "wall_seconds": self.wall_before + time.perf_counter() - self.t0,
@@ -169,7 +170,7 @@ class _Job:
                     "params": params,
                     "decide_accuracy": acc,
                     "iteration": it,
-                    "architecture": model.describe(),
+                    "architecture": describe(model),
                     "file": self._file_for(params, it, model),
                 }
             )
@@ -177,10 +178,10 @@ class _Job:
             "config": dataclasses.asdict(self.cfg),
             "pipeline_file": self.pipeline_file,
             "pipeline_sha256": self.pipeline_sha256,
-            "architecture": state_model.describe() if hasattr(state_model, "describe") else None,
+            "architecture": describe(state_model),
             "pass": self.current_pass,
             "teachers": [
-                {"file": f, "architecture": m.describe()}
+                {"file": f, "architecture": describe(m)}
                 for f, m in zip(self.teacher_files, self.teacher_models)
             ],
             "archive": archive,
@@ -207,7 +208,11 @@ def build_engine(pipeline: Any, splits: Splits, cfg: DistillConfig, num_teachers
     `pipeline` is None, else the user's `Pipeline` or `pipeline(num_teachers, cfg)`."""
     if pipeline is None:
         pipe = default_pipeline(
-            num_teachers, cfg, assess_size=len(splits.assess), decide_size=len(splits.decide)
+            num_teachers,
+            cfg,
+            assess_size=len(splits.assess),
+            decide_size=len(splits.decide),
+            augment=image_augment(splits.in_shape) if cfg.augment else None,
         )
     elif isinstance(pipeline, Pipeline):
         pipe = pipeline
@@ -283,7 +288,7 @@ class _Segments:
             row["grown"] = op
             self.job.since = 0  # grow_state restarts every candidate from the grown model
             row["student_params_after"] = count_params(state.model)
-            row["student_widths_after"] = list(getattr(state.model, "widths", ()))
+            row["student_widths_after"] = widths_of(state.model)
             logger.info("ev3_distill: %s at iteration %d", op, step)
         return state
 
@@ -435,7 +440,7 @@ def run_ev3(
             every=checkpoint_every,
             keep=keep,
             metadata=lambda: {
-                "cli": {"experiment": "distill"},
+                "cli": {"experiment": "cifar" if cfg.dataset == "cifar" else "distill"},
                 "distill": job.record(checkpointed_model[0], growth),
             },
         )

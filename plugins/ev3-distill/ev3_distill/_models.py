@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from ev3core import Stateful
 from ev3core.errors import ConfigurationError
 
 GrowMode = Literal["preserve", "fresh"]
@@ -37,8 +38,24 @@ def _check_mode(mode: str) -> None:
 
 
 def count_params(model: Any) -> int:
-    """Number of scalar parameters (array leaves) of `model`."""
+    """Number of scalar parameters (array leaves) of `model` (of an `ev3core.Stateful`: its
+    model's, without the running statistics)."""
+    if isinstance(model, Stateful):
+        model = model.model
     return int(sum(x.size for x in jax.tree.leaves(eqx.filter(model, eqx.is_array))))
+
+
+def describe(model: Any) -> dict[str, Any] | None:
+    """`model.describe()` (of an `ev3core.Stateful`: its model's), or `None` for a model
+    without one; `model_from_description` rebuilds the architecture from it."""
+    inner = model.model if isinstance(model, Stateful) else model
+    return inner.describe() if hasattr(inner, "describe") else None
+
+
+def widths_of(model: Any) -> list[int]:
+    """The hidden widths (MLP), channels (CNN) or stage widths (ResNet) of a student."""
+    inner = model.model if isinstance(model, Stateful) else model
+    return [int(w) for w in getattr(inner, "widths", ())]
 
 
 class MLP(eqx.Module):
@@ -401,7 +418,8 @@ def max_abs_output_difference(a: Any, b: Any, x: Float[Array, "example ..."]) ->
 
 
 def model_from_description(description: dict[str, Any], *, key: PRNGKeyArray) -> Any:
-    """A freshly initialised `MLP` or `CNN` with the architecture of `model.describe()`.
+    """A freshly initialised `MLP`, `CNN` or `Stateful(ResNet, state)` with the architecture
+    of `describe(model)`.
 
     Used to rebuild the structure (the `like` argument) of a saved, possibly grown, student
     before loading its leaves.
@@ -423,7 +441,19 @@ def model_from_description(description: dict[str, Any], *, key: PRNGKeyArray) ->
             hidden=description["hidden"],
             key=key,
         )
+    if kind == "resnet":
+        from ._resnet import make_resnet
+
+        return Stateful(
+            *make_resnet(
+                description["in_shape"],
+                description["num_classes"],
+                widths=description["widths"],
+                blocks=description["blocks"],
+                key=key,
+            )
+        )
     raise ConfigurationError(
         f"model_from_description: unknown model kind {kind!r} in {description!r}; expected "
-        "the output of MLP.describe() or CNN.describe()."
+        "the output of MLP.describe(), CNN.describe() or ResNet.describe()."
     )

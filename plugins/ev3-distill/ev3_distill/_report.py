@@ -16,7 +16,7 @@ from ev3core._host.ckpt_format import state_digest
 
 from ._config import DistillConfig
 from ._data import Splits
-from ._models import count_params
+from ._models import count_params, describe
 from ._train import accuracy
 
 
@@ -26,7 +26,7 @@ def write_report(
     baseline_curve: list[tuple[int, float]],
     *,
     baseline_params: int | None,
-    teacher_accuracy: float,
+    teacher_accuracy: float | None,
     title: str,
 ) -> None:
     """`report.png`: accuracy over gradient steps (EV3 and baseline, accepted / rejected /
@@ -49,7 +49,8 @@ def write_report(
     if baseline_curve:
         b = np.array(baseline_curve)
         ax.plot(b[:, 0], b[:, 1], "-", color="C1", label="plain distillation (test)")
-    ax.axhline(teacher_accuracy, color="gray", ls=":", label="teacher (test)")
+    if teacher_accuracy is not None:
+        ax.axhline(teacher_accuracy, color="gray", ls=":", label="teacher (test)")
     grown = [m for m in metrics if m["grown"]]
     for i, m in enumerate(grown):
         for a in (ax, ax2):
@@ -133,8 +134,9 @@ def _summary(
     K = result.engine.num_candidates
     budget = cfg.steps * cfg.trajectory
     summary = {
-        "experiment": "distill",
-        "dataset": cfg.dataset,
+        "experiment": "cifar" if cfg.dataset == "cifar" else "distill",
+        "dataset": cfg.dataset if cfg.data is None else splits.name,
+        "data": cfg.data,
         "seed": cfg.seed,
         "splits": splits.sizes(),
         "ev3_iterations": cfg.steps,
@@ -156,7 +158,7 @@ def _summary(
                 result.state.stable_model, splits.test.x, splits.test.y
             ),
             "params": count_params(final),
-            "architecture": final.describe() if hasattr(final, "describe") else None,
+            "architecture": describe(final),
             "start_params": result.start_params,
             "start_test_accuracy": result.start_test_accuracy,
             "candidates_per_iteration": K,
@@ -207,9 +209,9 @@ def write_outputs(
         baseline_curve,
         baseline_params=None if baseline is None else baseline["params"],
         teacher_accuracy=teacher_acc,
-        title=f"EV3 distillation on {cfg.dataset} (seed {cfg.seed}): EV3 {ev3_acc:.3f}"
+        title=f"EV3 distillation on {splits.name} (seed {cfg.seed}): EV3 {ev3_acc:.3f}"
         + ("" if baseline is None else f", baseline {baseline['test_accuracy']:.3f}")
-        + f", teacher {teacher_acc:.3f}",
+        + ("" if teacher_acc is None else f", teacher {teacher_acc:.3f}"),
     )
     summary["out"] = str(out)
     return summary

@@ -148,6 +148,8 @@ def value_experiment(
     chunk: int | None = None,
     examples: int | None = None,
     print_every: int | None = None,
+    data: str | None = None,
+    teacher_logits: str | None = None,
     trajectory: int = TRAJECTORY,
 ) -> dict[str, Any]:
     """Run one value scenario for one seed and return its summary.
@@ -172,7 +174,13 @@ def value_experiment(
         pipeline,
         resume,
         observers,
-        {"chunk": chunk, "examples": examples, "print-every": print_every},
+        {
+            "chunk": chunk,
+            "examples": examples,
+            "print-every": print_every,
+            "data": data,
+            "teacher-logits": teacher_logits,
+        },
     )
     t0 = time.perf_counter()
     if trajectory < 1:

@@ -1,5 +1,6 @@
-"""The `distill` entry-point plugin: distillation losses, the `distill` experiment and the
-`value` experiment (the default of `ev3 run`).
+"""The `distill` entry-point plugin: distillation losses, the `distill` experiment, the `cifar`
+experiment (the paper's, on a data directory) and the `value` experiment (the default of
+`ev3 run`).
 
 Found through the `ev3` entry-point group (`[project.entry-points.ev3] distill =
 "ev3_distill.plugin"`); ev3core never imports it directly.
@@ -31,6 +32,19 @@ _distill.__doc__ = (
 )
 
 
+def _cifar(**options: Any) -> dict[str, Any]:
+    from ._experiment import cifar_experiment  # heavy imports only when run
+
+    return cifar_experiment(**options)
+
+
+_cifar.__doc__ = (
+    "The paper's experiment: distillation into a growing ResNet-8 on CIFAR-10/100 read from "
+    "--data DIR (array_record files, through grain) with precomputed teacher logits "
+    "(--teacher-logits FILE, default DIR/teacher_logits.npy); the distill job's outputs."
+)
+
+
 def _value(**options: Any) -> dict[str, Any]:
     from ._value_experiment import value_experiment  # heavy imports only when run
 
@@ -47,7 +61,7 @@ _value.__doc__ = (
 
 @hookimpl
 def ev3_register_experiments() -> dict[str, Any]:
-    return {"distill": _distill, "value": _value}
+    return {"distill": _distill, "cifar": _cifar, "value": _value}
 
 
 @hookimpl

@@ -462,6 +462,7 @@ def test_plugin_is_found_through_its_entry_point_after_a_real_install(tmp_path, 
     # the installed plugin's experiments, beside the built-in smoke and file experiments
     assert out["experiments"] == {
         "distill": "distill",
+        "cifar": "distill",
         "value": "distill",
         "smoke": "ev3core.experiments",
         "file": "ev3core.experiments",
