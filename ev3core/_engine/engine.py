@@ -44,8 +44,10 @@ class Engine(eqx.Module):
        the *same* `assess_size` examples of the assess stream; the scheduler picks the winner.
        Candidates with non-finite parameters or scores are masked and never accepted.
     3. **adapt**: the winner, the current and the stable model are scored on `decide_size`
-       examples of the decide stream; the scheduler decides; proposers update their states;
-       the decision is recorded in the history ring buffer.
+       examples of the decide stream (a stable model bitwise equal to the current one gets
+       the current model's scores, so the scheduler sees an exact tie, never a rounding
+       difference); the scheduler decides; proposers update their states; the decision is
+       recorded in the history ring buffer.
 
     **Arguments:**
 
