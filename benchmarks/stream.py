@@ -7,10 +7,10 @@ trajectories of 5 steps of batch 64, assess on 256 and decide on 512 examples pe
 
 - `device`: `ev3core.run` on a `Data` of the whole arrays on the device (the engine samples
   every batch there);
-- `grain`: `ev3core.run` on an `ev3core.DataStream` over a `grain.MapDataset` (shuffled,
-  batched, mapped to one `Data` per step: 320 propose, 256 assess and 512 decide examples),
-  read on the host by the stream's background thread and prefetched to the device
-  (`prefetch=2`);
+- `grain`: `ev3core.run` on an `ev3core.DataStream` over a `grain.MapDataset` of one
+  `Data` per step (320 propose, 256 assess and 512 decide examples, distinct within the
+  step, drawn with a seeded `random_map`), read on the host by the stream's background
+  thread and prefetched to the device (`prefetch=2`);
 - `sync` (with `--sync`): the same stream with `background=False`, read on the run's thread
   while the device waits.
 
@@ -66,17 +66,20 @@ def build() -> ev3.Engine:
 
 
 def stream_of(x: np.ndarray, y: np.ndarray, seed: int, background: bool) -> ev3.DataStream:
-    def to_data(idx: np.ndarray) -> ev3.Data:
+    """One `Data` per step, as the engine samples on the device: each step's 1,088 examples
+    are distinct (drawn without replacement from the whole set) and split into propose,
+    assess and decide. A `random_map` over step indices draws them with one NumPy call per
+    step, seeded per element (deterministic, and the iterator's position checkpoints). (A
+    shuffled per-example `MapDataset` batched to 1,088 costs grain one Python call per
+    *example*: 44 ms per step here, 13 times the device's whole step.)"""
+    per_step = PROPOSE + ASSESS + DECIDE
+
+    def to_data(step: int, rng: np.random.Generator) -> ev3.Data:
+        idx = rng.choice(len(x), per_step, replace=False)
         p, a, d = idx[:PROPOSE], idx[PROPOSE : PROPOSE + ASSESS], idx[PROPOSE + ASSESS :]
         return ev3.Data(propose=(x[p], y[p]), assess=(x[a], y[a]), decide=(x[d], y[d]))
 
-    dataset = (
-        grain.MapDataset.source(np.arange(len(x)))
-        .shuffle(seed=seed)
-        .batch(PROPOSE + ASSESS + DECIDE, drop_remainder=True)
-        .map(to_data)
-        .repeat()
-    )
+    dataset = grain.MapDataset.range(10**9).random_map(to_data, seed=seed)
     return ev3.DataStream(dataset, prefetch=2, background=background)
 
 
