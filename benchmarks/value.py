@@ -541,7 +541,7 @@ def budgets(quick: bool) -> dict[str, Budget]:
     # EV3's total a whole number of trajectories per grid configuration.
     if quick:
         return {"label": Budget(5, 4), "digits": Budget(5, 10), "mnist1d": Budget(5, 10)}
-    return {"label": Budget(50, 20), "digits": Budget(50, 20), "mnist1d": Budget(25, 10)}
+    return {"label": Budget(50, 20), "digits": Budget(50, 20), "mnist1d": Budget(25, 40)}
 
 
 def main(argv: list[str] | None = None) -> int:
